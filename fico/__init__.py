@@ -1,0 +1,44 @@
+"""fico: training-free token reduction for LLaVA-style MLLMs as filter -> correlate -> compress.
+
+>>> import fico
+>>> recipe = fico.load_recipe("tome", overrides=["r=4"])
+>>> [type(c).__name__ for c in (recipe.steps[0].filter, recipe.steps[0].correlator, recipe.steps[0].compressor)]
+['BipartiteMatching', 'KeySimilarity', 'WeightedAverage']
+"""
+
+from __future__ import annotations
+
+from .errors import ApplyError, RecipeError, UnsupportedModelError
+from .hookspecs import hookimpl, hookspec
+from .recipe import Recipe, Schedule, Step, bundled_recipes, load_recipe
+from .registry import Registry, default_registry
+from .run import ReductionRun, StepRecord, Trace
+from .stages import Compressor, Correlation, Correlator, Filter, Split
+from .state import TokenState
+from . import embedded
+
+__version__ = "0.1.0"
+
+
+def apply(model, recipe: Recipe | str) -> ReductionRun:
+    """Attach ``recipe`` to ``model`` and return the :class:`ReductionRun`.
+
+    Use it as a context manager, or call ``run.remove()``; afterwards the model is exactly
+    the vanilla model. On any error the model is left untouched.
+
+    Args:
+        model: a ``transformers.LlavaForConditionalGeneration`` (CLIP + Llama).
+        recipe: a loaded recipe, or a bundled name / path to load with no overrides.
+    """
+    from .adapters import llava
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return llava.apply(model, recipe)
+
+
+__all__ = [
+    "ApplyError", "Compressor", "Correlation", "Correlator", "Filter", "Recipe", "RecipeError", "ReductionRun",
+    "Registry", "Schedule", "Split", "Step", "StepRecord", "TokenState", "Trace", "UnsupportedModelError",
+    "apply", "bundled_recipes", "default_registry", "embedded", "hookimpl", "hookspec", "load_recipe",
+]

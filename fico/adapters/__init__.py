@@ -1,0 +1,1 @@
+"""Model adapters: everything model-specific lives here, nothing method-specific."""

@@ -1,0 +1,588 @@
+"""Adapter for Hugging Face ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama LM).
+
+Two sites:
+
+* **vision**: inside each ``CLIPEncoderLayer``, after the attention residual and before
+  the MLP (ToMe's slot). The layers are class-swapped to a subclass, so state-dict keys and
+  ``isinstance`` checks (which LLaVA's hidden-state capture relies on) are unchanged.
+  Proportional attention enters CLIP attention as an additive float mask ``log(size)``.
+* **llm**: at the input of a decoder layer during prefill, with signals measured on the
+  previous layer's post-RoPE queries/keys (only the rows a component needs; the model keeps
+  its SDPA attention). Kept tokens keep their RoPE positions (cos/sin are gathered), the 4D
+  mask is gathered in rows and columns, and each decode step gathers the mask columns of
+  the shorter per-layer KV cache.
+
+Vision-side reduction changes the number of image features; the wrapped ``forward`` and
+``generate`` shrink the processor's placeholder run before the model sees it, so callers
+pass the processor's unchanged inputs (see ``../shared/reference/hf-integration-notes.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ApplyError, RecipeError, UnsupportedModelError
+from ..plan import SitePlan, plan_site
+from ..recipe import Recipe
+from ..run import ReductionRun, StepRecord, run_step
+from ..state import TokenState, gather_tokens
+
+SUPPORTED_MODELS = ("transformers.LlavaForConditionalGeneration with a CLIP vision tower and a Llama language model",)
+VISION_SIGNALS = {"keys", "cls_attention", "attention"}
+LLM_SIGNALS = {"keys", "last_query_attention", "attention"}
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class LlavaGeometry:
+    vision_layers: nn.ModuleList
+    llm_layers: nn.ModuleList
+    vision_tokens: int  # [CLS] + patches
+    feature_index: int  # hidden_states index LLaVA feeds to the projector
+    drops_cls: bool
+    image_token_id: int
+    placeholders_per_image: int
+
+
+def supports(model) -> bool:
+    try:
+        from transformers import LlavaForConditionalGeneration
+        from transformers.models.clip.modeling_clip import CLIPVisionModel
+    except ImportError:  # pragma: no cover
+        return False
+    return (
+        isinstance(model, LlavaForConditionalGeneration)
+        and isinstance(model.model.vision_tower, CLIPVisionModel)
+        and hasattr(model.model.language_model, "layers")
+    )
+
+
+def geometry(model) -> LlavaGeometry:
+    config = model.config
+    vision_cfg = config.vision_config
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    feature_layer = config.vision_feature_layer
+    patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    return LlavaGeometry(
+        vision_layers=layers,
+        llm_layers=model.model.language_model.layers,
+        vision_tokens=patches + 1,
+        feature_index=(feature_layer if isinstance(feature_layer, int) and feature_layer >= 0
+                       else len(layers) + 1 + feature_layer if isinstance(feature_layer, int) else -1),
+        drops_cls=config.vision_feature_select_strategy == "default",
+        image_token_id=config.image_token_id,
+        placeholders_per_image=patches + 1 - (1 if config.vision_feature_select_strategy == "default" else 0),
+    )
+
+
+# --------------------------------------------------------------------------- attach
+
+
+def apply(model, recipe: Recipe) -> ReductionRun:
+    """Attach ``recipe`` to ``model``; everything is validated before the model is touched."""
+    if not supports(model):
+        raise UnsupportedModelError(
+            f"fico cannot apply recipes to {type(model).__module__}.{type(model).__qualname__}; supported: "
+            + "; ".join(SUPPORTED_MODELS)
+        )
+    if getattr(model, "_fico_run", None) is not None:
+        raise ApplyError("this model already has a fico recipe applied; call run.remove() first")
+    geo = geometry(model)
+    has_vision = any(s.site == "vision" for s in recipe.steps)
+    if has_vision and not isinstance(model.config.vision_feature_layer, int):
+        raise RecipeError(f"{recipe.source}: vision steps need a single vision_feature_layer; this model "
+                          f"concatenates layers {model.config.vision_feature_layer}")
+    vision_plan = plan_site(recipe, "vision", len(geo.vision_layers), geo.vision_tokens, geo.vision_tokens - 1)
+    features = vision_plan.tokens[geo.feature_index] - (1 if geo.drops_cls else 0)
+    llm_plan = plan_site(recipe, "llm", len(geo.llm_layers), features, features, first_layer=1)
+    for plan, provided in ((vision_plan, VISION_SIGNALS), (llm_plan, LLM_SIGNALS)):
+        for planned in plan.steps.values():
+            missing = planned.step.required_signals() - provided
+            if missing:
+                raise RecipeError(
+                    f"{recipe.source}: {planned.step.where}: the {plan.site} site cannot give the signal(s) "
+                    f"{', '.join(sorted(missing))}; it gives {', '.join(sorted(provided))}"
+                )
+            if plan.site == "llm" and planned.step.compressor.appends:
+                raise RecipeError(
+                    f"{recipe.source}: {planned.step.where}.compress: {planned.step.compressor.name!r} appends tokens, "
+                    "which have no RoPE position in the llm site; use it on the vision site"
+                )
+    run = ReductionRun(model, recipe, {"vision": vision_plan, "llm": llm_plan})
+    try:
+        VisionSite(run, model, geo, vision_plan, features).attach()
+        LLMSite(run, model, geo, llm_plan).attach()
+        model._fico_run = run
+        run._undo.append(lambda: delattr(model, "_fico_run"))
+    except BaseException:
+        run.remove()
+        raise
+    run.active = True
+    return run
+
+
+def _hook(run: ReductionRun, handle) -> None:
+    run._undo.append(handle.remove)
+
+
+def _set_instance_attr(run: ReductionRun, obj, name: str, value) -> None:
+    """Set ``obj.name`` and register its exact restoration."""
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+    object.__setattr__(obj, name, value)
+
+    def undo():
+        if had:
+            object.__setattr__(obj, name, old)
+        else:
+            obj.__dict__.pop(name, None)
+
+    run._undo.append(undo)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _softmax_mean_heads(logits: Tensor) -> Tensor:
+    """Head-mean softmax over the last axis; fp32 softmax for half dtypes, as HF's eager does."""
+    probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+    return probs.mean(dim=1)
+
+
+def vision_signals(names: set[str], q: Tensor | None, k: Tensor, num_heads: int, scale: float,
+                   bias: Tensor | None) -> dict[str, Tensor]:
+    """Signals from one CLIP layer's projected queries/keys ``(B, N, C)``."""
+    b, n, c = k.shape
+    keys = k.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+    out = {}
+    if "keys" in names:
+        out["keys"] = keys.mean(dim=1)
+    if names & {"cls_attention", "attention"}:
+        queries = q.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+        if "attention" not in names:
+            queries = queries[:, :, :1]
+        logits = (queries @ keys.transpose(-1, -2)) * scale
+        if bias is not None:
+            logits = logits + bias
+        probs = _softmax_mean_heads(logits)
+        if "attention" in names:
+            out["attention"] = probs
+        out["cls_attention"] = probs[:, 0]
+    return {name: out[name] for name in names}
+
+
+def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tensor) -> dict[str, Tensor]:
+    """Signals from the previous decoder layer's captured q/k projections, mask and cos/sin.
+
+    Only the needed query rows are formed: one row per sample for ``last_query_attention``,
+    all rows for ``attention``.
+    """
+    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+    q_proj, k_proj = capture["q"], capture["k"]
+    cos, sin = capture["position_embeddings"]
+    mask = capture["attention_mask"]
+    b, n, _ = k_proj.shape
+    head_dim = attn.head_dim
+    keys = k_proj.view(b, n, -1, head_dim).transpose(1, 2)
+    cos_k, sin_k = cos.unsqueeze(1), sin.unsqueeze(1)
+    keys = keys * cos_k + rotate_half(keys) * sin_k
+    out = {}
+    if "keys" in names:
+        out["keys"] = keys.mean(dim=1)
+    if names & {"last_query_attention", "attention"}:
+        rows = (torch.arange(n, device=k_proj.device).expand(b, n) if "attention" in names else last_row[:, None])
+        queries = gather_tokens(q_proj, rows).view(b, rows.shape[1], -1, head_dim).transpose(1, 2)
+        cos_q = gather_tokens(cos.expand(b, -1, -1), rows).unsqueeze(1)
+        sin_q = gather_tokens(sin.expand(b, -1, -1), rows).unsqueeze(1)
+        queries = queries * cos_q + rotate_half(queries) * sin_q
+        logits = (queries @ repeat_kv(keys, attn.num_key_value_groups).transpose(-1, -2)) * attn.scaling
+        if mask is None:
+            allowed = torch.arange(n, device=rows.device)[None, None, :] <= rows[:, :, None]
+            logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        else:
+            mask_rows = torch.gather(mask.expand(b, -1, -1, -1), 2,
+                                     rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
+            if mask_rows.dtype == torch.bool:
+                logits = logits.masked_fill(~mask_rows, float("-inf"))
+            else:
+                logits = logits + mask_rows
+        probs = _softmax_mean_heads(logits)
+        if "attention" in names:
+            out["attention"] = probs
+            out["last_query_attention"] = torch.gather(probs, 1, last_row[:, None, None].expand(b, 1, n))[:, 0]
+        else:
+            out["last_query_attention"] = probs[:, 0]
+    return {name: out[name] for name in names}
+
+
+def _projection_hooks(run, attn: nn.Module, needs_q: bool, store) -> None:
+    """Forward hooks keeping the k (and q) projection outputs of ``attn`` via ``store``."""
+    _hook(run, attn.k_proj.register_forward_hook(lambda m, a, out: store("k", out)))
+    if needs_q:
+        _hook(run, attn.q_proj.register_forward_hook(lambda m, a, out: store("q", out)))
+
+
+# --------------------------------------------------------------------------- vision site
+
+
+@dataclass
+class VisionPass:
+    """Token bookkeeping of one vision-tower forward; created per forward, never shared."""
+
+    positions: Tensor | None = None
+    candidate: Tensor | None = None
+    size: Tensor | None = None
+    extras: dict = field(default_factory=dict)
+    captured: dict = field(default_factory=dict)
+
+
+@functools.cache
+def _reducing_layer_class(base: type) -> type:
+    return type(f"Fico{base.__name__}", (base,), {"forward": _vision_layer_forward, "__module__": __name__})
+
+
+def _vision_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    site: VisionSite = self._fico_site
+    layer: int = self._fico_layer
+    vp = site.begin_layer(layer, hidden_states)
+    mask = attention_mask
+    if site.proportional and vp.size is not None:
+        bias = vp.size.log().to(hidden_states.dtype)[:, None, None, :, 0]
+        mask = bias if mask is None else mask + bias
+    residual = hidden_states
+    hidden_states = self.layer_norm1(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=mask, **kwargs)
+    hidden_states = residual + hidden_states
+    hidden_states = site.reduce(layer, hidden_states, vp, mask)
+    residual = hidden_states
+    hidden_states = self.layer_norm2(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
+
+
+class VisionSite:
+    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: SitePlan, features: int):
+        self.run, self.model, self.geo, self.plan = run, model, geo, plan
+        self.features = features
+        self.tower = model.model.vision_tower
+        self.proportional = any(p.step.proportional_attention for p in plan.steps.values())
+        self.current: VisionPass | None = None
+        self.inside_generate = False
+
+    # -- attach
+    def attach(self) -> None:
+        run = self.run
+        for index, layer in enumerate(self.geo.vision_layers):
+            original = type(layer)
+            layer.__class__ = _reducing_layer_class(original)
+            run._undo.append(functools.partial(setattr, layer, "__class__", original))
+            _set_instance_attr(run, layer, "_fico_site", self)
+            _set_instance_attr(run, layer, "_fico_layer", index)
+        for layer_index, planned in self.plan.steps.items():
+            names = planned.step.required_signals()
+            if planned.remove and names:
+                _projection_hooks(run, self.geo.vision_layers[layer_index].self_attn,
+                                  bool(names & {"cls_attention", "attention"}), self._store)
+        _hook(run, self.tower.register_forward_pre_hook(self._begin_forward))
+        _hook(run, self.tower.register_forward_hook(self._end_forward))
+        if self.features != self.geo.placeholders_per_image:
+            self._wrap_entry_points()
+
+    def _store(self, name: str, value: Tensor) -> None:
+        if self.current is not None:
+            self.current.captured[name] = value
+
+    def _begin_forward(self, module, args):
+        if not getattr(self.run, "_in_llava_forward", False):
+            self.run.begin_trace()
+        self.current = VisionPass()
+        self.run.trace.vision = []
+
+    def _end_forward(self, module, args, output):
+        self.current = None
+        trace = self.run.trace
+        if len(trace.vision) == len(self.geo.vision_layers):
+            # hidden_states[i] enters layer i; the last index is the tower's output.
+            entering = trace.vision + [self.plan.tokens[-1]]
+            trace.vision_features = entering[self.geo.feature_index] - (1 if self.geo.drops_cls else 0)
+
+    # -- per layer
+    def begin_layer(self, layer: int, hidden: Tensor) -> VisionPass:
+        vp = self.current
+        if vp is None:  # a layer called outside the tower's forward: bookkeeping for this call only
+            vp = self.current = VisionPass()
+        if vp.positions is None:
+            b, n = hidden.shape[:2]
+            vp.positions = torch.arange(n, device=hidden.device).expand(b, n)
+            vp.candidate = vp.positions != 0  # [CLS] is protected
+        self.run.trace.vision.append(hidden.shape[1])
+        return vp
+
+    def reduce(self, layer: int, hidden: Tensor, vp: VisionPass, mask: Tensor | None) -> Tensor:
+        planned = self.plan.steps.get(layer)
+        if planned is None or planned.remove == 0:
+            return hidden
+        attn = self.geo.vision_layers[layer].self_attn
+        names = planned.step.required_signals()
+        signals = {}
+        if names:
+            signals = vision_signals(names, vp.captured.get("q"), vp.captured["k"], attn.num_heads, attn.scale, mask)
+        vp.captured.clear()
+        state = TokenState(hidden=hidden, positions=vp.positions, candidate=vp.candidate,
+                           visual=torch.ones_like(vp.candidate), size=vp.size, signals=signals,
+                           extras=vp.extras, site="vision", layer=layer)
+        new, seconds = run_step(planned, state, planned.remove)
+        vp.positions, vp.candidate, vp.size, vp.extras = new.positions, new.candidate, new.size, new.extras
+        self.run.trace.steps.append(StepRecord("vision", layer, hidden.shape[1], new.hidden.shape[1],
+                                               hidden.shape[1] - new.hidden.shape[1] + planned.step.compressor.appends,
+                                               seconds))
+        return new.hidden
+
+    # -- placeholders
+    def _wrap_entry_points(self) -> None:
+        model = self.model
+        original_forward, original_generate = model.forward, model.generate
+        forward_signature = inspect.signature(original_forward)
+
+        def forward(*args, **kwargs):
+            bound = forward_signature.bind_partial(*args, **kwargs)
+            call = dict(bound.arguments)
+            call.update(call.pop("kwargs", {}))
+            if not self.inside_generate:
+                call = self._shrink_inputs(call)
+            return original_forward(**call)
+
+        def generate(inputs=None, **kwargs):
+            if inputs is not None:
+                kwargs["input_ids"] = inputs
+            original_ids = kwargs.get("input_ids")
+            call = self._shrink_inputs(dict(kwargs))
+            self.inside_generate = True
+            try:
+                out = original_generate(**call)
+            finally:
+                self.inside_generate = False
+            if original_ids is None or call.get("input_ids") is original_ids:
+                return out
+            return _restore_prompt(out, original_ids, call["input_ids"].shape[1])
+
+        functools.update_wrapper(forward, original_forward)
+        functools.update_wrapper(generate, original_generate)
+        _set_instance_attr(self.run, model, "forward", forward)
+        _set_instance_attr(self.run, model, "generate", generate)
+
+    def _shrink_inputs(self, call: dict) -> dict:
+        ids = call.get("input_ids")
+        if call.get("pixel_values") is None or ids is None or ids.shape[1] <= 1:
+            return call
+        per_image, keep_per_image = self.geo.placeholders_per_image, self.features
+        placeholder = ids == self.geo.image_token_id
+        counts = placeholder.sum(1)
+        if bool((counts % per_image != 0).any()):
+            raise ValueError(
+                f"fico: each image needs {per_image} placeholder tokens in input_ids (as the processor writes); "
+                f"got {counts.tolist()} per sample"
+            )
+        rank = placeholder.cumsum(1) - 1
+        drop = placeholder & (rank % per_image >= keep_per_image)
+        dropped = drop.sum(1)
+        if bool((dropped != dropped[0]).any()):
+            raise ValueError("fico: vision-side reduction needs the same number of images in every sample of a batch")
+        keep = ~drop
+        b = ids.shape[0]
+        new = dict(call)
+        for key in ("input_ids", "attention_mask", "labels", "token_type_ids"):
+            value = call.get(key)
+            if value is not None and value.dim() == 2 and value.shape == ids.shape:
+                new[key] = value[keep].view(b, -1)
+        if call.get("position_ids") is not None:
+            raise ValueError("fico: explicit position_ids cannot be combined with vision-side reduction; "
+                             "leave them to the model")
+        return new
+
+
+def _restore_prompt(out, original_ids: Tensor, shrunk_length: int):
+    """Give generate's output the caller's original prompt, so slicing by its length works."""
+    def fix(sequences: Tensor) -> Tensor:
+        return torch.cat([original_ids.to(sequences.device), sequences[:, shrunk_length:]], dim=1)
+
+    if isinstance(out, Tensor):
+        return fix(out)
+    if hasattr(out, "sequences"):
+        out.sequences = fix(out.sequences)
+    return out
+
+
+# --------------------------------------------------------------------------- llm site
+
+
+@dataclass
+class LLMPass:
+    """Token bookkeeping of one prefill and the decode steps that follow it."""
+
+    visual: Tensor
+    real: Tensor
+    last_index: Tensor
+    phase: str = "prefill"
+    keep: Tensor | None = None  # original indices of the tokens present
+    position_embeddings: tuple[Tensor, Tensor] | None = None
+    attention_mask: Tensor | None = None
+    full_position_embeddings: tuple[Tensor, Tensor] | None = None
+    full_attention_mask: Tensor | None = None
+    layer_keep: dict = field(default_factory=dict)
+    captured: dict = field(default_factory=dict)
+
+
+class LLMSite:
+    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: SitePlan):
+        self.run, self.model, self.geo, self.plan = run, model, geo, plan
+        self.current: LLMPass | None = None
+        self.capture_layers = {layer - 1: p for layer, p in plan.steps.items() if p.remove}
+
+    def attach(self) -> None:
+        run = self.run
+        _hook(run, self.model.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        _hook(run, self.model.model.register_forward_hook(self._end_forward))
+        for index, layer in enumerate(self.geo.llm_layers):
+            _hook(run, layer.register_forward_pre_hook(functools.partial(self._layer_input, index), with_kwargs=True))
+        for index, planned in self.capture_layers.items():
+            attn = self.geo.llm_layers[index].self_attn
+            names = planned.step.required_signals()
+            if names:
+                store = functools.partial(self._store, index)
+                _projection_hooks(run, attn, bool(names - {"keys"}), store)
+                _hook(run, attn.register_forward_pre_hook(functools.partial(self._attention_input, index),
+                                                          with_kwargs=True))
+
+    # -- forward boundaries
+    def _begin_forward(self, module, args, kwargs):
+        self.run._in_llava_forward = True
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
+        if not prefill:
+            if self.current is not None:
+                self.current.phase = "decode"
+            return None
+        self.run.begin_trace(keep_vision=kwargs.get("mm_encoder_outputs") is not None)
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            if self.plan.steps:
+                raise ValueError("fico: the llm site finds visual tokens through input_ids; pass input_ids, "
+                                 "not inputs_embeds")
+            self.current = None
+            return None
+        mask = kwargs.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        n = ids.shape[1]
+        last = n - 1 - torch.flip(real, dims=[1]).to(torch.int8).argmax(1)
+        self.current = LLMPass(visual=ids == self.geo.image_token_id, real=real, last_index=last)
+        return None
+
+    def _end_forward(self, module, args, output):
+        self.run._in_llava_forward = False
+        if self.current is not None:
+            self.current.captured.clear()
+
+    def _store(self, layer: int, name: str, value: Tensor) -> None:
+        lp = self.current
+        if lp is not None and lp.phase == "prefill":
+            lp.captured.setdefault(layer, {})[name] = value
+
+    def _attention_input(self, layer, module, args, kwargs):
+        lp = self.current
+        if lp is not None and lp.phase == "prefill":
+            slot = lp.captured.setdefault(layer, {})
+            slot["position_embeddings"] = kwargs.get("position_embeddings")
+            slot["attention_mask"] = kwargs.get("attention_mask")
+        return None
+
+    # -- per layer
+    def _layer_input(self, layer: int, module, args, kwargs):
+        lp = self.current
+        if lp is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if lp.phase == "decode":
+            return self._decode_mask(layer, lp, args, kwargs)
+        if layer == 0:
+            lp.full_position_embeddings = kwargs.get("position_embeddings")
+            lp.full_attention_mask = kwargs.get("attention_mask")
+        self.run.trace.llm.append(hidden.shape[1])
+        planned = self.plan.steps.get(layer)
+        if planned is not None and planned.remove:
+            hidden = self._reduce(layer, planned, lp, hidden)
+        if lp.keep is None:
+            return None
+        lp.layer_keep[layer] = lp.keep
+        kwargs["attention_mask"] = lp.attention_mask
+        kwargs["position_embeddings"] = lp.position_embeddings
+        kwargs["position_ids"] = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _reduce(self, layer: int, planned, lp: LLMPass, hidden: Tensor) -> Tensor:
+        b, n = hidden.shape[:2]
+        keep = lp.keep if lp.keep is not None else torch.arange(n, device=hidden.device).expand(b, n)
+        candidate = gather_tokens(lp.visual & lp.real, keep)
+        available = candidate.sum(1)
+        if bool((available != available[0]).any()):
+            raise ValueError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
+                             f"({available.tolist()}); batch samples with the same number of images")
+        step = planned.step
+        available = int(available[0])
+        requested = step.schedule.tokens_to_remove(available)
+        if requested > available:
+            raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
+                              f"tokens at llm layer {layer}, where only {available} visual tokens are left")
+        remove = min(requested, step.filter.max_discard(n, available))
+        signals = {}
+        names = step.required_signals()
+        if names:
+            capture = lp.captured.pop(layer - 1)
+            last_row = (keep == lp.last_index[:, None]).to(torch.int8).argmax(1)
+            signals = llm_signals(names, capture, self.geo.llm_layers[layer - 1].self_attn, last_row)
+        state = TokenState(hidden=hidden, positions=keep, candidate=candidate,
+                           visual=gather_tokens(lp.visual, keep), signals=signals, site="llm", layer=layer)
+        new, seconds = run_step(planned, state, remove)
+        lp.keep = new.positions
+        cos, sin = lp.full_position_embeddings
+        lp.position_embeddings = (gather_tokens(cos, lp.keep), gather_tokens(sin, lp.keep))
+        lp.attention_mask = _gather_square(lp.full_attention_mask, lp.keep)
+        self.run.trace.steps.append(StepRecord("llm", layer, n, new.hidden.shape[1], n - new.hidden.shape[1], seconds))
+        return new.hidden
+
+    def _decode_mask(self, layer: int, lp: LLMPass, args, kwargs):
+        keep = lp.layer_keep.get(layer)
+        mask = kwargs.get("attention_mask")
+        if keep is None or mask is None:
+            return None  # no mask: one query attends to everything its (shorter) cache holds
+        b = keep.shape[0]
+        full = lp.real.shape[1]
+        new_columns = torch.arange(full, mask.shape[-1], device=keep.device).expand(b, -1)
+        columns = torch.cat([keep, new_columns], dim=1)
+        mask = mask.expand(b, *mask.shape[1:])
+        kwargs["attention_mask"] = torch.gather(
+            mask, 3, columns[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], columns.shape[1]))
+        return args, kwargs
+
+
+def _gather_square(mask: Tensor | None, keep: Tensor) -> Tensor | None:
+    """Rows and columns ``keep`` of a ``(B, 1, L, L)`` mask; None stays None (plain causal)."""
+    if mask is None:
+        return None
+    b, k = keep.shape
+    mask = mask.expand(b, *mask.shape[1:])
+    heads = mask.shape[1]
+    rows = torch.gather(mask, 2, keep[:, None, :, None].expand(b, heads, k, mask.shape[-1]))
+    return torch.gather(rows, 3, keep[:, None, None, :].expand(b, heads, k, k))

@@ -1,0 +1,1 @@
+"""Built-in compressors: how discarded information enters the preserved tokens."""

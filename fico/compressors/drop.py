@@ -1,0 +1,27 @@
+"""Drop the discarded tokens."""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from ..stages import Compressor, Correlation, Split
+from ..state import TokenState
+
+
+class Drop(Compressor):
+    r"""Pruning: :math:`X^T \leftarrow X^T`, and S is removed.
+
+    The compress stage of FastV (Chen et al., ECCV 2024) and of EViT without fusion
+    (Liang et al., ICLR 2022).
+    """
+
+    name = "drop"
+
+    def compress(self, state: TokenState, split: Split, correlation: Correlation) -> TokenState:
+        kept = state.keep(split.preserved)
+        kept.extras.update(split.extras)
+        return kept
+
+
+@hookimpl
+def fico_compressors():
+    return [Drop]

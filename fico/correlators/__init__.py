@@ -1,0 +1,1 @@
+"""Built-in correlators: how discarded tokens relate to preserved ones."""

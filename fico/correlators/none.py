@@ -1,0 +1,26 @@
+"""No correlation: pruning."""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from ..stages import Correlation, Correlator, Split
+from ..state import TokenState
+
+
+class NoCorrelation(Correlator):
+    r"""Pruning: discarded tokens relate to nothing, :math:`C = \varnothing` (K = 0).
+
+    FiCoCo (arXiv 2411.17686, §3.3) calls this the K = 0 case; FastV (Chen et al., ECCV
+    2024) is its best-known instance.
+    """
+
+    name = "none"
+    produces = "nothing"
+
+    def correlate(self, state: TokenState, split: Split) -> Correlation:
+        return Correlation()
+
+
+@hookimpl
+def fico_correlators():
+    return [NoCorrelation]

@@ -1,0 +1,1 @@
+"""Built-in filters: redundancy scores and the discarded/preserved split."""

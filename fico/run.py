@@ -1,0 +1,116 @@
+"""A recipe applied to a model: :class:`ReductionRun` and its :class:`Trace`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .plan import PlannedStep, SitePlan
+from .recipe import Recipe
+from .state import TokenState
+
+
+@dataclass
+class StepRecord:
+    """One executed step: where, tokens in/out (per sample), and host time spent in the stages."""
+
+    site: str
+    layer: int
+    tokens_in: int
+    tokens_out: int
+    removed: int
+    seconds: float
+
+
+@dataclass
+class Trace:
+    """Token counts of the last prefill forward pass.
+
+    Attributes:
+        vision: tokens entering each vision-encoder layer, per image ([CLS] included).
+        vision_features: image features per image handed to the projector.
+        llm: sequence length entering each decoder layer during prefill (text and
+            padding included).
+        steps: the reduction steps that ran, in order.
+    """
+
+    vision: list[int] = field(default_factory=list)
+    vision_features: int | None = None
+    llm: list[int] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def stage_seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+    def rows(self) -> list[tuple[str, int, int, int]]:
+        """(site, layer, tokens in, tokens out) for every layer that ran."""
+        out = []
+        for site, counts in (("vision", self.vision), ("llm", self.llm)):
+            removed = {s.layer: s for s in self.steps if s.site == site}
+            for layer, n in enumerate(counts):
+                step = removed.get(layer)
+                out.append((site, layer, n, step.tokens_out if step else n))
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"{'site':<7}{'layer':>6}{'tokens in':>11}{'tokens out':>12}"]
+        for site, layer, n_in, n_out in self.rows():
+            mark = "  <- reduced" if n_in != n_out else ""
+            lines.append(f"{site:<7}{layer:>6}{n_in:>11}{n_out:>12}{mark}")
+        if self.vision_features is not None:
+            lines.append(f"image features per image: {self.vision_features}")
+        return "\n".join(lines)
+
+
+def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[TokenState, float]:
+    """filter -> correlate -> compress; returns the new state and the seconds it took."""
+    start = time.perf_counter()
+    step = planned.step
+    split = step.filter.split(state, remove)
+    correlation = step.correlator.correlate(state, split)
+    new_state = step.compressor.compress(state, split, correlation)
+    return new_state, time.perf_counter() - start
+
+
+class ReductionRun:
+    """A recipe attached to a model. Use as a context manager or call :meth:`remove`.
+
+    >>> import fico
+    >>> model, processor = fico.embedded.build_model(), fico.embedded.build_processor()
+    >>> inputs = fico.embedded.example_inputs(processor)
+    >>> with fico.apply(model, fico.load_recipe("fastv")) as run:
+    ...     _ = model(**inputs)
+    >>> run.trace.llm[:4]
+    [594, 594, 306, 306]
+    """
+
+    def __init__(self, model, recipe: Recipe, plans: dict[str, SitePlan]):
+        self.model = model
+        self.recipe = recipe
+        self.plans = plans
+        self.trace = Trace()
+        self._undo: list[Callable[[], None]] = []
+        self.active = False
+
+    def begin_trace(self, keep_vision: bool = False) -> None:
+        """Start the trace of a new forward; ``keep_vision`` keeps the image encoding that
+        ``generate`` runs just before its prefill."""
+        old = self.trace
+        self.trace = Trace()
+        if keep_vision:
+            self.trace.vision, self.trace.vision_features = old.vision, old.vision_features
+            self.trace.steps = [s for s in old.steps if s.site == "vision"]
+
+    def remove(self) -> None:
+        """Detach everything fico attached; the model is the vanilla model again."""
+        while self._undo:
+            self._undo.pop()()
+        self.active = False
+
+    def __enter__(self) -> "ReductionRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,65 @@
+"""Small tensor functions shared by components: choosing S, T and targets."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .stages import Split
+
+
+def split_by_scores(scores: Tensor, r: int, targets: Tensor | None = None) -> Split:
+    """S = the ``r`` highest ``scores`` per row, T = the rest, both ascending.
+
+    Ties go to the lower index (a stable sort), and indices follow the current token
+    order, which is the original relative order, so ties discard the lower original
+    position first. Tokens scored ``-inf`` are never chosen as long as ``r`` does not
+    exceed the number of finite scores.
+
+    Args:
+        scores: ``(B, N)`` redundancy scores, higher = more redundant.
+        r: tokens to discard per row.
+        targets: ``(B, N)`` bool, tokens that may receive information if preserved;
+            defaults to the finite-scored tokens.
+    """
+    b, n = scores.shape
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    discard = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
+    discard.scatter_(1, order[:, :r], True)
+    # Sorting the 0/1 discard flags stably lists T then S, each in ascending index order.
+    layout = torch.sort(discard.to(torch.uint8), dim=1, stable=True).indices
+    preserved, discarded = layout[:, : n - r], layout[:, n - r :]
+    if targets is None:
+        targets = torch.isfinite(scores)
+    return Split(
+        scores=scores,
+        discarded=discarded,
+        preserved=preserved,
+        targets=torch.gather(targets, 1, preserved),
+    )
+
+
+def mask_scores(scores: Tensor, allowed: Tensor) -> Tensor:
+    """``scores`` with ``-inf`` wherever ``allowed`` is False."""
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def top_k_shares(matrix: Tensor, k: int) -> Tensor:
+    """Shares ``alpha_ij = C_ij / sum_{j' in J_i} C_ij'`` over the ``k`` largest entries J_i of each row.
+
+    With ``k = 1`` every share is 1 (ToMe: each discarded token goes to its most similar
+    target). Entries that are ``-inf`` (not targets) never receive a share. For k > 1
+    the shares are normalised correlations, which needs a non-negative correlation.
+
+    Args:
+        matrix: ``(B, r, T)`` correlation matrix.
+        k: targets per discarded token, 1 <= k <= T.
+    """
+    top = torch.topk(matrix, k, dim=-1)
+    if k == 1:
+        # A row with no finite entry has no target and sends nothing.
+        weights = torch.isfinite(top.values).to(matrix.dtype)
+    else:
+        values = torch.nan_to_num(top.values, neginf=0.0).clamp_min(0)
+        weights = values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    return torch.zeros_like(matrix).scatter_(-1, top.indices, weights)

@@ -1,0 +1,100 @@
+"""The tokens one reduction step sees: :class:`TokenState`.
+
+A state is built by a site for one step and handed through filter, correlate and
+compress. Everything a stage may read is here as tensors; no stage ever sees a
+model module. Per-token tensors share the token axis (dim 1) and are gathered
+together, so a token's original position, size and flags travel with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenState:
+    """Tokens present at one step of one forward pass.
+
+    Attributes:
+        hidden: ``(B, N, D)`` hidden states of the tokens present.
+        positions: ``(B, N)`` original positions: the token's index in the unreduced
+            sequence at this site ([CLS] is 0 in the vision tower). Tokens created by a
+            compressor (EViT's fused token) have position -1.
+        candidate: ``(B, N)`` bool, tokens that may be discarded or receive information
+            (image patches / visual tokens). The others are *protected* ([CLS], text,
+            padding) and pass through a step unchanged.
+        visual: ``(B, N)`` bool, tokens that carry image information.
+        size: ``(B, N, 1)`` how many original tokens each token stands for, or None
+            while no compressor tracks sizes (ToMe's ``size``).
+        signals: what the site measured for this step, by name (see
+            ``fico.signals``), e.g. ``keys`` ``(B, N, d)`` or ``cls_attention`` ``(B, N)``.
+        extras: per-token attributes ``(B, N)`` that components keep across steps of
+            one forward pass (e.g. ToMe's token layout). Tokens appended by a compressor
+            get -1.
+        site: ``"vision"`` or ``"llm"``.
+        layer: 0-based module index of the layer this step runs at.
+    """
+
+    hidden: Tensor
+    positions: Tensor
+    candidate: Tensor
+    visual: Tensor
+    size: Tensor | None = None
+    signals: Mapping[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    site: str = "vision"
+    layer: int = 0
+
+    @property
+    def protected(self) -> Tensor:
+        return ~self.candidate
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    def token_sizes(self) -> Tensor:
+        """``size``, or ones when sizes are not tracked."""
+        if self.size is not None:
+            return self.size
+        return self.hidden.new_ones(*self.hidden.shape[:2], 1)
+
+    def keep(self, index: Tensor) -> "TokenState":
+        """The state restricted to tokens ``index`` ``(B, K)``, in that order."""
+        return replace(
+            self,
+            hidden=gather_tokens(self.hidden, index),
+            positions=gather_tokens(self.positions, index),
+            candidate=gather_tokens(self.candidate, index),
+            visual=gather_tokens(self.visual, index),
+            size=None if self.size is None else gather_tokens(self.size, index),
+            extras={k: gather_tokens(v, index) for k, v in self.extras.items()},
+            signals={},
+        )
+
+    def append(self, hidden: Tensor, size: Tensor | None = None) -> "TokenState":
+        """The state with new tokens ``hidden`` ``(B, K, D)`` appended (visual candidates)."""
+        b, k = hidden.shape[:2]
+        if self.size is not None and size is None:
+            size = hidden.new_ones(b, k, 1)
+        return replace(
+            self,
+            hidden=torch.cat([self.hidden, hidden], dim=1),
+            positions=torch.cat([self.positions, self.positions.new_full((b, k), -1)], dim=1),
+            candidate=torch.cat([self.candidate, self.candidate.new_ones(b, k)], dim=1),
+            visual=torch.cat([self.visual, self.visual.new_ones(b, k)], dim=1),
+            size=None if self.size is None else torch.cat([self.size, size], dim=1),
+            extras={k_: torch.cat([v, v.new_full((b, k), -1)], dim=1) for k_, v in self.extras.items()},
+        )
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b]]`` for a per-token tensor ``x`` of shape ``(B, N, ...)``."""
+    if x.shape[0] != index.shape[0]:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
