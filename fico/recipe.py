@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -195,21 +196,29 @@ def _resolve_path(recipe: str | Path) -> Path:
 
 
 def _apply_overrides(config: DictConfig, overrides: list[str], source: str) -> DictConfig:
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"{source}: override {item!r} is not of the form key=value")
+    # Knobs are a closed set (a typo must not silently add a key); inside steps new keys are
+    # allowed, because component parameters are checked against the component itself.
     OmegaConf.set_struct(config, True)
-    try:
-        return OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        key = _key_of(error)
-        knobs = [k for k in config.keys() if k not in RESERVED]
-        close = difflib.get_close_matches(key.split(".")[-1], [str(k) for k in config.keys()], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(
-            f"{source}: override {key!r}: {type(error).__name__}: {str(error).splitlines()[0]}; "
-            f"recipe knobs: {', '.join(map(str, knobs))}{hint}"
-        ) from error
+    if isinstance(config.get("steps"), ListConfig):
+        OmegaConf.set_struct(config.steps, False)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"{source}: override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{source}: override {key!r}: cannot parse value {text!r}: {error}") from error
+        try:
+            OmegaConf.update(config, key, value, merge=True)
+        except (OmegaConfBaseException, TypeError, ValueError, IndexError) as error:
+            knobs = [str(k) for k in config.keys() if k not in RESERVED]
+            close = difflib.get_close_matches(key.split(".")[-1], [str(k) for k in config.keys()], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            reason = str(error).splitlines()[0]
+            raise RecipeError(f"{source}: override {key!r}: {reason}; recipe knobs: {', '.join(knobs)}{hint}") from error
+    return config
 
 
 def _key_of(error: OmegaConfBaseException) -> str:

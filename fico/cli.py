@@ -1,0 +1,172 @@
+"""Command line: ``fico run`` (the main job) and ``fico list``.
+
+``fico run RECIPE [key=value ...]`` runs a model with and without the recipe on the same
+inputs and prints tokens per site and layer, prefill time, and how far the reduced
+model's output agrees with the unreduced one. Without ``--model`` it uses the embedded
+tiny LLaVA-1.5-shaped model (:mod:`fico.embedded`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import embedded
+from .errors import ApplyError, RecipeError, UnsupportedModelError
+from .recipe import bundled_recipes, load_recipe
+from .registry import default_registry
+
+DEFAULT_RECIPE = "fastv"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fico", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe against the unreduced model")
+    run.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help="bundled name or YAML path")
+    run.add_argument("overrides", nargs="*", help="knob overrides, key=value")
+    run.add_argument("--model", default=None, help="local LlavaForConditionalGeneration directory (default: embedded)")
+    run.add_argument("--image", default=None, help="image file (default: a generated picture)")
+    run.add_argument("--prompt", default=None, help="prompt with one <image> placeholder")
+    run.add_argument("--max-new-tokens", type=int, default=8)
+    run.add_argument("--repeats", type=int, default=5, help="timed prefill repetitions per configuration")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    sub.add_parser("list", help="list registered components and bundled recipes")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "list":
+            return list_components(console)
+        return run_recipe(args, console)
+    except (RecipeError, UnsupportedModelError, ApplyError, OSError) as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+
+
+def list_components(console: Console) -> int:
+    registry = default_registry()
+    table = Table(title="registered components")
+    for column in ("stage", "name", "parameters", "summary"):
+        table.add_column(column)
+    for stage in ("filter", "correlator", "compressor"):
+        for name in registry.names(stage):
+            cls = registry.components[stage][name]
+            params = [f"{p.name}={p.default!r}" for p in inspect.signature(cls.__init__).parameters.values()
+                      if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+            table.add_row(stage, name, ", ".join(params), summary)
+    console.print(table)
+    recipes = Table(title="bundled recipes")
+    for column in ("recipe", "knobs", "description"):
+        recipes.add_column(column)
+    for name in bundled_recipes():
+        recipe = load_recipe(name)
+        knobs = ", ".join(f"{k}={v}" for k, v in recipe.knobs.items())
+        recipes.add_row(name, knobs, recipe.description)
+    console.print(recipes)
+    return 0
+
+
+def load_model(path: str | None, dtype: torch.dtype, attn: str):
+    """The model and processor: a local checkpoint directory, or the embedded default."""
+    if path is None:
+        return embedded.build_model(dtype=dtype, attn_implementation=attn), embedded.build_processor()
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                          local_files_only=True).eval()
+    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def _inputs(args, processor, real_model: bool):
+    from PIL import Image
+
+    image = Image.open(args.image).convert("RGB") if args.image else embedded.example_image(0)
+    if args.prompt:
+        prompt = args.prompt
+    elif real_model:
+        prompt = "USER: <image>\nDescribe the image. ASSISTANT:"
+    else:
+        prompt = "USER: <image> what is the color of the circle ? ASSISTANT:"
+    return processor(images=[image], text=[prompt], return_tensors="pt")
+
+
+def run_recipe(args, console: Console) -> int:
+    from . import apply
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    model, processor = load_model(args.model, DTYPES[args.dtype], args.attn)
+    inputs = _inputs(args, processor, args.model is not None)
+    inputs = {k: (v.to(DTYPES[args.dtype]) if v.is_floating_point() else v) for k, v in inputs.items()}
+    torch.manual_seed(0)
+
+    def prefill():
+        start = time.perf_counter()
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        return time.perf_counter() - start, logits
+
+    times = {"vanilla": [], "reduced": []}
+    with torch.inference_mode():
+        prefill()  # warm-up
+        run = apply(model, recipe)
+        try:
+            prefill()
+        finally:
+            run.remove()
+        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+            seconds, base_logits = prefill()
+            times["vanilla"].append(seconds)
+            with apply(model, recipe) as run:
+                seconds, logits = prefill()
+            times["reduced"].append(seconds)
+        base_tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        with apply(model, recipe) as run:
+            tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            model(**inputs, logits_to_keep=1)  # the trace shows this prefill
+        trace = run.trace
+
+    prompt_length = inputs["input_ids"].shape[1]
+    new_base, new = base_tokens[:, prompt_length:], tokens[:, prompt_length:]
+    same = min(new_base.shape[1], new.shape[1])
+    agreement = (new_base[:, :same] == new[:, :same]).float().mean().item() if same else 1.0
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+
+    table = Table(title=f"{recipe.name}: tokens per site and layer (last prefill)")
+    for column in ("site", "layer", "tokens in", "tokens out"):
+        table.add_column(column, justify="right")
+    for site, layer, n_in, n_out in trace.rows():
+        style = "bold" if n_in != n_out else ""
+        table.add_row(site, str(layer), str(n_in), str(n_out), style=style)
+    console.print(table)
+    vanilla_ms = statistics.median(times["vanilla"]) * 1e3
+    reduced_ms = statistics.median(times["reduced"]) * 1e3
+    summary = Table(title="reduced vs unreduced model", show_header=False)
+    summary.add_row("model", args.model or "embedded tiny LLaVA-1.5-shaped (random weights)")
+    summary.add_row("recipe", f"{recipe.source} {' '.join(args.overrides)}")
+    summary.add_row("image features per image", str(trace.vision_features or "unchanged"))
+    summary.add_row("prefill (median of interleaved runs)",
+                    f"{vanilla_ms:.1f} ms -> {reduced_ms:.1f} ms ({vanilla_ms / reduced_ms:.2f}x)")
+    summary.add_row("time in fico stages", f"{trace.stage_seconds * 1e3:.2f} ms")
+    summary.add_row("next-token agreement", "yes" if bool((logits.argmax(-1) == base_logits.argmax(-1)).all()) else "no")
+    summary.add_row("next-token KL(unreduced || reduced)", f"{kl:.4g}")
+    summary.add_row(f"generated tokens equal ({args.max_new_tokens} max)", f"{agreement:.0%}")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        summary.add_row("unreduced answer", repr(tokenizer.decode(new_base[0], skip_special_tokens=True)))
+        summary.add_row("reduced answer", repr(tokenizer.decode(new[0], skip_special_tokens=True)))
+    console.print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
