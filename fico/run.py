@@ -28,10 +28,12 @@ class Trace:
     """Token counts of the last prefill forward pass.
 
     Attributes:
-        vision: tokens entering each vision-encoder layer, per image ([CLS] included).
+        vision: tokens entering each vision-encoder layer, per image ([CLS] included); a
+            step inside layer i runs after its attention, so the layer's MLP sees the
+            step's output.
         vision_features: image features per image handed to the projector.
-        llm: sequence length entering each decoder layer during prefill (text and
-            padding included).
+        llm: sequence length each decoder layer runs on during prefill, after any step at
+            its input (text and padding included); this is also its KV-cache length.
         steps: the reduction steps that ran, in order.
     """
 
@@ -48,10 +50,10 @@ class Trace:
         """(site, layer, tokens in, tokens out) for every layer that ran."""
         out = []
         for site, counts in (("vision", self.vision), ("llm", self.llm)):
-            removed = {s.layer: s for s in self.steps if s.site == site}
+            steps = {s.layer: s for s in self.steps if s.site == site}
             for layer, n in enumerate(counts):
-                step = removed.get(layer)
-                out.append((site, layer, n, step.tokens_out if step else n))
+                step = steps.get(layer)
+                out.append((site, layer, step.tokens_in if step else n, step.tokens_out if step else n))
         return out
 
     def __str__(self) -> str:

@@ -516,10 +516,10 @@ class LLMSite:
         if layer == 0:
             lp.full_position_embeddings = kwargs.get("position_embeddings")
             lp.full_attention_mask = kwargs.get("attention_mask")
-        self.run.trace.llm.append(hidden.shape[1])
         planned = self.plan.steps.get(layer)
         if planned is not None and planned.remove:
             hidden = self._reduce(layer, planned, lp, hidden)
+        self.run.trace.llm.append(hidden.shape[1])
         if lp.keep is None:
             return None
         lp.layer_keep[layer] = lp.keep
