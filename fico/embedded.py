@@ -9,7 +9,7 @@ word-level tokenizer. Nothing is downloaded.
 >>> model = embedded.build_model()
 >>> inputs = embedded.example_inputs(embedded.build_processor())
 >>> inputs["input_ids"].shape
-torch.Size([1, 594])
+torch.Size([1, 587])
 """
 
 from __future__ import annotations

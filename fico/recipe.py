@@ -157,14 +157,18 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None, registry
     try:
         resolved = OmegaConf.to_container(config, resolve=True)
     except OmegaConfBaseException as error:
-        raise RecipeError(f"{source}: {_key_of(error)}: {error.msg if hasattr(error, 'msg') else error}") from error
+        raise RecipeError(f"{source}: {_key_of(error)}: {str(error).splitlines()[0]}") from error
 
     registry = registry or default_registry()
     plugins = resolved.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise RecipeError(f"{source}: plugins: must be a list of plugin file paths")
     if plugins:
-        registry = registry.with_plugin_files([(path.parent / p) for p in plugins])
+        try:
+            registry = registry.with_plugin_files([(path.parent / p) for p in plugins])
+            registry.components  # collect now, so a broken plugin is reported against this recipe
+        except RecipeError as error:
+            raise RecipeError(f"{source}: {error}") from error
 
     steps_cfg = resolved.get("steps")
     if not isinstance(steps_cfg, list) or not steps_cfg:

@@ -85,7 +85,7 @@ class ReductionRun:
     >>> with fico.apply(model, fico.load_recipe("fastv")) as run:
     ...     _ = model(**inputs)
     >>> run.trace.llm[:4]
-    [594, 594, 306, 306]
+    [587, 587, 299, 299]
     """
 
     def __init__(self, model, recipe: Recipe, plans: dict[str, SitePlan]):

@@ -82,8 +82,10 @@ def test_fastv_equals_original_per_sample(tiny_model, batch_inputs, k, ratio):
     assert actual.shape == expected.shape
     real = torch.gather(inputs["attention_mask"].bool(), 1, keep)
     assert (actual - expected)[real].abs().max() < 1e-6
-    assert run.trace.llm[k] == inputs["input_ids"].shape[1]
-    assert run.trace.steps[0].removed == round(ratio * 576)
+    removed = round(ratio * 576)
+    assert run.trace.llm[k - 1] == inputs["input_ids"].shape[1]
+    assert run.trace.llm[k] == inputs["input_ids"].shape[1] - removed
+    assert run.trace.steps[0].removed == removed
 
 
 def test_fastv_selection_is_per_sample(tiny_model, batch_inputs):

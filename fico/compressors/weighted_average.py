@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..hookspecs import hookimpl
 from ..stages import Compressor, Correlation, Split
 from ..state import TokenState, gather_tokens
@@ -39,8 +41,11 @@ class WeightedAverage(Compressor):
         weights = correlation.shares.to(state.hidden.dtype) * source_size  # (B, r, T): alpha_ij m_i
         target_size = gather_tokens(sizes, split.preserved)  # (B, T, 1)
         received = weights.transpose(1, 2) @ gather_tokens(state.hidden, split.discarded)
-        new_size = target_size + weights.sum(1)[..., None]
-        kept.hidden = (target_size * kept.hidden + received) / new_size
+        received_mass = weights.sum(1)[..., None]  # (B, T, 1)
+        new_size = target_size + received_mass
+        averaged = (target_size * kept.hidden + received) / new_size
+        # Exactly unchanged (not m * x / m) where nothing arrives.
+        kept.hidden = torch.where(received_mass > 0, averaged, kept.hidden)
         if self.size_weighted:
             kept.size = new_size
         return kept

@@ -1,0 +1,162 @@
+"""Bad input gets a RecipeError naming the recipe and key, and never a half-modified model."""
+
+import pytest
+import torch
+
+import fico
+from test_integration import snapshot
+
+
+def write(tmp_path, text, name="bad.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: custom
+r: 8
+steps:
+  - site: {site}
+    layers: {layers}
+    {schedule}
+    filter: {filter}
+    correlate: {correlate}
+    compress: {compress}
+"""
+
+
+def recipe_text(site="vision", layers="all", schedule="remove: ${r}", filter="bipartite_matching",
+                correlate="key_similarity", compress="weighted_average"):
+    return BASE.format(site=site, layers=layers, schedule=schedule, filter=filter, correlate=correlate,
+                       compress=compress)
+
+
+@pytest.mark.parametrize("text,match", [
+    (recipe_text(filter="bipartite_matchin"), r"steps\[0\]\.filter\.name: unknown filter 'bipartite_matchin'; "
+                                              r"known: .*attention_rank.*did you mean 'bipartite_matching'"),
+    (recipe_text(correlate="{name: key_similarity, target: 2}"),
+     r"steps\[0\]\.correlate\.target: 'key_similarity' has no parameter 'target'.*did you mean 'targets'"),
+    (recipe_text(correlate="{name: key_similarity, targets: two}"),
+     r"steps\[0\]\.correlate\.targets: expected int, got 'two'"),
+    (recipe_text(compress="{name: weighted_average, size_weighted: 3}"),
+     r"steps\[0\]\.compress\.size_weighted: expected bool"),
+    (recipe_text(filter="{name: attention_rank, signal: cls_attn}"), r"unknown signal 'cls_attn'"),
+    (recipe_text(schedule="remove: -3"), r"steps\[0\]\.remove: must be a non-negative integer, got -3"),
+    (recipe_text(schedule="keep_ratio: 0"), r"steps\[0\]\.keep_ratio: must be in \(0, 1\]"),
+    (recipe_text(schedule="remove_ratio: 1.5"), r"steps\[0\]\.remove_ratio: must be in \[0, 1\]"),
+    (recipe_text(schedule="remove: 2\n    keep_ratio: 0.5"), r"give exactly one of"),
+    (recipe_text(layers="[-1]"), r"steps\[0\]\.layers: layer indices are 0-based"),
+    (recipe_text(site="decoder"), r"steps\[0\]\.site: must be one of vision, llm"),
+    (recipe_text(compress="fuse"), r"'fuse' needs a correlator that gives fused, but 'key_similarity' gives shares"),
+    (recipe_text().replace("    compress: weighted_average\n", ""), r"steps\[0\]\.compress: missing"),
+    (recipe_text().replace("site:", "sitee: vision\n    site:"), r"steps\[0\]\.sitee: unknown step key.*'site'"),
+    ("name: x\nsteps: []\n", r"steps: a recipe needs a non-empty list of steps"),
+    ("name: x\nr: 2\nplugins: [missing.py]\n" + recipe_text()[recipe_text().index("steps"):], r"no such plugin file"),
+    ("name: x\n" + recipe_text()[recipe_text().index("steps"):], r"steps\[0\]\.remove: Interpolation key 'r' not found$"),
+])
+def test_recipe_errors_name_source_and_key(tmp_path, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises(fico.RecipeError, match=match) as info:
+        fico.load_recipe(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    ("tome", ["rr=3"], r"override 'rr'.*recipe knobs: r, layers.*did you mean 'r'"),
+    ("tome", ["r"], r"override 'r' is not of the form key=value"),
+    ("tome", ["r=-1"], r"steps\[0\]\.remove: must be a non-negative integer, got -1 \(from \$\{r\}\)"),
+    ("tome", ["r=1.5"], r"steps\[0\]\.remove: must be a non-negative integer"),
+    ("fastv", ["ratio=2"], r"steps\[0\]\.remove_ratio: must be in \[0, 1\], got 2 \(from \$\{ratio\}\)"),
+    ("fastv", ["k=-1"], r"layer indices are 0-based"),
+    ("evit", ["keep_rate=0"], r"keep_ratio: must be in \(0, 1\]"),
+    ("evit", ["fuse=maybe"], r"condition must be true or false"),
+    ("evit", ["layers=[1,1]"], r"a layer is listed twice"),
+    ("fastv", ["steps.0.filter.signal=cls"], r"unknown signal 'cls'"),
+])
+def test_override_errors(name, overrides, match):
+    with pytest.raises(fico.RecipeError, match=match):
+        fico.load_recipe(name, overrides=overrides)
+
+
+def test_unknown_recipe_name_suggests():
+    with pytest.raises(fico.RecipeError, match=r"no bundled recipe.*bundled: .*fastv.*did you mean 'fastv'"):
+        fico.load_recipe("fastvv")
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    ("tome", ["layers=[4]"], r"steps\[0\]\.layers: layer 4 is out of range: the vision site of this model has layers 0\.\.3"),
+    ("fastv", ["k=4"], r"layer 4 is out of range: the llm site of this model has layers 0\.\.3"),
+    ("fastv", ["k=0"], r"cannot reduce at layer 0: its signals come from the previous layer"),
+    ("evit", ["layers=[0]", "steps.0.keep_ratio=null", "+steps.0.remove=600"], None),
+])
+def test_model_dependent_errors_leave_model_untouched(tiny_model, name, overrides, match):
+    model = tiny_model(dtype=torch.float32)
+    before = snapshot(model)
+    if match is None:  # schedule removing more tokens than exist
+        path_overrides = [o for o in overrides if not o.startswith(("steps", "+"))]
+        recipe = fico.load_recipe(name, path_overrides)
+        recipe.steps[0].schedule = fico.Schedule("remove", 600)
+        match = r"steps\[0\]\.remove: removes 600 tokens at vision layer 0, where only 576 reducible tokens are left"
+    else:
+        recipe = fico.load_recipe(name, overrides)
+    with pytest.raises(fico.RecipeError, match=match):
+        fico.apply(model, recipe)
+    assert snapshot(model)[:3] == before[:3]
+
+
+def test_llm_schedule_larger_than_visual_tokens(tiny_model, tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    path = write(tmp_path, recipe_text(site="llm", layers="[2]", schedule="remove: 577",
+                                       filter="{name: attention_rank, signal: last_query_attention}",
+                                       correlate="none", compress="drop"))
+    with pytest.raises(fico.RecipeError, match=r"removes 577 tokens at llm layer 2, where only 576"):
+        fico.apply(model, fico.load_recipe(path))
+
+
+def test_signal_the_site_cannot_give(tiny_model, tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    before = snapshot(model)
+    path = write(tmp_path, recipe_text(site="llm", layers="[2]", filter="{name: attention_rank, signal: cls_attention}",
+                                       correlate="none", compress="drop"))
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]: the llm site cannot give the signal\(s\) cls_attention"):
+        fico.apply(model, fico.load_recipe(path))
+    path = write(tmp_path, recipe_text(filter="{name: attention_rank, signal: last_query_attention}",
+                                       correlate="none", compress="drop"), name="vision.yaml")
+    with pytest.raises(fico.RecipeError, match=r"vision site cannot give the signal\(s\) last_query_attention"):
+        fico.apply(model, fico.load_recipe(path))
+    assert snapshot(model)[:3] == before[:3]
+
+
+def test_appending_compressor_is_rejected_on_the_llm_site(tiny_model, tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    path = write(tmp_path, recipe_text(site="llm", layers="[2]", filter="{name: attention_rank, signal: last_query_attention}",
+                                       correlate="{name: convergent, signal: last_query_attention}", compress="fuse"))
+    with pytest.raises(fico.RecipeError, match=r"'fuse' appends tokens"):
+        fico.apply(model, fico.load_recipe(path))
+
+
+def test_two_steps_on_one_layer(tiny_model, tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    text = recipe_text(layers="[1]")
+    text += text[text.index("  - site"):]
+    with pytest.raises(fico.RecipeError, match=r"steps\[1\]\.layers: layer 1 of the vision site is already reduced by steps\[0\]"):
+        fico.apply(model, fico.load_recipe(write(tmp_path, text)))
+
+
+def test_unsupported_model_names_supported_ones():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(fico.UnsupportedModelError, match=r"LlamaForCausalLM.*supported: transformers\.LlavaForConditionalGeneration"):
+        fico.apply(model, fico.load_recipe("fastv"))
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_runtime_error_on_inputs_embeds_with_llm_steps(tiny_model, single_inputs):
+    model = tiny_model(dtype=torch.float32)
+    inputs = single_inputs(torch.float32)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with fico.apply(model, fico.load_recipe("fastv")), pytest.raises(ValueError, match="pass input_ids"):
+        model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
