@@ -1,0 +1,1 @@
+"""Benchmarks that print measured numbers (never timed unit tests)."""
