@@ -41,7 +41,16 @@ class SitePlan:
 
 
 def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
-    layers = list(range(num_layers)) if step.layers == "all" else list(step.layers)
+    if step.layers == "all":
+        layers = list(range(num_layers))
+    elif isinstance(step.layers, str):  # "START:STOP", STOP exclusive and optional
+        start, _, stop = step.layers.partition(":")
+        layers = list(range(int(start), int(stop) if stop else num_layers))
+        if not layers:
+            raise recipe.error(f"{step.where}.layers", f"{step.layers!r} selects no layer of the {step.site} site "
+                               f"(layers 0..{num_layers - 1})")
+    else:
+        layers = list(step.layers)
     bad = [layer for layer in layers if layer >= num_layers]
     if bad:
         raise recipe.error(

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import keyword
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,7 @@ RESERVED = {"name", "description", "cite", "plugins", "steps"}
 STEP_KEYS = {"site", "layers", "remove", "keep_ratio", "remove_ratio", "filter", "correlate", "compress",
              "proportional_attention"}
 SCHEDULE_KEYS = ("remove", "keep_ratio", "remove_ratio")
+LAYER_RANGE = re.compile(r"-?\d+:(-?\d+)?")
 STAGE_KEYS = {"filter": "filter", "correlate": "correlator", "compress": "compressor"}
 
 
@@ -81,7 +84,7 @@ class Step:
 
     index: int
     site: str
-    layers: list[int] | str
+    layers: list[int] | str  # indices, "all", or "START:STOP" resolved against the model
     schedule: Schedule
     filter: Filter
     correlator: Correlator
@@ -215,7 +218,8 @@ def _apply_overrides(config: DictConfig, overrides: list[str], source: str) -> D
         except yaml.YAMLError as error:
             raise RecipeError(f"{source}: override {key!r}: cannot parse value {text!r}: {error}") from error
         try:
-            OmegaConf.update(config, key, value, merge=True)
+            # A mapping value replaces the node (a stage swap must not keep the old parameters).
+            OmegaConf.update(config, key, value, merge=not isinstance(value, dict))
         except (OmegaConfBaseException, TypeError, ValueError, IndexError) as error:
             knobs = [str(k) for k in config.keys() if k not in RESERVED]
             close = difflib.get_close_matches(key.split(".")[-1], [str(k) for k in config.keys()], n=1)
@@ -270,10 +274,16 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
 def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:
     if value == "all":
         return "all"
+    if isinstance(value, str) and LAYER_RANGE.fullmatch(value.replace(" ", "")):
+        start, _, stop = value.replace(" ", "").partition(":")
+        if int(start) < 0 or (stop and int(stop) < 0):
+            raise RecipeError(f"{where}: layer indices are 0-based and non-negative, got {_shown(raw, value)}")
+        return value.replace(" ", "")
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise RecipeError(f"{where}: must be 'all', a layer index or a list of layer indices, got {_shown(raw, value)}")
+        raise RecipeError(f"{where}: must be 'all', 'START:STOP' (STOP optional, exclusive), a layer index or a list "
+                          f"of layer indices, got {_shown(raw, value)}")
     if any(v < 0 for v in value):
         raise RecipeError(f"{where}: layer indices are 0-based and non-negative, got {_shown(raw, value)}")
     if len(set(value)) != len(value):
@@ -307,7 +317,9 @@ def build_component(registry: Registry, stage: str, cfg: Any, raw: Any, where: s
         raise RecipeError(f"{where}: must be a component name or a mapping with a 'name' key, got {cfg!r}")
     raw = raw if isinstance(raw, dict) else {}
     cls = registry.get(stage, cfg["name"], where=f"{where}.name")
-    params = {k: v for k, v in cfg.items() if k != "name"}
+    # A parameter named like a Python keyword (FiCoCo's `lambda`) maps to `lambda_`.
+    params = {(f"{k}_" if keyword.iskeyword(k) else k): v for k, v in cfg.items() if k != "name"}
+    raw = {(f"{k}_" if keyword.iskeyword(k) else k): v for k, v in raw.items()}
     signature = inspect.signature(cls.__init__)
     accepted = {n: p for n, p in signature.parameters.items()
                 if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}

@@ -28,6 +28,10 @@ class TokenState:
             (image patches / visual tokens). The others are *protected* ([CLS], text,
             padding) and pass through a step unchanged.
         visual: ``(B, N)`` bool, tokens that carry image information.
+        text: ``(B, N)`` bool, real (non-padding) text tokens (LLM site only).
+        patch: ``(B, N)`` long, the token's cell on the image's patch grid (row-major),
+            -1 for tokens that are not patches ([CLS], text, fused tokens).
+        grid: ``(rows, cols)`` of the patch grid (24 x 24 for LLaVA-1.5).
         size: ``(B, N, 1)`` how many original tokens each token stands for, or None
             while no compressor tracks sizes (ToMe's ``size``).
         signals: what the site measured for this step, by name (see
@@ -43,6 +47,9 @@ class TokenState:
     positions: Tensor
     candidate: Tensor
     visual: Tensor
+    text: Tensor | None = None
+    patch: Tensor | None = None
+    grid: tuple[int, int] | None = None
     size: Tensor | None = None
     signals: Mapping[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
@@ -71,6 +78,8 @@ class TokenState:
             positions=gather_tokens(self.positions, index),
             candidate=gather_tokens(self.candidate, index),
             visual=gather_tokens(self.visual, index),
+            text=None if self.text is None else gather_tokens(self.text, index),
+            patch=None if self.patch is None else gather_tokens(self.patch, index),
             size=None if self.size is None else gather_tokens(self.size, index),
             extras={k: gather_tokens(v, index) for k, v in self.extras.items()},
             signals={},
@@ -87,6 +96,8 @@ class TokenState:
             positions=torch.cat([self.positions, self.positions.new_full((b, k), -1)], dim=1),
             candidate=torch.cat([self.candidate, self.candidate.new_ones(b, k)], dim=1),
             visual=torch.cat([self.visual, self.visual.new_ones(b, k)], dim=1),
+            text=None if self.text is None else torch.cat([self.text, self.text.new_zeros(b, k)], dim=1),
+            patch=None if self.patch is None else torch.cat([self.patch, self.patch.new_full((b, k), -1)], dim=1),
             size=None if self.size is None else torch.cat([self.size, size], dim=1),
             extras={k_: torch.cat([v, v.new_full((b, k), -1)], dim=1) for k_, v in self.extras.items()},
         )

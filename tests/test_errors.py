@@ -128,14 +128,6 @@ def test_signal_the_site_cannot_give(tiny_model, tmp_path):
     assert snapshot(model)[:3] == before[:3]
 
 
-def test_appending_compressor_is_rejected_on_the_llm_site(tiny_model, tmp_path):
-    model = tiny_model(dtype=torch.float32)
-    path = write(tmp_path, recipe_text(site="llm", layers="[2]", filter="{name: attention_rank, signal: last_query_attention}",
-                                       correlate="{name: convergent, signal: last_query_attention}", compress="fuse"))
-    with pytest.raises(fico.RecipeError, match=r"'fuse' appends tokens"):
-        fico.apply(model, fico.load_recipe(path))
-
-
 def test_two_steps_on_one_layer(tiny_model, tmp_path):
     model = tiny_model(dtype=torch.float32)
     text = recipe_text(layers="[1]")

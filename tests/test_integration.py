@@ -224,8 +224,8 @@ def test_last_query_signal_matches_eager_attentions(tiny_model, batch_inputs):
     seen = {}
     original = llava.llm_signals
 
-    def spy(names, capture, attn, last_row):
-        out = original(names, capture, attn, last_row)
+    def spy(names, capture, attn, last_row, text_queries):
+        out = original(names, capture, attn, last_row, text_queries)
         seen.update(out)
         return out
 
@@ -256,3 +256,29 @@ def test_local_save_and_load(tiny_model, processor, single_inputs, tmp_path):
         with fico.apply(loaded, fico.load_recipe("tome")):
             actual = loaded(**inputs).logits
     assert torch.equal(actual, expected)
+
+
+def test_llm_side_fused_tokens(tiny_model, batch_inputs, processor, tmp_path):
+    """A compressor may append tokens on the llm site (EViT-style fusion, two steps): counts,
+    padded batch vs alone, and cached generation."""
+    path = tmp_path / "fuse_llm.yaml"
+    path.write_text("""
+steps:
+  - site: llm
+    layers: [1, 2]
+    remove: 100
+    filter: {name: attention_rank, signal: last_query_attention}
+    correlate: {name: convergent, signal: text_attention}
+    compress: fuse
+""")
+    recipe = fico.load_recipe(path)
+    model = tiny_model(dtype=torch.float32)
+    batch = batch_inputs(torch.float32)
+    n = batch["input_ids"].shape[1]
+    with torch.no_grad(), fico.apply(model, recipe) as run:
+        tokens, scores = _generate(model, batch, 3)
+        assert run.trace.llm == [n, n - 99, n - 198, n - 198]
+        alone = embedded.example_inputs(processor, prompts=["USER: <image> how many objects ? ASSISTANT:"], seeds=[2])
+        alone_tokens, alone_scores = _generate(model, alone, 3)
+    assert torch.equal(tokens[1, n:], alone_tokens[0, alone["input_ids"].shape[1]:])
+    assert (scores[1] - alone_scores[0]).abs().max() < 1e-5

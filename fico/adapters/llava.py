@@ -33,8 +33,8 @@ from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
 
 SUPPORTED_MODELS = ("transformers.LlavaForConditionalGeneration with a CLIP vision tower and a Llama language model",)
-VISION_SIGNALS = {"keys", "cls_attention", "attention"}
-LLM_SIGNALS = {"keys", "last_query_attention", "attention"}
+VISION_SIGNALS = {"keys", "cls_attention", "attention", "attention_logits"}
+LLM_SIGNALS = {"keys", "last_query_attention", "text_attention", "attention", "attention_logits"}
 
 
 # --------------------------------------------------------------------------- geometry
@@ -111,11 +111,6 @@ def apply(model, recipe: Recipe) -> ReductionRun:
                     f"{recipe.source}: {planned.step.where}: the {plan.site} site cannot give the signal(s) "
                     f"{', '.join(sorted(missing))}; it gives {', '.join(sorted(provided))}"
                 )
-            if plan.site == "llm" and planned.step.compressor.appends:
-                raise RecipeError(
-                    f"{recipe.source}: {planned.step.where}.compress: {planned.step.compressor.name!r} appends tokens, "
-                    "which have no RoPE position in the llm site; use it on the vision site"
-                )
     run = ReductionRun(model, recipe, {"vision": vision_plan, "llm": llm_plan})
     try:
         VisionSite(run, model, geo, vision_plan, features).attach()
@@ -154,36 +149,46 @@ def _set_instance_attr(run: ReductionRun, obj, name: str, value) -> None:
 def _softmax_mean_heads(logits: Tensor) -> Tensor:
     """Head-mean softmax over the last axis; fp32 softmax for half dtypes, as HF's eager does."""
     probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
-    return probs.mean(dim=1)
+    # A fully masked query row (left padding) attends to nothing, not NaN.
+    return torch.nan_to_num(probs, nan=0.0).mean(dim=1)
 
 
 def vision_signals(names: set[str], q: Tensor | None, k: Tensor, num_heads: int, scale: float,
                    bias: Tensor | None) -> dict[str, Tensor]:
-    """Signals from one CLIP layer's projected queries/keys ``(B, N, C)``."""
+    """Signals from one CLIP layer's projected queries/keys ``(B, N, C)``.
+
+    ``bias`` is the additive mask the layer's attention used (proportional attention).
+    """
     b, n, c = k.shape
     keys = k.view(b, n, num_heads, c // num_heads).transpose(1, 2)
     out = {}
     if "keys" in names:
         out["keys"] = keys.mean(dim=1)
-    if names & {"cls_attention", "attention"}:
+    if names & {"cls_attention", "attention", "attention_logits"}:
         queries = q.view(b, n, num_heads, c // num_heads).transpose(1, 2)
-        if "attention" not in names:
-            queries = queries[:, :, :1]
+        if not names & {"attention", "attention_logits"}:
+            queries = queries[:, :, :1]  # the [CLS] row is all that is needed
         logits = (queries @ keys.transpose(-1, -2)) * scale
+        if "attention_logits" in names:
+            out["attention_logits"] = logits.mean(dim=1)
         if bias is not None:
             logits = logits + bias
         probs = _softmax_mean_heads(logits)
-        if "attention" in names:
-            out["attention"] = probs
+        out["attention"] = probs
         out["cls_attention"] = probs[:, 0]
     return {name: out[name] for name in names}
 
 
-def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tensor) -> dict[str, Tensor]:
+def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tensor,
+                text_queries: Tensor) -> dict[str, Tensor]:
     """Signals from the previous decoder layer's captured q/k projections, mask and cos/sin.
 
     Only the needed query rows are formed: one row per sample for ``last_query_attention``,
-    all rows for ``attention``.
+    all rows for the others.
+
+    Args:
+        last_row: ``(B,)`` index of each sample's last input token.
+        text_queries: ``(B, N)`` bool, the text tokens after the first visual token.
     """
     from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
@@ -193,34 +198,39 @@ def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tenso
     b, n, _ = k_proj.shape
     head_dim = attn.head_dim
     keys = k_proj.view(b, n, -1, head_dim).transpose(1, 2)
-    cos_k, sin_k = cos.unsqueeze(1), sin.unsqueeze(1)
-    keys = keys * cos_k + rotate_half(keys) * sin_k
+    keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
     out = {}
     if "keys" in names:
         out["keys"] = keys.mean(dim=1)
-    if names & {"last_query_attention", "attention"}:
-        rows = (torch.arange(n, device=k_proj.device).expand(b, n) if "attention" in names else last_row[:, None])
-        queries = gather_tokens(q_proj, rows).view(b, rows.shape[1], -1, head_dim).transpose(1, 2)
-        cos_q = gather_tokens(cos.expand(b, -1, -1), rows).unsqueeze(1)
-        sin_q = gather_tokens(sin.expand(b, -1, -1), rows).unsqueeze(1)
-        queries = queries * cos_q + rotate_half(queries) * sin_q
-        logits = (queries @ repeat_kv(keys, attn.num_key_value_groups).transpose(-1, -2)) * attn.scaling
-        if mask is None:
-            allowed = torch.arange(n, device=rows.device)[None, None, :] <= rows[:, :, None]
-            logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    all_rows = bool(names & {"attention", "attention_logits", "text_attention"})
+    if not names - {"keys"}:
+        return out
+    rows = torch.arange(n, device=k_proj.device).expand(b, n) if all_rows else last_row[:, None]
+    queries = gather_tokens(q_proj, rows).view(b, rows.shape[1], -1, head_dim).transpose(1, 2)
+    cos_q = gather_tokens(cos.expand(b, -1, -1), rows).unsqueeze(1)
+    sin_q = gather_tokens(sin.expand(b, -1, -1), rows).unsqueeze(1)
+    queries = queries * cos_q + rotate_half(queries) * sin_q
+    logits = (queries @ repeat_kv(keys, attn.num_key_value_groups).transpose(-1, -2)) * attn.scaling
+    if "attention_logits" in names:
+        out["attention_logits"] = logits.mean(dim=1)  # pre-softmax, before the causal mask
+    if mask is None:
+        allowed = torch.arange(n, device=rows.device)[None, None, :] <= rows[:, :, None]
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    else:
+        mask_rows = torch.gather(mask.expand(b, -1, -1, -1), 2,
+                                 rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
+        if mask_rows.dtype == torch.bool:
+            logits = logits.masked_fill(~mask_rows, float("-inf"))
         else:
-            mask_rows = torch.gather(mask.expand(b, -1, -1, -1), 2,
-                                     rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
-            if mask_rows.dtype == torch.bool:
-                logits = logits.masked_fill(~mask_rows, float("-inf"))
-            else:
-                logits = logits + mask_rows
-        probs = _softmax_mean_heads(logits)
-        if "attention" in names:
-            out["attention"] = probs
-            out["last_query_attention"] = torch.gather(probs, 1, last_row[:, None, None].expand(b, 1, n))[:, 0]
-        else:
-            out["last_query_attention"] = probs[:, 0]
+            logits = logits + mask_rows
+    probs = _softmax_mean_heads(logits)
+    if all_rows:
+        out["attention"] = probs
+        out["last_query_attention"] = torch.gather(probs, 1, last_row[:, None, None].expand(b, 1, n))[:, 0]
+        weights = text_queries.to(probs.dtype)
+        out["text_attention"] = (weights[:, :, None] * probs).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+    else:
+        out["last_query_attention"] = probs[:, 0]
     return {name: out[name] for name in names}
 
 
@@ -229,6 +239,11 @@ def _projection_hooks(run, attn: nn.Module, needs_q: bool, store) -> None:
     _hook(run, attn.k_proj.register_forward_hook(lambda m, a, out: store("k", out)))
     if needs_q:
         _hook(run, attn.q_proj.register_forward_hook(lambda m, a, out: store("q", out)))
+
+
+def _patch_grid(placeholders: int) -> tuple[int, int]:
+    side = int(round(placeholders ** 0.5))
+    return (side, side) if side * side == placeholders else (1, placeholders)
 
 
 # --------------------------------------------------------------------------- vision site
@@ -243,6 +258,7 @@ class VisionPass:
     size: Tensor | None = None
     extras: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
+    feature_positions: Tensor | None = None  # positions of the tokens LLaVA takes as features
 
 
 @functools.cache
@@ -275,6 +291,7 @@ class VisionSite:
         self.features = features
         self.tower = model.model.vision_tower
         self.proportional = any(p.step.proportional_attention for p in plan.steps.values())
+        self.grid = _patch_grid(geo.vision_tokens - 1)
         self.current: VisionPass | None = None
         self.inside_generate = False
 
@@ -308,7 +325,13 @@ class VisionSite:
         self.run.trace.vision = []
 
     def _end_forward(self, module, args, output):
-        self.current = None
+        vp, self.current = self.current, None
+        if vp is not None:
+            positions = vp.feature_positions if vp.feature_positions is not None else vp.positions
+            if self.geo.drops_cls:
+                positions = positions[:, 1:]
+            # the LLM site places each image feature on the patch grid from these
+            self.run.image_patches = (positions - 1).clamp_min(-1)
         trace = self.run.trace
         if len(trace.vision) == len(self.geo.vision_layers):
             # hidden_states[i] enters layer i; the last index is the tower's output.
@@ -325,6 +348,8 @@ class VisionSite:
             vp.positions = torch.arange(n, device=hidden.device).expand(b, n)
             vp.candidate = vp.positions != 0  # [CLS] is protected
         self.run.trace.vision.append(hidden.shape[1])
+        if layer == self.geo.feature_index:
+            vp.feature_positions = vp.positions
         return vp
 
     def reduce(self, layer: int, hidden: Tensor, vp: VisionPass, mask: Tensor | None) -> Tensor:
@@ -338,8 +363,9 @@ class VisionSite:
             signals = vision_signals(names, vp.captured.get("q"), vp.captured["k"], attn.num_heads, attn.scale, mask)
         vp.captured.clear()
         state = TokenState(hidden=hidden, positions=vp.positions, candidate=vp.candidate,
-                           visual=torch.ones_like(vp.candidate), size=vp.size, signals=signals,
-                           extras=vp.extras, site="vision", layer=layer)
+                           visual=torch.ones_like(vp.candidate), text=torch.zeros_like(vp.candidate),
+                           patch=torch.where(vp.positions > 0, vp.positions - 1, -1), grid=self.grid,
+                           size=vp.size, signals=signals, extras=vp.extras, site="vision", layer=layer)
         new, seconds = run_step(planned, state, planned.remove)
         vp.positions, vp.candidate, vp.size, vp.extras = new.positions, new.candidate, new.size, new.extras
         self.run.trace.steps.append(StepRecord("vision", layer, hidden.shape[1], new.hidden.shape[1],
@@ -427,13 +453,21 @@ def _restore_prompt(out, original_ids: Tensor, shrunk_length: int):
 
 @dataclass
 class LLMPass:
-    """Token bookkeeping of one prefill and the decode steps that follow it."""
+    """Token bookkeeping of one prefill and the decode steps that follow it.
+
+    ``keep`` holds, for each token present, the index of the original token whose RoPE
+    position and mask row/column it uses: itself for ordinary tokens, the last visual token
+    before it for a token a compressor appended (it is placed right after that token).
+    """
 
     visual: Tensor
     real: Tensor
     last_index: Tensor
     phase: str = "prefill"
-    keep: Tensor | None = None  # original indices of the tokens present
+    patch: Tensor | None = None  # (B, L0) grid cell of each visual token, -1 elsewhere
+    keep: Tensor | None = None
+    created: Tensor | None = None  # (B, L) tokens appended by a compressor
+    extras: dict = field(default_factory=dict)
     position_embeddings: tuple[Tensor, Tensor] | None = None
     attention_mask: Tensor | None = None
     full_position_embeddings: tuple[Tensor, Tensor] | None = None
@@ -447,6 +481,7 @@ class LLMSite:
         self.run, self.model, self.geo, self.plan = run, model, geo, plan
         self.current: LLMPass | None = None
         self.capture_layers = {layer - 1: p for layer, p in plan.steps.items() if p.remove}
+        self.grid = _patch_grid(geo.placeholders_per_image)
 
     def attach(self) -> None:
         run = self.run
@@ -489,6 +524,7 @@ class LLMSite:
 
     def _end_forward(self, module, args, output):
         self.run._in_llava_forward = False
+        self.run.image_patches = None
         if self.current is not None:
             self.current.captured.clear()
 
@@ -505,6 +541,17 @@ class LLMSite:
             slot["attention_mask"] = kwargs.get("attention_mask")
         return None
 
+    def _patch_cells(self, lp: LLMPass) -> Tensor:
+        """Grid cell of every visual token: from the vision site's kept positions if it
+        reduced, else the token's rank within its image."""
+        visual = lp.visual
+        image_patches = getattr(self.run, "image_patches", None)
+        patch = torch.full_like(visual, -1, dtype=torch.long)
+        if image_patches is not None and image_patches.numel() == int(visual.sum()):
+            return patch.masked_scatter(visual, image_patches.reshape(-1).to(visual.device))
+        rank = visual.long().cumsum(1) - 1
+        return torch.where(visual, rank % self.geo.placeholders_per_image, patch)
+
     # -- per layer
     def _layer_input(self, layer: int, module, args, kwargs):
         lp = self.current
@@ -516,6 +563,7 @@ class LLMSite:
         if layer == 0:
             lp.full_position_embeddings = kwargs.get("position_embeddings")
             lp.full_attention_mask = kwargs.get("attention_mask")
+            lp.patch = self._patch_cells(lp)
         planned = self.plan.steps.get(layer)
         if planned is not None and planned.remove:
             hidden = self._reduce(layer, planned, lp, hidden)
@@ -534,7 +582,9 @@ class LLMSite:
     def _reduce(self, layer: int, planned, lp: LLMPass, hidden: Tensor) -> Tensor:
         b, n = hidden.shape[:2]
         keep = lp.keep if lp.keep is not None else torch.arange(n, device=hidden.device).expand(b, n)
-        candidate = gather_tokens(lp.visual & lp.real, keep)
+        created = lp.created if lp.created is not None else torch.zeros(b, n, dtype=torch.bool, device=keep.device)
+        visual, real = gather_tokens(lp.visual, keep), gather_tokens(lp.real, keep)
+        candidate = visual & real
         available = candidate.sum(1)
         if bool((available != available[0]).any()):
             raise ValueError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
@@ -546,21 +596,37 @@ class LLMSite:
             raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
                               f"tokens at llm layer {layer}, where only {available} visual tokens are left")
         remove = min(requested, step.filter.max_discard(n, available))
+        text = real & ~visual
+        first_visual = torch.where(visual, keep, n).min(1, keepdim=True).values
         signals = {}
         names = step.required_signals()
         if names:
             capture = lp.captured.pop(layer - 1)
             last_row = (keep == lp.last_index[:, None]).to(torch.int8).argmax(1)
-            signals = llm_signals(names, capture, self.geo.llm_layers[layer - 1].self_attn, last_row)
-        state = TokenState(hidden=hidden, positions=keep, candidate=candidate,
-                           visual=gather_tokens(lp.visual, keep), signals=signals, site="llm", layer=layer)
+            signals = llm_signals(names, capture, self.geo.llm_layers[layer - 1].self_attn, last_row,
+                                  text & (keep > first_visual))
+        patch = torch.where(created, -1, gather_tokens(lp.patch, keep))
+        # Created tokens (appended by a compressor) have no original position of their own.
+        state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
+                           visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
+                           extras=lp.extras, site="llm", layer=layer)
         new, seconds = run_step(planned, state, remove)
-        lp.keep = new.positions
+        keep, hidden, extras = new.positions, new.hidden, new.extras
+        created = keep < 0
+        if bool(created.any()):
+            # Created tokens sit right after the last original visual token present and borrow
+            # its RoPE position and mask row/column.
+            anchor = torch.where(new.visual & ~created, keep, -1).max(1, keepdim=True).values
+            keep = torch.where(created, anchor, keep)
+            order = torch.sort(keep * 2 + created.long(), dim=1, stable=True).indices
+            keep, hidden, created = (gather_tokens(t, order) for t in (keep, hidden, created))
+            extras = {k: gather_tokens(v, order) for k, v in extras.items()}
+        lp.keep, lp.created, lp.extras = keep, created, extras
         cos, sin = lp.full_position_embeddings
-        lp.position_embeddings = (gather_tokens(cos, lp.keep), gather_tokens(sin, lp.keep))
-        lp.attention_mask = _gather_square(lp.full_attention_mask, lp.keep)
-        self.run.trace.steps.append(StepRecord("llm", layer, n, new.hidden.shape[1], n - new.hidden.shape[1], seconds))
-        return new.hidden
+        lp.position_embeddings = (gather_tokens(cos, keep), gather_tokens(sin, keep))
+        lp.attention_mask = _gather_square(lp.full_attention_mask, keep)
+        self.run.trace.steps.append(StepRecord("llm", layer, n, hidden.shape[1], remove, seconds))
+        return hidden
 
     def _decode_mask(self, layer: int, lp: LLMPass, args, kwargs):
         keep = lp.layer_keep.get(layer)
@@ -585,4 +651,9 @@ def _gather_square(mask: Tensor | None, keep: Tensor) -> Tensor | None:
     mask = mask.expand(b, *mask.shape[1:])
     heads = mask.shape[1]
     rows = torch.gather(mask, 2, keep[:, None, :, None].expand(b, heads, k, mask.shape[-1]))
-    return torch.gather(rows, 3, keep[:, None, None, :].expand(b, heads, k, k))
+    square = torch.gather(rows, 3, keep[:, None, None, :].expand(b, heads, k, k))
+    # Causal in the new order too: a created token shares its anchor's index but comes after it.
+    causal = torch.ones(k, k, dtype=torch.bool, device=keep.device).tril()
+    if square.dtype == torch.bool:
+        return square & causal
+    return square.masked_fill(~causal, torch.finfo(square.dtype).min)
