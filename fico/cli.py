@@ -55,16 +55,22 @@ def main(argv: list[str] | None = None) -> int:
 def list_components(console: Console) -> int:
     registry = default_registry()
     table = Table(title="registered components")
-    for column in ("stage", "name", "parameters", "summary"):
+    for column in ("stage", "name", "parameters", "summary (with citation)"):
         table.add_column(column)
+    formula_lines = []
     for stage in ("filter", "correlator", "compressor"):
         for name in registry.names(stage):
             cls = registry.components[stage][name]
-            params = [f"{p.name}={p.default!r}" for p in inspect.signature(cls.__init__).parameters.values()
+            params = [f"{p.name.rstrip('_')}={p.default!r}" for p in inspect.signature(cls.__init__).parameters.values()
                       if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+            doc = inspect.getdoc(cls) or ""
+            summary = doc.split("\n\n")[0].replace("\n", " ")
             table.add_row(stage, name, ", ".join(params), summary)
+            formula_lines += [f"[bold]{stage} {name}[/]:  {formula}" for formula in formulas(doc)]
     console.print(table)
+    console.print("[bold]formulas[/] (LaTeX, from each component's docstring)")
+    for line in formula_lines:
+        console.print(line, highlight=False, markup=True, soft_wrap=True)
     recipes = Table(title="bundled recipes")
     for column in ("recipe", "knobs", "description"):
         recipes.add_column(column)
@@ -74,6 +80,20 @@ def list_components(console: Console) -> int:
         recipes.add_row(name, knobs, recipe.description)
     console.print(recipes)
     return 0
+
+
+def formulas(doc: str) -> list[str]:
+    """The ``.. math::`` blocks of a docstring, one line each."""
+    found, lines = [], doc.splitlines()
+    for index, line in enumerate(lines):
+        if line.strip().startswith(".. math::"):
+            block = [line.strip()[len(".. math::"):].strip()]
+            for follow in lines[index + 1:]:
+                if not follow.strip() or not follow.startswith(" "):
+                    break
+                block.append(follow.strip())
+            found.append(" ".join(part for part in block if part))
+    return found
 
 
 def load_model(path: str | None, dtype: torch.dtype, attn: str):

@@ -25,12 +25,15 @@ from .stages import STAGES, Component
 BUILTIN_PLUGINS = (
     "fico.filters.bipartite",
     "fico.filters.attention_rank",
+    "fico.filters.ficoco",
     "fico.correlators.none",
     "fico.correlators.key_similarity",
     "fico.correlators.convergent",
+    "fico.correlators.attention",
     "fico.compressors.drop",
     "fico.compressors.weighted_average",
     "fico.compressors.fuse",
+    "fico.compressors.self_preserving",
 )
 
 _HOOKS = {"filter": "fico_filters", "correlator": "fico_correlators", "compressor": "fico_compressors"}

@@ -63,3 +63,43 @@ def top_k_shares(matrix: Tensor, k: int) -> Tensor:
         values = torch.nan_to_num(top.values, neginf=0.0).clamp_min(0)
         weights = values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
     return torch.zeros_like(matrix).scatter_(-1, top.indices, weights)
+
+
+def quantile_shares(matrix: Tensor, targets: Tensor, epsilon: float) -> Tensor:
+    r"""FiCoCo's token-adaptive targets: shares over the entries at or above each row's quantile.
+
+    .. math::  \tau_i = \operatorname{quantile}_\epsilon(C_{i,T}), \quad
+               J_i = \{j \in T : C_{ij} \ge \tau_i\}, \quad
+               \alpha_{ij} = \frac{C_{ij}}{\sum_{j' \in J_i} C_{ij'}}
+
+    with linear interpolation (``torch.quantile``'s default). The number of targets depends
+    only on the row length n (without ties): ``n - ceil(epsilon * (n - 1))`` when
+    ``epsilon * (n - 1)`` is not an integer, so with epsilon = 0.998 every row of at most
+    500 targets gets exactly one, its maximum (FiCoCo, arXiv 2411.17686, §3.3; see
+    ``docs/ficoco.md``). J_i is never empty.
+
+    Args:
+        matrix: ``(B, r, T)`` non-negative correlations over the preserved tokens.
+        targets: ``(B, T)`` bool, the preserved tokens that may receive; every row of a
+            batch must have the same number of them.
+        epsilon: quantile level in [0, 1].
+    """
+    b, r, t = matrix.shape
+    count = targets.sum(1)
+    n = int(count[0]) if b else 0
+    if r == 0 or n == 0:
+        return torch.zeros_like(matrix)
+    if bool((count != n).any()):
+        raise ValueError("quantile_shares: every sample needs the same number of targets")
+    # columns of the targets, ascending, without a per-sample loop
+    columns = torch.sort((~targets).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    values = torch.gather(matrix, 2, columns[:, None, :].expand(b, r, n))
+    work = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+    tau = torch.quantile(work, epsilon, dim=-1, keepdim=True)
+    chosen = work >= tau
+    weights = torch.where(chosen, work, torch.zeros_like(work))
+    total = weights.sum(-1, keepdim=True)
+    # all chosen correlations zero: share equally among the chosen targets
+    weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(work.dtype).tiny),
+                          chosen.to(work.dtype) / chosen.sum(-1, keepdim=True))
+    return torch.zeros_like(matrix).scatter_(2, columns[:, None, :].expand(b, r, n), weights.to(matrix.dtype))

@@ -64,6 +64,14 @@ class TokenState:
     def num_tokens(self) -> int:
         return self.hidden.shape[1]
 
+    def text_after_image(self) -> Tensor:
+        """``(B, N)`` bool: text tokens after the first visual token (those that can attend to it)."""
+        if self.text is None:
+            return torch.zeros_like(self.candidate)
+        order = torch.arange(self.candidate.shape[1], device=self.candidate.device)
+        first_visual = torch.where(self.visual, order, self.candidate.shape[1]).min(1, keepdim=True).values
+        return self.text & (order > first_visual)
+
     def token_sizes(self) -> Tensor:
         """``size``, or ones when sizes are not tracked."""
         if self.size is not None:

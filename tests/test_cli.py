@@ -16,8 +16,12 @@ def test_list_shows_components_and_recipes(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for name in ("bipartite_matching", "attention_rank", "key_similarity", "convergent", "weighted_average",
-                 "fuse", "drop", "tome", "evit", "fastv"):
+                 "fuse", "drop", "ficoco_v", "ficoco_l", "attention", "text_bridged", "self_preserving",
+                 "tome", "evit", "fastv", "ficoco_vl"):
         assert name in out
+    formulas = out[out.index("formulas"):]
+    assert "compressor self_preserving:  x_j \\leftarrow" in formulas
+    assert formulas.count(":  ") >= 13  # every component shows a formula
 
 
 def test_bad_recipe_is_a_clean_error(capsys):

@@ -8,7 +8,9 @@ from ..state import TokenState
 
 
 class Drop(Compressor):
-    r"""Pruning: :math:`X^T \leftarrow X^T`, and S is removed.
+    r"""Pruning: the preserved tokens are unchanged and S is removed.
+
+    .. math::  X^T \leftarrow X^T
 
     The compress stage of FastV (Chen et al., ECCV 2024) and of EViT without fusion
     (Liang et al., ICLR 2022).

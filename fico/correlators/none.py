@@ -8,7 +8,9 @@ from ..state import TokenState
 
 
 class NoCorrelation(Correlator):
-    r"""Pruning: discarded tokens relate to nothing, :math:`C = \varnothing` (K = 0).
+    r"""Pruning: discarded tokens relate to nothing (K = 0).
+
+    .. math::  C = \varnothing, \qquad J_i = \varnothing
 
     FiCoCo (arXiv 2411.17686, §3.3) calls this the K = 0 case; FastV (Chen et al., ECCV
     2024) is its best-known instance.

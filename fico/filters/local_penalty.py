@@ -1,0 +1,52 @@
+"""FiCoCo's local penalty: spread the discarded tokens over the image."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def local_penalty(scores: Tensor, patch: Tensor, grid: tuple[int, int], window: int, c: float) -> Tensor:
+    r"""Raise each window's most redundant score (FiCoCo, arXiv 2411.17686, §3.2).
+
+    Scores are placed on the patch grid by each token's original cell ``patch``; the grid
+    is cut into non-overlapping ``window x window`` windows (fixed for all layers). In each
+    window, among the tokens still present with a finite score, the largest score
+    :math:`s^*` becomes
+
+    .. math::  s^* \leftarrow \begin{cases} c\, s^* & s^* > 0 \\ s^* / c & s^* \le 0 \end{cases}
+
+    (the paper: "enhances positive scores and diminishes negative ones"). At most one score
+    changes per window (ties: the lower original position); windows with no token left are
+    skipped; ``c = 1`` is the identity. Tokens with ``patch < 0`` or a ``-inf`` score are
+    never changed.
+
+    Args:
+        scores: ``(B, N)`` redundancy scores (higher = more redundant).
+        patch: ``(B, N)`` grid cell (row-major) of each token, -1 if none.
+        grid: ``(rows, cols)`` of the patch grid.
+        window: window side, >= 1.
+        c: scaling coefficient, > 0.
+    """
+    if c == 1:
+        return scores
+    rows, cols = grid
+    window_cols = math.ceil(cols / window)
+    windows = math.ceil(rows / window) * window_cols
+    valid = (patch >= 0) & torch.isfinite(scores)
+    cell = patch.clamp_min(0)
+    window_of = (cell // cols // window) * window_cols + (cell % cols) // window
+    window_of = torch.where(valid, window_of, windows)  # one spare bucket for the rest
+    b = scores.shape[0]
+    low = torch.finfo(scores.dtype).min
+    masked = torch.where(valid, scores, low)
+    best = scores.new_full((b, windows + 1), low).scatter_reduce(1, window_of, masked, "amax")
+    is_best = valid & (masked == torch.gather(best, 1, window_of))
+    beyond = int(rows * cols)
+    first = torch.full((b, windows + 1), beyond, dtype=torch.long, device=scores.device)
+    first = first.scatter_reduce(1, window_of, torch.where(is_best, cell, beyond), "amin")
+    chosen = is_best & (cell == torch.gather(first, 1, window_of))
+    raised = torch.where(scores > 0, scores * c, scores / c)
+    return torch.where(chosen, raised, scores)
