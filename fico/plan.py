@@ -13,14 +13,30 @@ from .recipe import Recipe, Step
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """What planning needs to know of a LLaVA model (from its config or its modules)."""
+
+    vision_layers: int
+    vision_tokens: int  # [CLS] + patches
+    feature_index: int  # hidden_states index LLaVA feeds to the projector
+    drops_cls: bool  # vision_feature_select_strategy == "default"
+    llm_layers: int
+
+
+@dataclass(frozen=True)
 class PlannedStep:
-    """A step at one layer: tokens and candidates entering it, and tokens it removes."""
+    """A step at one layer: tokens and candidates entering it, and tokens it removes.
+
+    ``position`` is the layer's index within the step's own layer list (for per-layer
+    ``remove`` lists).
+    """
 
     step: Step
     layer: int
     tokens_in: int
     candidates_in: int
     remove: int
+    position: int = 0
 
     @property
     def tokens_out(self) -> int:
@@ -70,10 +86,17 @@ def plan_site(recipe: Recipe, site: str, num_layers: int, tokens: int, candidate
             previous layer).
     """
     by_layer: dict[int, Step] = {}
+    position: dict[int, int] = {}
     for step in recipe.steps:
         if step.site != site:
             continue
-        for layer in expand_layers(step, num_layers, recipe):
+        layers = expand_layers(step, num_layers, recipe)
+        counts = step.schedule.value
+        if isinstance(counts, tuple) and len(counts) != len(layers):
+            raise recipe.error(f"{step.where}.remove", f"a list needs one count per layer of the step "
+                               f"({len(layers)} layers), got {len(counts)}")
+        for index, layer in enumerate(layers):
+            position[layer] = index
             if layer in by_layer:
                 raise recipe.error(f"{step.where}.layers", f"layer {layer} of the {site} site is already reduced by "
                                    f"{by_layer[layer].where}; one step per layer")
@@ -86,16 +109,33 @@ def plan_site(recipe: Recipe, site: str, num_layers: int, tokens: int, candidate
     for layer in range(num_layers):
         step = by_layer.get(layer)
         if step is not None:
-            requested = step.schedule.tokens_to_remove(candidates)
+            requested = step.schedule.tokens_to_remove(candidates, position[layer])
             if requested > candidates:
                 raise recipe.error(
                     f"{step.where}.{step.schedule.kind}",
                     f"removes {requested} tokens at {site} layer {layer}, where only {candidates} reducible tokens are left",
                 )
             remove = min(requested, step.filter.max_discard(tokens, candidates))
-            planned[layer] = PlannedStep(step, layer, tokens, candidates, remove)
+            planned[layer] = PlannedStep(step, layer, tokens, candidates, remove, position[layer])
             added = step.compressor.appends if remove else 0
             tokens += added - remove
             candidates += added - remove
         counts.append(tokens)
     return SitePlan(site, planned, counts)
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """Both sites planned; ``features`` = image features per image reaching the LLM."""
+
+    vision: SitePlan
+    llm: SitePlan
+    features: int
+
+
+def plan_recipe(recipe: Recipe, geometry: Geometry) -> RecipePlan:
+    """Plan every step of ``recipe`` on a model of ``geometry`` (RecipeError if it cannot run)."""
+    vision = plan_site(recipe, "vision", geometry.vision_layers, geometry.vision_tokens, geometry.vision_tokens - 1)
+    features = vision.tokens[geometry.feature_index] - (1 if geometry.drops_cls else 0)
+    llm = plan_site(recipe, "llm", geometry.llm_layers, features, features, first_layer=1)
+    return RecipePlan(vision, llm, features)

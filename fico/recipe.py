@@ -63,16 +63,17 @@ STAGE_KEYS = {"filter": "filter", "correlate": "correlator", "compress": "compre
 class Schedule:
     """How many candidates one step discards, from the number ``n`` present.
 
-    ``remove``: a fixed count; ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
+    ``remove``: a fixed count, or one count per layer of the step; ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
     ``remove_ratio``: remove ``round(remove_ratio * n)`` (FastV; Python's round).
     """
 
     kind: str
-    value: float
+    value: float | tuple[int, ...]
 
-    def tokens_to_remove(self, n: int) -> int:
+    def tokens_to_remove(self, n: int, position: int = 0) -> int:
+        """Tokens to remove from ``n`` candidates at the ``position``-th layer of the step."""
         if self.kind == "remove":
-            return int(self.value)
+            return int(self.value[position]) if isinstance(self.value, tuple) else int(self.value)
         if self.kind == "keep_ratio":
             return n - math.ceil(self.value * n)
         return int(round(self.value * n))
@@ -298,6 +299,10 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
     kind = given[0]
     value = cfg[kind]
     shown = _shown(raw.get(kind), value)
+    if kind == "remove" and isinstance(value, list):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise RecipeError(f"{where}.remove: a list needs non-negative integers, one per layer, got {shown}")
+        return Schedule(kind, tuple(value))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecipeError(f"{where}.{kind}: must be a number, got {shown}")
     if kind == "remove" and (not isinstance(value, int) or value < 0):

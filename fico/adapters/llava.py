@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ApplyError, RecipeError, UnsupportedModelError
-from ..plan import SitePlan, plan_site
+from ..plan import Geometry, SitePlan, plan_recipe
 from ..recipe import Recipe
 from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
@@ -100,15 +100,15 @@ def apply(model, recipe: Recipe) -> ReductionRun:
     if has_vision and not isinstance(model.config.vision_feature_layer, int):
         raise RecipeError(f"{recipe.source}: vision steps need a single vision_feature_layer; this model "
                           f"concatenates layers {model.config.vision_feature_layer}")
-    vision_plan = plan_site(recipe, "vision", len(geo.vision_layers), geo.vision_tokens, geo.vision_tokens - 1)
-    features = vision_plan.tokens[geo.feature_index] - (1 if geo.drops_cls else 0)
-    llm_plan = plan_site(recipe, "llm", len(geo.llm_layers), features, features, first_layer=1)
-    for plan, provided in ((vision_plan, VISION_SIGNALS), (llm_plan, LLM_SIGNALS)):
-        for planned in plan.steps.values():
+    plan = plan_recipe(recipe, Geometry(len(geo.vision_layers), geo.vision_tokens, geo.feature_index,
+                                        geo.drops_cls, len(geo.llm_layers)))
+    vision_plan, llm_plan, features = plan.vision, plan.llm, plan.features
+    for site_plan, provided in ((vision_plan, VISION_SIGNALS), (llm_plan, LLM_SIGNALS)):
+        for planned in site_plan.steps.values():
             missing = planned.step.required_signals() - provided
             if missing:
                 raise RecipeError(
-                    f"{recipe.source}: {planned.step.where}: the {plan.site} site cannot give the signal(s) "
+                    f"{recipe.source}: {planned.step.where}: the {site_plan.site} site cannot give the signal(s) "
                     f"{', '.join(sorted(missing))}; it gives {', '.join(sorted(provided))}"
                 )
     run = ReductionRun(model, recipe, {"vision": vision_plan, "llm": llm_plan})
@@ -591,7 +591,7 @@ class LLMSite:
                              f"({available.tolist()}); batch samples with the same number of images")
         step = planned.step
         available = int(available[0])
-        requested = step.schedule.tokens_to_remove(available)
+        requested = step.schedule.tokens_to_remove(available, planned.position)
         if requested > available:
             raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
                               f"tokens at llm layer {layer}, where only {available} visual tokens are left")
