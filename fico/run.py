@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from .plan import PlannedStep, SitePlan
 from .recipe import Recipe
 from .state import TokenState
@@ -67,9 +69,15 @@ class Trace:
 
 
 def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[TokenState, float]:
-    """filter -> correlate -> compress; returns the new state and the seconds it took."""
+    """filter -> correlate -> compress; returns the new state and the seconds it took.
+
+    On the ``meta`` device (shape-only runs, e.g. FLOP counting) no stage runs: the step
+    keeps the right number of tokens, so the model's own cost is measured exactly.
+    """
     start = time.perf_counter()
     step = planned.step
+    if state.hidden.is_meta:
+        return _shape_only_step(state, remove, step.compressor.appends if remove else 0), 0.0
     split = step.filter.split(state, remove)
     correlation = step.correlator.correlate(state, split)
     new_state = step.compressor.compress(state, split, correlation)
@@ -116,3 +124,12 @@ class ReductionRun:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _shape_only_step(state: TokenState, remove: int, appends: int) -> TokenState:
+    """The token counts of a step without its computation (meta tensors carry no values)."""
+    b, n = state.candidate.shape
+    kept = state.keep(torch.arange(n - remove, device=state.hidden.device).expand(b, n - remove))
+    if appends:
+        kept = kept.append(state.hidden.new_zeros(b, appends, state.hidden.shape[-1]))
+    return kept

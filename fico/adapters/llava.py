@@ -359,7 +359,7 @@ class VisionSite:
         attn = self.geo.vision_layers[layer].self_attn
         names = planned.step.required_signals()
         signals = {}
-        if names:
+        if names and not hidden.is_meta:
             signals = vision_signals(names, vp.captured.get("q"), vp.captured["k"], attn.num_heads, attn.scale, mask)
         vp.captured.clear()
         state = TokenState(hidden=hidden, positions=vp.positions, candidate=vp.candidate,
@@ -409,6 +409,8 @@ class VisionSite:
     def _shrink_inputs(self, call: dict) -> dict:
         ids = call.get("input_ids")
         if call.get("pixel_values") is None or ids is None or ids.shape[1] <= 1:
+            return call
+        if ids.is_meta:  # no values to find placeholders in: pass ids with the reduced count
             return call
         per_image, keep_per_image = self.geo.placeholders_per_image, self.features
         placeholder = ids == self.geo.image_token_id
@@ -547,6 +549,8 @@ class LLMSite:
         visual = lp.visual
         image_patches = getattr(self.run, "image_patches", None)
         patch = torch.full_like(visual, -1, dtype=torch.long)
+        if visual.is_meta:
+            return patch
         if image_patches is not None and image_patches.numel() == int(visual.sum()):
             return patch.masked_scatter(visual, image_patches.reshape(-1).to(visual.device))
         rank = visual.long().cumsum(1) - 1
@@ -585,12 +589,15 @@ class LLMSite:
         created = lp.created if lp.created is not None else torch.zeros(b, n, dtype=torch.bool, device=keep.device)
         visual, real = gather_tokens(lp.visual, keep), gather_tokens(lp.real, keep)
         candidate = visual & real
-        available = candidate.sum(1)
-        if bool((available != available[0]).any()):
-            raise ValueError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
-                             f"({available.tolist()}); batch samples with the same number of images")
         step = planned.step
-        available = int(available[0])
+        if hidden.is_meta:
+            available = planned.candidates_in
+        else:
+            counts = candidate.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
+                                 f"({counts.tolist()}); batch samples with the same number of images")
+            available = int(counts[0])
         requested = step.schedule.tokens_to_remove(available, planned.position)
         if requested > available:
             raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
@@ -600,7 +607,7 @@ class LLMSite:
         first_visual = torch.where(visual, keep, n).min(1, keepdim=True).values
         signals = {}
         names = step.required_signals()
-        if names:
+        if names and not hidden.is_meta:
             capture = lp.captured.pop(layer - 1)
             last_row = (keep == lp.last_index[:, None]).to(torch.int8).argmax(1)
             signals = llm_signals(names, capture, self.geo.llm_layers[layer - 1].self_attn, last_row,
@@ -613,7 +620,7 @@ class LLMSite:
         new, seconds = run_step(planned, state, remove)
         keep, hidden, extras = new.positions, new.hidden, new.extras
         created = keep < 0
-        if bool(created.any()):
+        if step.compressor.appends and remove:
             # Created tokens sit right after the last original visual token present and borrow
             # its RoPE position and mask row/column.
             anchor = torch.where(new.visual & ~created, keep, -1).max(1, keepdim=True).values

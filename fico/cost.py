@@ -1,0 +1,289 @@
+"""Analytic prefill cost of a LLaVA model under a token schedule: FLOPs, KV cache, memory.
+
+Everything is computed from the architecture numbers alone (no weights), for the token
+counts a recipe's plan produces (or that a run recorded). Two named conventions:
+
+``llm-viewer`` (the FiCoCo paper's, via LLM-Viewer; ``docs/cost.md``)
+    LLM decoder only, 2 FLOPs per multiply-add, per layer with P tokens, hidden D, FFN H,
+    heads h and key/value width D_kv:
+    ``2PD^2 (q) + 4PD D_kv (k, v) + 2PD^2 (o) + 6PDH (SwiGLU, 3 matrices) + 4P^2 D (scores
+    and weighted sum, full square) + 5hP^2 (softmax) + 18PD (2 RMSNorms, 2 residual adds,
+    activation)``, plus one lm_head row ``2 D V``. The vision tower and projector are not
+    counted.
+``full``
+    Vision tower + projector + LLM, matrix multiplications only (what
+    ``torch.utils.flop_counter.FlopCounterMode`` counts): patch convolution, each CLIP layer
+    (q/k/v/o and scores on the tokens entering it, MLP on the tokens leaving its step; all
+    layers run, including those after the feature layer), the projector on the features,
+    each decoder layer (as above without softmax/norm terms) and the last position's lm_head.
+
+KV cache: ``2 (K and V) x sum over layers of (tokens x D_kv) x bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+from .plan import Geometry, RecipePlan, plan_recipe
+
+CONVENTIONS = ("llm-viewer", "full")
+BYTES = {"fp16": 2.0, "bf16": 2.0, "fp32": 4.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture numbers of a LLaVA model (CLIP vision tower + projector + Llama LM)."""
+
+    name: str
+    image_size: int
+    patch_size: int
+    vision_layers: int
+    vision_hidden: int
+    vision_ffn: int
+    vision_heads: int
+    feature_layer: int
+    drops_cls: bool
+    llm_layers: int
+    llm_hidden: int
+    llm_ffn: int
+    llm_heads: int
+    llm_kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def kv_width(self) -> int:
+        return self.llm_kv_heads * (self.llm_hidden // self.llm_heads)
+
+    def geometry(self) -> Geometry:
+        index = self.feature_layer if self.feature_layer >= 0 else self.vision_layers + 1 + self.feature_layer
+        return Geometry(self.vision_layers, self.patches + 1, index, self.drops_cls, self.llm_layers)
+
+    def parameters(self) -> dict[str, int]:
+        """Parameter counts by part (weights and biases, as the HF modules hold them)."""
+        dv, fv, dl, fl = self.vision_hidden, self.vision_ffn, self.llm_hidden, self.llm_ffn
+        vision_layer = 4 * (dv * dv + dv) + (dv * fv + fv) + (fv * dv + dv) + 4 * dv
+        vision = (3 * self.patch_size ** 2 * dv + dv + (self.patches + 1) * dv + 2 * dv  # patch, [CLS], pos, pre-LN
+                  + self.vision_layers * vision_layer + 2 * dv)  # post-LN
+        projector = dv * dl + dl + dl * dl + dl
+        llm_layer = 2 * dl * dl + 2 * dl * self.kv_width + 3 * dl * fl + 2 * dl
+        embed = self.vocab * dl
+        llm = embed + self.llm_layers * llm_layer + dl
+        head = 0 if self.tied_embeddings else self.vocab * dl
+        return {"vision": vision, "projector": projector, "llm": llm, "lm_head": head}
+
+
+BUILTIN_SPECS = {
+    # CLIP ViT-L/14-336 + Vicuna-7B / -13B, as published in llava-hf/llava-1.5-{7b,13b}-hf
+    "llava-1.5-7b": ModelSpec("llava-1.5-7b", 336, 14, 24, 1024, 4096, 16, -2, True,
+                              32, 4096, 11008, 32, 32, 32064),
+    "llava-1.5-13b": ModelSpec("llava-1.5-13b", 336, 14, 24, 1024, 4096, 16, -2, True,
+                               40, 5120, 13824, 40, 40, 32064),
+}
+
+
+def spec_from_config(config, name: str = "config") -> ModelSpec:
+    """A :class:`ModelSpec` from a ``transformers.LlavaConfig``."""
+    vision, text = config.vision_config, config.text_config
+    feature = config.vision_feature_layer
+    if not isinstance(feature, int):
+        raise RecipeError(f"{name}: the cost model needs one vision_feature_layer, got {feature}")
+    return ModelSpec(
+        name=name, image_size=vision.image_size, patch_size=vision.patch_size,
+        vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
+        vision_ffn=vision.intermediate_size, vision_heads=vision.num_attention_heads,
+        feature_layer=feature, drops_cls=config.vision_feature_select_strategy == "default",
+        llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size, llm_ffn=text.intermediate_size,
+        llm_heads=text.num_attention_heads,
+        llm_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        vocab=text.vocab_size, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def model_spec(model: str | Path | Any) -> ModelSpec:
+    """``llava-1.5-7b``, ``llava-1.5-13b``, ``embedded``, a local checkpoint/config directory,
+    a ``LlavaConfig`` or a ``LlavaForConditionalGeneration``."""
+    if hasattr(model, "config") and hasattr(model.config, "vision_config"):
+        return spec_from_config(model.config, getattr(model, "name_or_path", "") or type(model).__name__)
+    if hasattr(model, "vision_config"):
+        return spec_from_config(model)
+    key = str(model)
+    if key in BUILTIN_SPECS:
+        return BUILTIN_SPECS[key]
+    if key == "embedded":
+        from . import embedded
+
+        return spec_from_config(embedded.build_config(), "embedded")
+    path = Path(key)
+    if (path / "config.json").is_file():
+        from transformers import LlavaConfig
+
+        return spec_from_config(LlavaConfig.from_pretrained(path, local_files_only=True), key)
+    raise RecipeError(f"unknown model {key!r}: use {', '.join(BUILTIN_SPECS)}, embedded, or a directory with "
+                      "config.json")
+
+
+@dataclass
+class TokenCounts:
+    """Per-layer token counts of one prefill (one sample, one image).
+
+    ``vision_in[i]`` enters CLIP layer i (its attention), ``vision_out[i]`` leaves its step
+    (its MLP); ``llm[i]`` is what decoder layer i runs on (also its KV-cache length).
+    """
+
+    vision_in: list[int]
+    vision_out: list[int]
+    features: int
+    llm: list[int]
+    text_tokens: int
+
+    @classmethod
+    def from_plan(cls, plan: RecipePlan, text_tokens: int) -> "TokenCounts":
+        vision_in = plan.vision.tokens[:-1]
+        vision_out = plan.vision.tokens[1:]
+        llm = [text_tokens + n for n in plan.llm.tokens[1:]]
+        return cls(vision_in, vision_out, plan.features, llm, text_tokens)
+
+    @classmethod
+    def from_trace(cls, trace, spec: ModelSpec) -> "TokenCounts":
+        """What a run recorded (``run.trace``), for the cost of what actually ran."""
+        steps = {s.layer: s for s in trace.steps if s.site == "vision"}
+        vision_in = list(trace.vision) or [spec.patches + 1] * spec.vision_layers
+        vision_out = [steps[i].tokens_out if i in steps else n for i, n in enumerate(vision_in)]
+        features = trace.vision_features if trace.vision_features is not None else spec.patches
+        llm_first = trace.llm[0] if trace.llm else features
+        llm_steps = {s.layer: s for s in trace.steps if s.site == "llm"}
+        first_in = llm_steps[0].tokens_in if 0 in llm_steps else llm_first
+        return cls(vision_in, vision_out, features, list(trace.llm), first_in - features)
+
+
+@dataclass
+class CostReport:
+    model: str
+    convention: str
+    dtype: str
+    text_tokens: int
+    tflops: float
+    kv_cache_mb: float
+    weights_gb: float
+    activations_gb: float
+    memory_gb: float
+    tokens: dict
+    per_layer: list[dict] = field(default_factory=list)
+    recipe: str | None = None
+    schedule: dict | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def llm_layer_flops(spec: ModelSpec, p: int, convention: str) -> float:
+    d, h, kv = spec.llm_hidden, spec.llm_ffn, spec.kv_width
+    flops = 2 * p * d * d * 2 + 2 * 2 * p * d * kv + 2 * 3 * p * d * h + 2 * 2 * p * p * d
+    if convention == "llm-viewer":
+        flops += 5 * spec.llm_heads * p * p + 18 * p * d
+    return float(flops)
+
+
+def vision_layer_flops(spec: ModelSpec, n_in: int, n_out: int) -> float:
+    d, f = spec.vision_hidden, spec.vision_ffn
+    return float(2 * 4 * n_in * d * d + 2 * 2 * n_in * n_in * d + 2 * 2 * n_out * d * f)
+
+
+def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-viewer",
+                 dtype: str = "fp16") -> CostReport:
+    """FLOPs, KV cache and memory of one prefill with the given token counts."""
+    if convention not in CONVENTIONS:
+        raise RecipeError(f"unknown cost convention {convention!r}; known: {', '.join(CONVENTIONS)}")
+    if dtype not in BYTES:
+        raise RecipeError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES)}")
+    per_layer = []
+    total = 0.0
+    if convention == "full":
+        conv = 2.0 * spec.patches * 3 * spec.patch_size ** 2 * spec.vision_hidden
+        per_layer.append({"site": "vision", "layer": "patch_embedding", "tokens": spec.patches, "flops": conv})
+        total += conv
+        for layer, (n_in, n_out) in enumerate(zip(counts.vision_in, counts.vision_out)):
+            flops = vision_layer_flops(spec, n_in, n_out)
+            per_layer.append({"site": "vision", "layer": layer, "tokens": n_in, "tokens_after_step": n_out,
+                              "flops": flops})
+            total += flops
+        projector = 2.0 * counts.features * spec.llm_hidden * (spec.vision_hidden + spec.llm_hidden)
+        per_layer.append({"site": "projector", "layer": 0, "tokens": counts.features, "flops": projector})
+        total += projector
+    for layer, p in enumerate(counts.llm):
+        flops = llm_layer_flops(spec, p, convention)
+        per_layer.append({"site": "llm", "layer": layer, "tokens": p, "flops": flops})
+        total += flops
+    head = 2.0 * spec.llm_hidden * spec.vocab
+    per_layer.append({"site": "lm_head", "layer": 0, "tokens": 1, "flops": head})
+    total += head
+
+    bytes_per = BYTES[dtype]
+    kv_bytes = 2 * sum(counts.llm) * spec.kv_width * bytes_per
+    params = spec.parameters()
+    weight_params = sum(params.values()) if convention == "full" else params["llm"] + params["lm_head"]
+    weights = weight_params * bytes_per
+    # Peak live activations of the largest decoder layer under SDPA (no attention matrix):
+    # residual + normed input + q, k, v (P x D each) and the SwiGLU gate and up (P x H each).
+    p_max = max(counts.llm) if counts.llm else 0
+    activations = (5 * p_max * spec.llm_hidden + 2 * p_max * spec.llm_ffn) * bytes_per
+    return CostReport(
+        model=spec.name, convention=convention, dtype=dtype, text_tokens=counts.text_tokens,
+        tflops=total / 1e12, kv_cache_mb=kv_bytes / 1e6, weights_gb=weights / 1e9,
+        activations_gb=activations / 1e9, memory_gb=(weights + kv_bytes + activations) / 1e9,
+        tokens={"vision": counts.vision_in, "vision_after_step": counts.vision_out, "features": counts.features,
+                "llm": counts.llm},
+        per_layer=per_layer,
+    )
+
+
+def recipe_cost(model, recipe=None, text_tokens: int = 60, convention: str = "llm-viewer",
+                dtype: str = "fp16") -> CostReport:
+    """Cost of ``recipe`` (None: the unreduced model) on ``model`` (see :func:`model_spec`).
+
+    >>> round(recipe_cost("llava-1.5-7b", text_tokens=60).tflops, 2)
+    8.45
+    """
+    spec = model_spec(model)
+    if text_tokens < 1:
+        raise RecipeError(f"text_tokens must be >= 1, got {text_tokens}")
+    if recipe is None:
+        from .recipe import Recipe
+
+        counts = TokenCounts([spec.patches + 1] * spec.vision_layers, [spec.patches + 1] * spec.vision_layers,
+                             spec.patches, [spec.patches + text_tokens] * spec.llm_layers, text_tokens)
+        report = prefill_cost(spec, counts, convention, dtype)
+        return report
+    plan = plan_recipe(recipe, spec.geometry())
+    report = prefill_cost(spec, TokenCounts.from_plan(plan, text_tokens), convention, dtype)
+    report.recipe = recipe.name
+    report.schedule = recipe.knobs
+    return report
+
+
+def llava_config(spec: ModelSpec):
+    """A ``transformers.LlavaConfig`` with ``spec``'s architecture (for meta-device checks)."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=spec.vision_hidden,
+                           image_size=spec.image_size, intermediate_size=spec.vision_ffn,
+                           num_attention_heads=spec.vision_heads, num_hidden_layers=spec.vision_layers,
+                           patch_size=spec.patch_size, projection_dim=768),
+        text_config=dict(model_type="llama", hidden_size=spec.llm_hidden, intermediate_size=spec.llm_ffn,
+                         num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
+                         num_key_value_heads=spec.llm_kv_heads, max_position_embeddings=4096,
+                         vocab_size=spec.vocab, pad_token_id=spec.vocab - 1),
+        image_token_id=spec.vocab - 2, projector_hidden_act="gelu", vision_feature_layer=spec.feature_layer,
+        vision_feature_select_strategy="default" if spec.drops_cls else "full",
+        image_seq_length=spec.patches, tie_word_embeddings=spec.tied_embeddings, pad_token_id=spec.vocab - 1,
+    )
