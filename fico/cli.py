@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import embedded
+from .cost import BYTES, CONVENTIONS, TokenCounts, model_spec, prefill_cost, recipe_cost
 from .errors import ApplyError, RecipeError, UnsupportedModelError
 from .recipe import bundled_recipes, load_recipe
 from .registry import default_registry
@@ -41,11 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     sub.add_parser("list", help="list registered components and bundled recipes")
+    cost = sub.add_parser("cost", help="analytic prefill cost (FLOPs, KV cache, memory) of a recipe on a model")
+    cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, embedded, or a local checkpoint directory")
+    cost.add_argument("recipe", nargs="?", default=None, help="bundled name or YAML path (default: unreduced)")
+    cost.add_argument("overrides", nargs="*", help="knob overrides, key=value")
+    cost.add_argument("--text-tokens", type=int, default=60)
+    cost.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer")
+    cost.add_argument("--dtype", choices=sorted(BYTES), default="fp16", help="weight and KV-cache precision")
+    cost.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     console = Console()
     try:
         if args.command == "list":
             return list_components(console)
+        if args.command == "cost":
+            return show_cost(args, console)
         return run_recipe(args, console)
     except (RecipeError, UnsupportedModelError, ApplyError, OSError) as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
@@ -80,6 +91,44 @@ def list_components(console: Console) -> int:
         recipes.add_row(name, knobs, recipe.description)
     console.print(recipes)
     return 0
+
+
+def show_cost(args, console: Console) -> int:
+    recipe = load_recipe(args.recipe, overrides=args.overrides) if args.recipe else None
+    report = recipe_cost(args.model, recipe, args.text_tokens, args.convention, args.dtype)
+    base = recipe_cost(args.model, None, args.text_tokens, args.convention, args.dtype)
+    if recipe is not None and recipe.budget is not None:
+        report.schedule = dict(report.schedule or {}, budget=recipe.budget.as_dict())
+    if args.json:
+        print(report.to_json())
+        return 0
+    if recipe is not None and recipe.budget is not None:
+        console.print(recipe.budget.describe(), highlight=False)
+    table = Table(title=f"prefill cost of {report.recipe or 'the unreduced model'} on {report.model} "
+                        f"({report.convention}, {report.text_tokens} text tokens, {report.dtype})")
+    for column in ("", "reduced" if recipe else "value", "unreduced" if recipe else ""):
+        table.add_column(column, justify="right")
+    rows = [("TFLOPs", f"{report.tflops:.3f}", f"{base.tflops:.3f}"),
+            ("KV cache (MB)", f"{report.kv_cache_mb:.1f}", f"{base.kv_cache_mb:.1f}"),
+            ("weights (GB)", f"{report.weights_gb:.2f}", f"{base.weights_gb:.2f}"),
+            ("activations (GB)", f"{report.activations_gb:.3f}", f"{base.activations_gb:.3f}"),
+            ("memory (GB)", f"{report.memory_gb:.2f}", f"{base.memory_gb:.2f}"),
+            ("image features", str(report.tokens["features"]), str(base.tokens["features"])),
+            ("LLM tokens per layer", _runs(report.tokens["llm"]), _runs(base.tokens["llm"]))]
+    for row in rows:
+        table.add_row(*(row if recipe else row[:2] + ("",)))
+    console.print(table)
+    return 0
+
+
+def _runs(values: list[int]) -> str:
+    """``[636, 636, 348, 348]`` as ``636 x2, 348 x2``."""
+    out, start = [], 0
+    for index in range(1, len(values) + 1):
+        if index == len(values) or values[index] != values[start]:
+            out.append(f"{values[start]} x{index - start}" if index - start > 1 else str(values[start]))
+            start = index
+    return ", ".join(out)
 
 
 def formulas(doc: str) -> list[str]:
@@ -173,6 +222,14 @@ def run_recipe(args, console: Console) -> int:
     summary = Table(title="reduced vs unreduced model", show_header=False)
     summary.add_row("model", args.model or "embedded tiny LLaVA-1.5-shaped (random weights)")
     summary.add_row("recipe", f"{recipe.source} {' '.join(args.overrides)}")
+    if recipe.budget is not None:
+        summary.add_row("budget", recipe.budget.describe())
+    spec = model_spec(model)
+    ran = prefill_cost(spec, TokenCounts.from_trace(trace, spec), "llm-viewer")
+    unreduced = recipe_cost(spec, None, ran.text_tokens, "llm-viewer")
+    summary.add_row("cost of what ran (llm-viewer)", f"{unreduced.tflops * 1e3:.2f} -> {ran.tflops * 1e3:.2f} GFLOPs "
+                    f"({unreduced.tflops / ran.tflops:.2f}x), KV cache {unreduced.kv_cache_mb:.2f} -> "
+                    f"{ran.kv_cache_mb:.2f} MB (fp16)")
     summary.add_row("image features per image", str(trace.vision_features or "unchanged"))
     summary.add_row("prefill (median of interleaved runs)",
                     f"{vanilla_ms:.1f} ms -> {reduced_ms:.1f} ms ({vanilla_ms / reduced_ms:.2f}x)")

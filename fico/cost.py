@@ -111,6 +111,8 @@ def spec_from_config(config, name: str = "config") -> ModelSpec:
 def model_spec(model: str | Path | Any) -> ModelSpec:
     """``llava-1.5-7b``, ``llava-1.5-13b``, ``embedded``, a local checkpoint/config directory,
     a ``LlavaConfig`` or a ``LlavaForConditionalGeneration``."""
+    if isinstance(model, ModelSpec):
+        return model
     if hasattr(model, "config") and hasattr(model.config, "vision_config"):
         return spec_from_config(model.config, getattr(model, "name_or_path", "") or type(model).__name__)
     if hasattr(model, "vision_config"):

@@ -51,7 +51,7 @@ def _recipe_dir() -> Path:
 
 RECIPE_DIR = _recipe_dir()
 SITES = ("vision", "llm")
-RESERVED = {"name", "description", "cite", "plugins", "steps"}
+RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget"}
 STEP_KEYS = {"site", "layers", "remove", "keep_ratio", "remove_ratio", "filter", "correlate", "compress",
              "proportional_attention"}
 SCHEDULE_KEYS = ("remove", "keep_ratio", "remove_ratio")
@@ -110,6 +110,8 @@ class Recipe:
     steps: list[Step]
     registry: Registry = field(repr=False)
     description: str = ""
+    #: How a ``budget:`` was met (:class:`fico.budget.BudgetSolution`), or None.
+    budget: Any = None
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -132,8 +134,8 @@ if not OmegaConf.has_resolver("fico.if"):
 
 
 def bundled_recipes() -> list[str]:
-    """Names of the recipes shipped in ``recipes/``."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    """Names of the recipes shipped in ``recipes/`` (budget variants as ``budgets/NAME``)."""
+    return sorted(p.relative_to(RECIPE_DIR).with_suffix("").as_posix() for p in RECIPE_DIR.rglob("*.yaml"))
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None, registry: Registry | None = None) -> Recipe:
@@ -150,13 +152,45 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None, registry
     """
     path = _resolve_path(recipe)
     source = str(path)
+    config = _read_config(path, source, seen=())
+    config = _apply_overrides(config, overrides or [], source)
+    solution = None
+    if config.get("budget") is not None:
+        from .budget import solve_budget
+
+        config, solution = solve_budget(config, source, overrides or [],
+                                        lambda candidate: _build(candidate, path, source, registry))
+    built = _build(config, path, source, registry)
+    built.budget = solution
+    return built
+
+
+def _read_config(path: Path, source: str, seen: tuple) -> DictConfig:
+    """The YAML at ``path``, on top of its ``base:`` recipe (a bundled name or a relative path)."""
     try:
         config = OmegaConf.load(path)
     except (OmegaConfBaseException, OSError, ValueError) as error:  # YAML errors subclass ValueError
         raise RecipeError(f"{source}: cannot read recipe: {error}") from error
     if not isinstance(config, DictConfig):
         raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(config).__name__}")
-    config = _apply_overrides(config, overrides or [], source)
+    base = config.get("base")
+    if base is None:
+        return config
+    relative = path.parent / str(base)
+    base_path = relative if relative.suffix in (".yaml", ".yml") and relative.is_file() else None
+    try:
+        base_path = base_path or _resolve_path(str(base))
+    except RecipeError as error:
+        raise RecipeError(f"{source}: base: {error}") from error
+    if base_path.resolve() in seen:
+        raise RecipeError(f"{source}: base: recipes inherit from each other in a cycle")
+    parent = _read_config(base_path, str(base_path), seen + (path.resolve(),))
+    own = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "base"])
+    return OmegaConf.merge(parent, own)
+
+
+def _build(config: DictConfig, path: Path, source: str, registry: Registry | None) -> Recipe:
+    """Resolve and validate an (overridden) config into a :class:`Recipe`."""
     raw = OmegaConf.to_container(config, resolve=False)
     try:
         resolved = OmegaConf.to_container(config, resolve=True)

@@ -22,3 +22,9 @@ def test_plugin_tutorial_runs(tmp_path, capsys):
     finally:
         os.chdir(cwd)
     assert capsys.readouterr().out.strip() == str(576 - 2 * 32)
+
+
+def test_cost_doc_example_runs():
+    text = (DOC.parent / "cost.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        exec(compile(block, "docs/cost.md", "exec"), {})

@@ -1,0 +1,186 @@
+"""Budget-driven schedules: solve a recipe knob so its cost is the largest not above a budget.
+
+A recipe may state::
+
+    budget:
+      tflops: 1.5              # the budget
+      model: llava-1.5-7b      # whose cost (fico.cost.model_spec)
+      text_tokens: 60
+      convention: llm-viewer   # or full
+      solve: r                 # the knob to solve
+
+Integer knobs (``r``) are solved first as one count for every layer of the step, then
+refined to a per-layer list (earlier layers take one more token), so the cost can come
+within one token-layer of the budget. Float knobs (``ratio``, ``keep_rate``) are solved
+by bisection in [0, 1]. The cost must not increase as the knob removes more tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .cost import CONVENTIONS, model_spec, recipe_cost
+from .errors import RecipeError
+
+BUDGET_KEYS = {"tflops", "model", "text_tokens", "convention", "solve"}
+
+
+@dataclass
+class BudgetSolution:
+    budget_tflops: float
+    model: str
+    text_tokens: int
+    convention: str
+    knob: str
+    value: Any
+    tflops: float
+
+    def describe(self) -> str:
+        value = self.value if not isinstance(self.value, float) else round(self.value, 6)
+        return (f"budget {self.budget_tflops} TFLOPs ({self.model}, {self.text_tokens} text tokens, "
+                f"{self.convention}): {self.knob} = {value} -> {self.tflops:.3f} TFLOPs")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def solve_budget(config: DictConfig, source: str, overrides: list[str],
+                 build: Callable[[DictConfig], Any]) -> tuple[DictConfig, BudgetSolution]:
+    """Return ``config`` with its ``budget.solve`` knob set, and how the budget was met."""
+    budget = OmegaConf.to_container(config.budget, resolve=True)
+    if not isinstance(budget, dict):
+        raise RecipeError(f"{source}: budget: must be a mapping with keys {', '.join(sorted(BUDGET_KEYS))}")
+    unknown = set(budget) - BUDGET_KEYS
+    if unknown:
+        raise RecipeError(f"{source}: budget.{sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(BUDGET_KEYS))}")
+    tflops, knob = budget.get("tflops"), budget.get("solve")
+    if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or tflops <= 0:
+        raise RecipeError(f"{source}: budget.tflops: must be a positive number, got {tflops!r}")
+    if not isinstance(knob, str) or OmegaConf.select(config, knob, default=None) is None:
+        raise RecipeError(f"{source}: budget.solve: must name a knob of the recipe, got {knob!r}")
+    if any(item.partition("=")[0].strip() == knob for item in overrides):
+        raise RecipeError(f"{source}: {knob} is solved from budget.tflops; override the budget, not the knob")
+    convention = budget.get("convention", "llm-viewer")
+    if convention not in CONVENTIONS:
+        raise RecipeError(f"{source}: budget.convention: must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    text_tokens = budget.get("text_tokens", 60)
+    try:
+        spec = model_spec(budget.get("model", "llava-1.5-7b"))
+    except RecipeError as error:
+        raise RecipeError(f"{source}: budget.model: {error}") from error
+
+    def with_value(value) -> DictConfig:
+        candidate = copy.deepcopy(config)
+        OmegaConf.update(candidate, knob, value, merge=False)
+        return candidate
+
+    def cost(value) -> float | None:
+        try:
+            return recipe_cost(spec, build(with_value(value)), text_tokens, convention).tflops
+        except RecipeError:
+            return None  # this value cannot run (e.g. removes more tokens than exist)
+
+    current = OmegaConf.select(config, knob)
+    if isinstance(current, bool):
+        raise RecipeError(f"{source}: budget.solve: {knob} is a boolean; solve a count or a ratio")
+    if isinstance(current, (int, list, ListConfig)):
+        value = _solve_count(cost, tflops, source, knob, _layers_of(config, knob, build, spec))
+    else:
+        value = _solve_ratio(cost, tflops, source, knob)
+    achieved = cost(value)
+    return with_value(value), BudgetSolution(float(tflops), spec.name, text_tokens, convention, knob, value, achieved)
+
+
+def _layers_of(config: DictConfig, knob: str, build, spec) -> int:
+    """How many layers the steps that use ``${knob}`` as their count run at (0: mixed)."""
+    from .plan import plan_recipe
+
+    raw_steps = OmegaConf.to_container(config, resolve=False).get("steps", [])
+    users = {i for i, step in enumerate(raw_steps) if isinstance(step, dict) and step.get("remove") == "${" + knob + "}"}
+    if not users:
+        return 0
+    try:
+        plan = plan_recipe(build(config), spec.geometry())
+    except RecipeError:
+        return 0
+    counts = {i: 0 for i in users}
+    for site_plan in (plan.vision, plan.llm):
+        for planned in site_plan.steps.values():
+            if planned.step.index in users:
+                counts[planned.step.index] += 1
+    return counts.popitem()[1] if len(set(counts.values())) == 1 else 0
+
+
+def _infeasible(source: str, knob: str, budget: float, best: float | None) -> RecipeError:
+    reach = f"the least it reaches is {best:.3f} TFLOPs" if best is not None else "no value of it runs"
+    return RecipeError(f"{source}: budget.tflops: {budget} cannot be met by solving {knob}: {reach}")
+
+
+def _solve_count(cost, budget: float, source: str, knob: str, layers: int):
+    base = cost(0)
+    if base is None:
+        raise _infeasible(source, knob, budget, None)
+    if base <= budget:
+        return 0
+    low, high = 0, 1  # cost(low) > budget
+    while True:
+        value = cost(high)
+        if value is None or value <= budget or high >= 4096:
+            break
+        low, high = high, high * 2
+    if cost(high) is None:  # shrink to the largest count that runs
+        good, bad = low, high
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if cost(middle) is not None else (good, middle)
+        if cost(good) > budget:
+            raise _infeasible(source, knob, budget, cost(good))
+        high = good
+    if cost(high) > budget:
+        raise _infeasible(source, knob, budget, cost(high))
+    while high - low > 1:  # smallest uniform count within budget
+        middle = (low + high) // 2
+        low, high = (low, middle) if cost(middle) <= budget else (middle, high)
+    if layers <= 1 or high == 0:
+        return high
+    # per-layer refinement: the first e layers take `high`, the others `high - 1`
+    def schedule(e: int) -> list[int]:
+        return [high] * e + [high - 1] * (layers - e)
+
+    few, many = 0, layers  # cost(schedule(0)) > budget >= cost(schedule(layers))
+    while many - few > 1:
+        middle = (few + many) // 2
+        value = cost(schedule(middle))
+        few, many = (few, middle) if value is not None and value <= budget else (middle, many)
+    return high if many == layers else schedule(many)
+
+
+def _solve_ratio(cost, budget: float, source: str, knob: str) -> float:
+    low, high = 0.0, 1.0
+    for _ in range(60):  # shrink to the ends that run
+        if cost(low) is not None:
+            break
+        low = (low + high) / 2 if low else 1e-9
+    ends = {low: cost(low), high: cost(high)}
+    if ends[high] is None:
+        raise _infeasible(source, knob, budget, None)
+    within = [v for v, c in ends.items() if c is not None and c <= budget]
+    if not within:
+        raise _infeasible(source, knob, budget, min(c for c in ends.values() if c is not None))
+    # the end within budget, and the other end: bisect towards the boundary
+    good = within[0] if len(within) == 1 else max(within, key=lambda v: ends[v])
+    bad = high if good == low else low
+    if ends[bad] is not None and ends[bad] <= budget:
+        return bad if ends[bad] >= ends[good] else good
+    for _ in range(60):
+        middle = (good + bad) / 2
+        value = cost(middle)
+        if value is not None and value <= budget:
+            good = middle
+        else:
+            bad = middle
+    return good
