@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a recipe against the unreduced model")
     run.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help="bundled name or YAML path")
     run.add_argument("overrides", nargs="*", help="knob overrides, key=value")
-    run.add_argument("--model", default=None, help="local LlavaForConditionalGeneration directory (default: embedded)")
+    run.add_argument("--model", default="toy",
+                     help="toy (default: the trained fico-toy), embedded (random tiny), or a local checkpoint directory")
     run.add_argument("--image", default=None, help="image file (default: a generated picture)")
-    run.add_argument("--prompt", default=None, help="prompt with one <image> placeholder")
-    run.add_argument("--max-new-tokens", type=int, default=8)
+    run.add_argument("--seed", type=int, default=0, help="which generated test image")
+    run.add_argument("--prompt", default=None, help="a question (default: the toy image's six questions)")
+    run.add_argument("--max-new-tokens", type=int, default=None, help="default: 1 on the toy (one-word answers), else 8")
     run.add_argument("--repeats", type=int, default=5, help="timed prefill repetitions per configuration")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
@@ -50,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer")
     cost.add_argument("--dtype", choices=sorted(BYTES), default="fp16", help="weight and KV-cache precision")
     cost.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    bench = sub.add_parser("bench", help="recipes side by side with the unreduced model, measured")
+    bench.add_argument("recipes", nargs="+", help="bundled names or YAML paths")
+    bench.add_argument("--budgets", default=None, help="comma-separated TFLOPs budgets: use budgets/NAME_Bt variants")
+    bench.add_argument("--model", default="toy", help="toy (default), shaped, or a local checkpoint directory")
+    bench.add_argument("--images", type=int, default=100, help="toy test images (6 questions each)")
+    bench.add_argument("--reps", type=int, default=7, help="timed prefill repetitions per configuration")
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--json", default=None, help="write the results as JSON")
+    bench.add_argument("--plot", default=None, help="write accuracy/latency against TFLOPs as an image")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -57,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return list_components(console)
         if args.command == "cost":
             return show_cost(args, console)
+        if args.command == "bench":
+            from .bench import main_bench
+
+            return main_bench(args, console)
         return run_recipe(args, console)
     except (RecipeError, UnsupportedModelError, ApplyError, OSError) as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
@@ -145,68 +160,84 @@ def formulas(doc: str) -> list[str]:
     return found
 
 
-def load_model(path: str | None, dtype: torch.dtype, attn: str):
-    """The model and processor: a local checkpoint directory, or the embedded default."""
-    if path is None:
+def load_model(which: str, dtype: torch.dtype, attn: str):
+    """The model and processor: the trained toy, the random embedded one, or a local checkpoint."""
+    if which == "toy":
+        from .toy.model import load
+
+        return load(dtype=dtype, attn_implementation=attn)
+    if which == "embedded":
         return embedded.build_model(dtype=dtype, attn_implementation=attn), embedded.build_processor()
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+    model = LlavaForConditionalGeneration.from_pretrained(which, dtype=dtype, attn_implementation=attn,
                                                           local_files_only=True).eval()
-    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model, AutoProcessor.from_pretrained(which, local_files_only=True)
 
 
-def _inputs(args, processor, real_model: bool):
+def _questions(args):
+    """(images, prompts, true answers or None) for the run."""
     from PIL import Image
 
-    image = Image.open(args.image).convert("RGB") if args.image else embedded.example_image(0)
+    from .toy.data import TEST_SEEDS, example, prompt
+
+    if args.model == "toy" and not args.image:
+        ex = example(TEST_SEEDS.start + args.seed)
+        if args.prompt:
+            return [ex.image], [prompt(args.prompt)], None
+        return [ex.image] * len(ex.questions), [prompt(q.text) for q in ex.questions], [q.answer for q in ex.questions]
+    image = Image.open(args.image).convert("RGB") if args.image else embedded.example_image(args.seed)
     if args.prompt:
-        prompt = args.prompt
-    elif real_model:
-        prompt = "USER: <image>\nDescribe the image. ASSISTANT:"
+        text = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
+    elif args.model == "embedded":
+        text = "USER: <image> what is the color of the circle ? ASSISTANT:"
     else:
-        prompt = "USER: <image> what is the color of the circle ? ASSISTANT:"
-    return processor(images=[image], text=[prompt], return_tensors="pt")
+        text = "USER: <image>\nDescribe the image. ASSISTANT:"
+    return [image], [text], None
 
 
 def run_recipe(args, console: Console) -> int:
     from . import apply
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
-    model, processor = load_model(args.model, DTYPES[args.dtype], args.attn)
-    inputs = _inputs(args, processor, args.model is not None)
-    inputs = {k: (v.to(DTYPES[args.dtype]) if v.is_floating_point() else v) for k, v in inputs.items()}
-    torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    model, processor = load_model(args.model, dtype, args.attn)
+    images, prompts, truths = _questions(args)
+    max_new = args.max_new_tokens or (1 if args.model == "toy" else 8)
+
+    def encode(pictures, texts):
+        inputs = dict(processor(images=pictures, text=texts, return_tensors="pt", padding=True))
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return inputs
+
+    timed, batch = encode(images[:1], prompts[:1]), encode(images, prompts)
 
     def prefill():
         start = time.perf_counter()
-        logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-        return time.perf_counter() - start, logits
+        model(**timed, logits_to_keep=1)
+        return time.perf_counter() - start
 
     times = {"vanilla": [], "reduced": []}
     with torch.inference_mode():
         prefill()  # warm-up
-        run = apply(model, recipe)
-        try:
+        with apply(model, recipe):
             prefill()
-        finally:
-            run.remove()
         for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-            seconds, base_logits = prefill()
-            times["vanilla"].append(seconds)
-            with apply(model, recipe) as run:
-                seconds, logits = prefill()
-            times["reduced"].append(seconds)
-        base_tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            times["vanilla"].append(prefill())
+            with apply(model, recipe):
+                times["reduced"].append(prefill())
+        base_logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
+        base_tokens = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
         with apply(model, recipe) as run:
-            tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-            model(**inputs, logits_to_keep=1)  # the trace shows this prefill
+            logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
+            tokens = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
+            model(**timed, logits_to_keep=1)  # the trace shows this prefill
         trace = run.trace
 
-    prompt_length = inputs["input_ids"].shape[1]
-    new_base, new = base_tokens[:, prompt_length:], tokens[:, prompt_length:]
-    same = min(new_base.shape[1], new.shape[1])
-    agreement = (new_base[:, :same] == new[:, :same]).float().mean().item() if same else 1.0
+    prompt_length = batch["input_ids"].shape[1]
+    decode = processor.tokenizer.batch_decode
+    base_answers = [a.strip() for a in decode(base_tokens[:, prompt_length:], skip_special_tokens=True)]
+    answers = [a.strip() for a in decode(tokens[:, prompt_length:], skip_special_tokens=True)]
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True,
                                     reduction="batchmean").item()
 
@@ -217,10 +248,21 @@ def run_recipe(args, console: Console) -> int:
         style = "bold" if n_in != n_out else ""
         table.add_row(site, str(layer), str(n_in), str(n_out), style=style)
     console.print(table)
+
+    qa = Table(title="answers")
+    for column in ("question", "truth", "unreduced", recipe.name):
+        qa.add_column(column)
+    for index, text in enumerate(prompts):
+        question = text.split("<image>", 1)[-1].replace("ASSISTANT:", "").strip()
+        truth = truths[index] if truths else "-"
+        qa.add_row(question, truth, base_answers[index], answers[index])
+    console.print(qa)
+
     vanilla_ms = statistics.median(times["vanilla"]) * 1e3
     reduced_ms = statistics.median(times["reduced"]) * 1e3
     summary = Table(title="reduced vs unreduced model", show_header=False)
-    summary.add_row("model", args.model or "embedded tiny LLaVA-1.5-shaped (random weights)")
+    names = {"toy": "fico-toy (trained on synthetic VQA)", "embedded": "embedded tiny LLaVA-1.5-shaped (random)"}
+    summary.add_row("model", names.get(args.model, args.model))
     summary.add_row("recipe", f"{recipe.source} {' '.join(args.overrides)}")
     if recipe.budget is not None:
         summary.add_row("budget", recipe.budget.describe())
@@ -234,13 +276,12 @@ def run_recipe(args, console: Console) -> int:
     summary.add_row("prefill (median of interleaved runs)",
                     f"{vanilla_ms:.1f} ms -> {reduced_ms:.1f} ms ({vanilla_ms / reduced_ms:.2f}x)")
     summary.add_row("time in fico stages", f"{trace.stage_seconds * 1e3:.2f} ms")
-    summary.add_row("next-token agreement", "yes" if bool((logits.argmax(-1) == base_logits.argmax(-1)).all()) else "no")
+    agree = sum(a == b for a, b in zip(answers, base_answers))
+    summary.add_row("answers equal to the unreduced model's", f"{agree} of {len(answers)}")
+    if truths:
+        summary.add_row("correct (unreduced -> reduced)", f"{sum(a == t for a, t in zip(base_answers, truths))} -> "
+                        f"{sum(a == t for a, t in zip(answers, truths))} of {len(truths)}")
     summary.add_row("next-token KL(unreduced || reduced)", f"{kl:.4g}")
-    summary.add_row(f"generated tokens equal ({args.max_new_tokens} max)", f"{agreement:.0%}")
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None:
-        summary.add_row("unreduced answer", repr(tokenizer.decode(new_base[0], skip_special_tokens=True)))
-        summary.add_row("reduced answer", repr(tokenizer.decode(new[0], skip_special_tokens=True)))
     console.print(summary)
     return 0
 

@@ -4,7 +4,7 @@ from fico.cli import main
 
 
 def test_run_prints_tokens_time_and_agreement(capsys):
-    assert main(["run", "tome", "r=8", "--repeats", "1", "--max-new-tokens", "2"]) == 0
+    assert main(["run", "tome", "r=8", "--model", "embedded", "--repeats", "1", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "tome: tokens per site and layer" in out
     assert "561" in out  # r=8: 577 -> 569 -> 561 ...

@@ -1,0 +1,289 @@
+"""``fico bench``: recipes side by side with the unreduced model, measured.
+
+For each recipe, on the same inputs: accuracy per question type and its retention (on the
+trained toy model), fidelity to the unreduced model (answer agreement, KL of the answer
+distribution), prefill latency (median of interleaved repeated runs after a warm-up),
+decode time per token, peak memory (CUDA; on the CPU the cost model's estimate, labelled
+so), the time spent in fico's own stages as a share of prefill, and the theoretical FLOPs
+with the measured speedup divided by the FLOPs speedup.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost
+from .errors import RecipeError
+from .recipe import Recipe, load_recipe
+
+BUDGETS = ("4.2", "3.3", "2.4", "1.5")
+
+
+@dataclass
+class BenchModel:
+    name: str
+    model: object
+    processor: object | None
+    inputs: dict  # the timed prompt
+
+
+def load_bench_model(which: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa") -> BenchModel:
+    """``toy`` (the trained fico-toy), ``shaped`` (LLaVA-1.5's layer and token counts at reduced
+    widths, random weights), or a local checkpoint directory."""
+    from .toy.data import example, prompt
+
+    if which == "toy":
+        from .toy.model import load
+
+        model, processor = load(dtype=dtype, attn_implementation=attn)
+    elif which == "shaped":
+        from .benchmarks.shaped import build_shaped_model, shaped_inputs
+
+        model = build_shaped_model(dtype=dtype, attn_implementation=attn)
+        return BenchModel("shaped", model, None, shaped_inputs(dtype=dtype))
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(which, dtype=dtype, attn_implementation=attn,
+                                                              local_files_only=True).eval()
+        processor = AutoProcessor.from_pretrained(which, local_files_only=True)
+    ex = example(10_000_000)
+    text = prompt(ex.questions[0].text) if which == "toy" else "USER: <image>\nWhat is in the image? ASSISTANT:"
+    inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return BenchModel(which, model, processor, dict(inputs))
+
+
+def expand(recipes: list[str], budgets: list[str] | None) -> list[str]:
+    """Recipe names, or their ``budgets/NAME_Bt`` variants for each budget."""
+    if not budgets:
+        return list(recipes)
+    return [f"budgets/{name}_{budget}t" for name in recipes for budget in budgets]
+
+
+def _prefill(model, inputs) -> float:
+    start = time.perf_counter()
+    model(**inputs, logits_to_keep=1)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int, progress=None) -> dict:
+    """Interleaved prefill timings: {name: {"prefill": [...], "stage": [...]}} (warm-up excluded)."""
+    from . import apply
+
+    times = {name: {"prefill": [], "stage": []} for name in recipes}
+    task = progress.add_task("prefill timing", total=(reps + 1) * len(recipes)) if progress else None
+    for rep in range(reps + 1):
+        for name, recipe in recipes.items():
+            if recipe is None:
+                seconds, stage = _prefill(model, inputs), 0.0
+            else:
+                with apply(model, recipe) as run:
+                    seconds = _prefill(model, inputs)
+                stage = run.trace.stage_seconds
+            if rep:  # the first round warms up
+                times[name]["prefill"].append(seconds)
+                times[name]["stage"].append(stage)
+            if progress:
+                progress.advance(task)
+    return times
+
+
+def measure_decode(model, inputs, recipe: Recipe | None, tokens: int = 16, reps: int = 3) -> float:
+    """Seconds per decoded token: (generate(1 + tokens) - generate(1)) / tokens, medians."""
+    from contextlib import nullcontext
+
+    from . import apply
+
+    def generate(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+
+    with apply(model, recipe) if recipe is not None else nullcontext():
+        long = statistics.median(generate(1 + tokens) for _ in range(reps))
+        short = statistics.median(generate(1) for _ in range(reps))
+    return max(long - short, 0.0) / tokens
+
+
+def peak_memory_mb(model, inputs, recipe: Recipe | None) -> float | None:
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        return None
+    from contextlib import nullcontext
+
+    from . import apply
+
+    torch.cuda.reset_peak_memory_stats()
+    with apply(model, recipe) if recipe is not None else nullcontext():
+        model(**inputs, logits_to_keep=1)
+    return torch.cuda.max_memory_allocated() / 1e6
+
+
+def answer_distribution(bm: BenchModel, recipe: Recipe | None, images: int) -> tuple[dict, torch.Tensor, list]:
+    """Toy test set: per-type accuracy, next-token log-probabilities, question kinds."""
+    from contextlib import nullcontext
+
+    from . import apply
+    from .toy.data import TEST_SEEDS, example
+    from .toy.evaluate import answer_logits
+
+    pictures, questions, answers, kinds = [], [], [], []
+    for seed in range(TEST_SEEDS.start, TEST_SEEDS.start + images):
+        ex = example(seed)
+        for q in ex.questions:
+            pictures.append(ex.image)
+            questions.append(q.text)
+            answers.append(bm.processor.tokenizer.convert_tokens_to_ids(q.answer))
+            kinds.append(q.kind)
+    with apply(bm.model, recipe) if recipe is not None else nullcontext():
+        logits = answer_logits(bm.model, bm.processor, pictures, questions)
+    guesses = logits.argmax(-1)
+    correct = (guesses == torch.tensor(answers)).tolist()
+    accuracy = {}
+    for kind in dict.fromkeys(kinds):
+        picked = [ok for ok, k in zip(correct, kinds) if k == kind]
+        accuracy[kind] = sum(picked) / len(picked)
+    accuracy["overall"] = sum(correct) / len(correct)
+    return accuracy, logits.log_softmax(-1), kinds
+
+
+def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = None, images: int = 100,
+          reps: int = 7, threads: int = 2, console: Console | None = None) -> dict:
+    """Run the benchmark and return the JSON-ready result."""
+    console = console or Console()
+    torch.set_num_threads(threads)
+    names = expand(recipes, budgets)
+    loaded = {name: load_recipe(name) for name in names}
+    bm = load_bench_model(model)
+    spec = model_spec(bm.model)
+    text_tokens = bm.inputs["input_ids"].shape[1] - spec.patches
+    configs = {"unreduced": None, **loaded}
+    results = {}
+    with torch.inference_mode(), Progress(console=console, transient=True) as progress:
+        timings = measure_latency(bm.model, bm.inputs, configs, reps, progress)
+        task = progress.add_task("accuracy, decode, memory", total=len(configs))
+        base_logprobs = None
+        for name, recipe in configs.items():
+            entry = {"recipe": name}
+            full = recipe_cost(spec, recipe, text_tokens, "full")
+            viewer = recipe_cost(spec, recipe, text_tokens, "llm-viewer")
+            entry.update(tflops=full.tflops, tflops_llm_viewer=viewer.tflops, kv_cache_mb=viewer.kv_cache_mb,
+                         image_features=full.tokens["features"])
+            prefill = statistics.median(timings[name]["prefill"])
+            entry.update(prefill_ms=prefill * 1e3,
+                         stage_share=statistics.median(timings[name]["stage"]) / prefill,
+                         decode_ms_per_token=measure_decode(bm.model, bm.inputs, recipe) * 1e3)
+            memory = peak_memory_mb(bm.model, bm.inputs, recipe)
+            if memory is None:
+                entry["memory_mb_estimate"] = (full.activations_gb * 1e3 + full.kv_cache_mb)
+            else:
+                entry["peak_memory_mb"] = memory
+            if bm.name == "toy":
+                accuracy, logprobs, _ = answer_distribution(bm, recipe, images)
+                entry["accuracy"] = accuracy
+                if base_logprobs is None:
+                    base_logprobs = logprobs
+                entry["answer_agreement"] = (logprobs.argmax(-1) == base_logprobs.argmax(-1)).float().mean().item()
+                entry["kl"] = torch.nn.functional.kl_div(logprobs, base_logprobs, log_target=True,
+                                                         reduction="batchmean").item()
+            if recipe is not None and recipe.budget is not None:
+                entry["budget"] = recipe.budget.as_dict()
+            results[name] = entry
+            progress.advance(task)
+    base = results["unreduced"]
+    for entry in results.values():
+        entry["flops_speedup"] = base["tflops"] / entry["tflops"]
+        entry["measured_speedup"] = base["prefill_ms"] / entry["prefill_ms"]
+        entry["speedup_ratio"] = entry["measured_speedup"] / entry["flops_speedup"]
+        if "accuracy" in entry:
+            entry["accuracy_retention"] = entry["accuracy"]["overall"] / base["accuracy"]["overall"]
+    return {
+        "model": bm.name, "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {threads} threads, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
+        "timing": {"repeats": reps, "text_tokens": text_tokens, "flops_convention": "full"},
+        "baseline": base,
+        "results": [entry for name, entry in results.items() if name != "unreduced"],
+    }
+
+
+def table(report: dict) -> Table:
+    out = Table(title=f"fico bench on {report['model']} ({report['machine']}, {report['date']})")
+    columns = ["recipe", "GFLOPs", "FLOPs x", "measured x", "ratio", "prefill ms", "decode ms/tok", "stages %"]
+    toy = "accuracy" in report["baseline"]
+    if toy:
+        columns += ["accuracy", "retention", "agree", "KL"]
+    for column in columns:
+        out.add_column(column, justify="right")
+    for entry in [dict(report["baseline"], flops_speedup=1.0, measured_speedup=1.0, speedup_ratio=1.0)] + report["results"]:
+        row = [entry["recipe"], f"{entry['tflops'] * 1e3:.1f}", f"{entry['flops_speedup']:.2f}",
+               f"{entry['measured_speedup']:.2f}", f"{entry['speedup_ratio']:.2f}", f"{entry['prefill_ms']:.1f}",
+               f"{entry['decode_ms_per_token']:.2f}", f"{100 * entry['stage_share']:.1f}"]
+        if toy:
+            row += [f"{entry['accuracy']['overall']:.3f}", f"{entry.get('accuracy_retention', 1.0):.3f}",
+                    f"{entry.get('answer_agreement', 1.0):.3f}", f"{entry.get('kl', 0.0):.4f}"]
+        out.add_row(*row)
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Accuracy against TFLOPs per method (the paper's Fig. 1 shape) and latency against TFLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    toy = "accuracy" in report["baseline"]
+    figure, axes = plt.subplots(1, 2 if toy else 1, figsize=(11 if toy else 6, 4.2), squeeze=False)
+    methods: dict[str, list[dict]] = {}
+    for entry in report["results"]:
+        method = entry["recipe"].split("/")[-1].rsplit("_", 1)[0] if "budget" in entry else entry["recipe"]
+        methods.setdefault(method, []).append(entry)
+    base = report["baseline"]
+    panels = [("prefill_ms", "prefill latency (ms)")]
+    if toy:
+        panels.insert(0, ("accuracy", "toy test accuracy"))
+    for ax, (key, label) in zip(axes[0], panels):
+        for method, entries in methods.items():
+            entries = sorted(entries, key=lambda e: e["tflops"])
+            ys = [e[key]["overall"] if key == "accuracy" else e[key] for e in entries]
+            ax.plot([e["tflops"] for e in entries], ys, marker="o", label=method)
+        y0 = base[key]["overall"] if key == "accuracy" else base[key]
+        ax.scatter([base["tflops"]], [y0], marker="*", s=120, color="black", label="unreduced")
+        ax.set_xlabel("TFLOPs (full prefill, cost model)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"fico bench, {report['model']} model")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main_bench(args, console: Console) -> int:
+    budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
+    for b in budgets or ():
+        if b not in BUDGETS:
+            raise RecipeError(f"--budgets: bundled budgets are {', '.join(BUDGETS)}, got {b}")
+    report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console)
+    console.print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        console.print(f"JSON: {args.json}")
+    if args.plot:
+        plot(report, Path(args.plot))
+        console.print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,69 @@
+"""Accuracy of a (possibly reduced) toy model on the synthetic test set, per question type.
+
+    python -m fico.toy.evaluate [--images 300] [--recipe NAME [key=value ...]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from .data import QUESTION_TYPES, TEST_SEEDS, example, prompt
+
+
+def answer_logits(model, processor, images, questions, batch: int = 24) -> torch.Tensor:
+    """Next-token logits after each ``(image, question)`` prompt, as the processor builds them."""
+    out = []
+    for start in range(0, len(questions), batch):
+        chunk = slice(start, start + batch)
+        inputs = processor(images=images[chunk], text=[prompt(q) for q in questions[chunk]],
+                           return_tensors="pt", padding=True)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        out.append(model(**inputs, logits_to_keep=1).logits[:, -1].float())
+    return torch.cat(out)
+
+
+def evaluate(model, processor, first_seed: int = TEST_SEEDS.start, images: int = 300) -> dict:
+    """Accuracy per question type and overall on test images ``first_seed ...``."""
+    pictures, questions, answers, kinds = [], [], [], []
+    for seed in range(first_seed, first_seed + images):
+        ex = example(seed)
+        for q in ex.questions:
+            pictures.append(ex.image)
+            questions.append(q.text)
+            answers.append(processor.tokenizer.convert_tokens_to_ids(q.answer))
+            kinds.append(q.kind)
+    predicted = answer_logits(model, processor, pictures, questions).argmax(-1).tolist()
+    correct = defaultdict(list)
+    for kind, guess, answer in zip(kinds, predicted, answers):
+        correct[kind].append(guess == answer)
+    result = {kind: sum(v) / len(v) for kind, v in correct.items()}
+    result["overall"] = sum(sum(v) for v in correct.values()) / len(predicted)
+    return {k: round(result[k], 4) for k in (*QUESTION_TYPES, "overall")}
+
+
+def main(argv=None) -> None:
+    import fico
+
+    from .model import load
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--recipe", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    model, processor = load()
+    with torch.no_grad():
+        if args.recipe:
+            with fico.apply(model, fico.load_recipe(args.recipe, args.overrides)):
+                result = evaluate(model, processor, images=args.images)
+        else:
+            result = evaluate(model, processor, images=args.images)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
