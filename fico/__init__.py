@@ -20,7 +20,7 @@ from . import embedded
 __version__ = "0.1.0"
 
 
-def apply(model, recipe: Recipe | str) -> ReductionRun:
+def apply(model, recipe: Recipe | str, provenance: bool = False) -> ReductionRun:
     """Attach ``recipe`` to ``model`` and return the :class:`ReductionRun`.
 
     Use it as a context manager, or call ``run.remove()``; afterwards the model is exactly
@@ -29,12 +29,14 @@ def apply(model, recipe: Recipe | str) -> ReductionRun:
     Args:
         model: a ``transformers.LlavaForConditionalGeneration`` (CLIP + Llama).
         recipe: a loaded recipe, or a bundled name / path to load with no overrides.
+        provenance: record, at every step, which original tokens each surviving token
+            absorbed and with what weight (``run.trace.steps[i].sources``).
     """
     from .adapters import llava
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return llava.apply(model, recipe)
+    return llava.apply(model, recipe, provenance=provenance)
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from . import embedded
 from .cost import BYTES, CONVENTIONS, TokenCounts, model_spec, prefill_cost, recipe_cost
+from .explain import formulas
 from .errors import ApplyError, RecipeError, UnsupportedModelError
 from .recipe import bundled_recipes, load_recipe
 from .registry import default_registry
@@ -52,6 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer")
     cost.add_argument("--dtype", choices=sorted(BYTES), default="fp16", help="weight and KV-cache precision")
     cost.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    explain = sub.add_parser("explain", help="a recipe as filter/correlate/compress with formulas and BibTeX")
+    explain.add_argument("recipe")
+    explain.add_argument("overrides", nargs="*")
+    explain.add_argument("--format", choices=["text", "md", "tex"], default="text")
+    explain.add_argument("--model", default="llava-1.5-7b", help="whose layers and token counts to show")
+    show = sub.add_parser("show", help="draw where discarded tokens' information went (PNG)")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    show.add_argument("--image", default=None, help="image file (default: a generated toy image)")
+    show.add_argument("--seed", type=int, default=0, help="which generated image")
+    show.add_argument("--model", default="toy", help="toy (default), embedded, or a local checkpoint directory")
+    show.add_argument("--out", default="fico-show.png")
+    show.add_argument("--panels", type=int, default=5, help="reducing layers to draw at most")
     bench = sub.add_parser("bench", help="recipes side by side with the unreduced model, measured")
     bench.add_argument("recipes", nargs="+", help="bundled names or YAML paths")
     bench.add_argument("--budgets", default=None, help="comma-separated TFLOPs budgets: use budgets/NAME_Bt variants")
@@ -68,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             return list_components(console)
         if args.command == "cost":
             return show_cost(args, console)
+        if args.command == "explain":
+            from .explain import explanation, render
+
+            print(render(explanation(load_recipe(args.recipe, args.overrides), args.model), args.format))
+            return 0
+        if args.command == "show":
+            from .show import show as draw_show
+
+            path = draw_show(load_recipe(args.recipe, args.overrides), args.model, args.image, args.seed, args.out,
+                             args.panels)
+            console.print(f"wrote {path}")
+            return 0
         if args.command == "bench":
             from .bench import main_bench
 
@@ -92,7 +118,7 @@ def list_components(console: Console) -> int:
             doc = inspect.getdoc(cls) or ""
             summary = doc.split("\n\n")[0].replace("\n", " ")
             table.add_row(stage, name, ", ".join(params), summary)
-            formula_lines += [f"[bold]{stage} {name}[/]:  {formula}" for formula in formulas(doc)]
+            formula_lines += [f"[bold]{stage} {name}[/]:  {formula}" for formula in formulas(cls.__new__(cls))]
     console.print(table)
     console.print("[bold]formulas[/] (LaTeX, from each component's docstring)")
     for line in formula_lines:
@@ -144,20 +170,6 @@ def _runs(values: list[int]) -> str:
             out.append(f"{values[start]} x{index - start}" if index - start > 1 else str(values[start]))
             start = index
     return ", ".join(out)
-
-
-def formulas(doc: str) -> list[str]:
-    """The ``.. math::`` blocks of a docstring, one line each."""
-    found, lines = [], doc.splitlines()
-    for index, line in enumerate(lines):
-        if line.strip().startswith(".. math::"):
-            block = [line.strip()[len(".. math::"):].strip()]
-            for follow in lines[index + 1:]:
-                if not follow.strip() or not follow.startswith(" "):
-                    break
-                block.append(follow.strip())
-            found.append(" ".join(part for part in block if part))
-    return found
 
 
 def load_model(which: str, dtype: torch.dtype, attn: str):

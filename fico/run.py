@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -23,6 +23,12 @@ class StepRecord:
     tokens_out: int
     removed: int
     seconds: float
+    #: with provenance: (B, tokens_out, N0) weight of each original token in each token after
+    #: the step, the original positions (B, tokens_in) before it, and those discarded (B, r)
+    sources: object = None
+    positions_in: object = None
+    positions_out: object = None
+    discarded: object = None
 
 
 @dataclass
@@ -80,7 +86,15 @@ def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[Toke
         return _shape_only_step(state, remove, step.compressor.appends if remove else 0), 0.0
     split = step.filter.split(state, remove)
     correlation = step.correlator.correlate(state, split)
-    new_state = step.compressor.compress(state, split, correlation)
+    if state.sources is None:
+        return step.compressor.compress(state, split, correlation), time.perf_counter() - start
+    # Provenance rides along as extra channels: every compressor is linear in the tokens, so
+    # it moves the original tokens' weights exactly as it moves their information.
+    width = state.hidden.shape[-1]
+    carried = replace(state, hidden=torch.cat([state.hidden, state.sources.to(state.hidden.dtype)], -1), sources=None)
+    new_state = step.compressor.compress(carried, split, correlation)
+    new_state.sources = new_state.hidden[..., width:].float()
+    new_state.hidden = new_state.hidden[..., :width]
     return new_state, time.perf_counter() - start
 
 
@@ -96,10 +110,12 @@ class ReductionRun:
     [587, 587, 299, 299]
     """
 
-    def __init__(self, model, recipe: Recipe, plans: dict[str, SitePlan]):
+    def __init__(self, model, recipe: Recipe, plans: dict[str, SitePlan], provenance: bool = False):
         self.model = model
         self.recipe = recipe
         self.plans = plans
+        #: record, for every step, which original tokens each surviving token absorbed
+        self.provenance = provenance
         self.trace = Trace()
         self._undo: list[Callable[[], None]] = []
         self.active = False

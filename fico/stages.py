@@ -75,6 +75,8 @@ class Component:
     stage: ClassVar[str] = ""
     #: Signals (see ``fico.signals``) the component reads from ``TokenState.signals``.
     requires: ClassVar[tuple[str, ...]] = ()
+    #: BibTeX keys (``fico.citations``) of the methods the component comes from.
+    cite: ClassVar[tuple[str, ...]] = ()
 
     def required_signals(self) -> set[str]:
         """Signals this configured instance needs (may depend on parameters)."""

@@ -32,6 +32,9 @@ class TokenState:
         patch: ``(B, N)`` long, the token's cell on the image's patch grid (row-major),
             -1 for tokens that are not patches ([CLS], text, fused tokens).
         grid: ``(rows, cols)`` of the patch grid (24 x 24 for LLaVA-1.5).
+        sources: ``(B, N, N0)`` provenance, when the run tracks it: the weight of each
+            original token in each token present (a row of the identity at first).
+            Compressors need not handle it: it travels with the hidden states.
         size: ``(B, N, 1)`` how many original tokens each token stands for, or None
             while no compressor tracks sizes (ToMe's ``size``).
         signals: what the site measured for this step, by name (see
@@ -50,6 +53,7 @@ class TokenState:
     text: Tensor | None = None
     patch: Tensor | None = None
     grid: tuple[int, int] | None = None
+    sources: Tensor | None = None
     size: Tensor | None = None
     signals: Mapping[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
@@ -88,6 +92,7 @@ class TokenState:
             visual=gather_tokens(self.visual, index),
             text=None if self.text is None else gather_tokens(self.text, index),
             patch=None if self.patch is None else gather_tokens(self.patch, index),
+            sources=None if self.sources is None else gather_tokens(self.sources, index),
             size=None if self.size is None else gather_tokens(self.size, index),
             extras={k: gather_tokens(v, index) for k, v in self.extras.items()},
             signals={},
@@ -106,6 +111,8 @@ class TokenState:
             visual=torch.cat([self.visual, self.visual.new_ones(b, k)], dim=1),
             text=None if self.text is None else torch.cat([self.text, self.text.new_zeros(b, k)], dim=1),
             patch=None if self.patch is None else torch.cat([self.patch, self.patch.new_full((b, k), -1)], dim=1),
+            sources=None if self.sources is None else torch.cat(
+                [self.sources, self.sources.new_zeros(b, k, self.sources.shape[-1])], dim=1),
             size=None if self.size is None else torch.cat([self.size, size], dim=1),
             extras={k_: torch.cat([v, v.new_full((b, k), -1)], dim=1) for k_, v in self.extras.items()},
         )

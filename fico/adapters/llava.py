@@ -86,7 +86,7 @@ def geometry(model) -> LlavaGeometry:
 # --------------------------------------------------------------------------- attach
 
 
-def apply(model, recipe: Recipe) -> ReductionRun:
+def apply(model, recipe: Recipe, provenance: bool = False) -> ReductionRun:
     """Attach ``recipe`` to ``model``; everything is validated before the model is touched."""
     if not supports(model):
         raise UnsupportedModelError(
@@ -111,7 +111,7 @@ def apply(model, recipe: Recipe) -> ReductionRun:
                     f"{recipe.source}: {planned.step.where}: the {site_plan.site} site cannot give the signal(s) "
                     f"{', '.join(sorted(missing))}; it gives {', '.join(sorted(provided))}"
                 )
-    run = ReductionRun(model, recipe, {"vision": vision_plan, "llm": llm_plan})
+    run = ReductionRun(model, recipe, {"vision": vision_plan, "llm": llm_plan}, provenance=provenance)
     try:
         VisionSite(run, model, geo, vision_plan, features).attach()
         LLMSite(run, model, geo, llm_plan).attach()
@@ -192,7 +192,7 @@ def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tenso
     """
     from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-    q_proj, k_proj = capture["q"], capture["k"]
+    q_proj, k_proj = capture.get("q"), capture["k"]
     cos, sin = capture["position_embeddings"]
     mask = capture["attention_mask"]
     b, n, _ = k_proj.shape
@@ -246,6 +246,16 @@ def _patch_grid(placeholders: int) -> tuple[int, int]:
     return (side, side) if side * side == placeholders else (1, placeholders)
 
 
+def _record_provenance(record: StepRecord, before: Tensor, after: Tensor, sources: Tensor) -> None:
+    """Store a step's provenance on its record (on the CPU)."""
+    gone = ~torch.isin(before, after) if before.shape[0] == 1 else torch.stack(
+        [~torch.isin(b, a) for b, a in zip(before, after)])
+    record.sources = sources.detach().float().cpu()
+    record.positions_in = before.detach().cpu()
+    record.positions_out = after.detach().cpu()
+    record.discarded = [row[mask].tolist() for row, mask in zip(before.cpu(), gone.cpu())]
+
+
 # --------------------------------------------------------------------------- vision site
 
 
@@ -259,6 +269,7 @@ class VisionPass:
     extras: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
     feature_positions: Tensor | None = None  # positions of the tokens LLaVA takes as features
+    sources: Tensor | None = None  # provenance (B, N, N0), when the run records it
 
 
 @functools.cache
@@ -347,6 +358,8 @@ class VisionSite:
             b, n = hidden.shape[:2]
             vp.positions = torch.arange(n, device=hidden.device).expand(b, n)
             vp.candidate = vp.positions != 0  # [CLS] is protected
+            if self.run.provenance:
+                vp.sources = torch.eye(n, device=hidden.device).expand(b, n, n)
         self.run.trace.vision.append(hidden.shape[1])
         if layer == self.geo.feature_index:
             vp.feature_positions = vp.positions
@@ -365,12 +378,15 @@ class VisionSite:
         state = TokenState(hidden=hidden, positions=vp.positions, candidate=vp.candidate,
                            visual=torch.ones_like(vp.candidate), text=torch.zeros_like(vp.candidate),
                            patch=torch.where(vp.positions > 0, vp.positions - 1, -1), grid=self.grid,
-                           size=vp.size, signals=signals, extras=vp.extras, site="vision", layer=layer)
+                           size=vp.size, signals=signals, extras=vp.extras, sources=vp.sources, site="vision",
+                           layer=layer)
         new, seconds = run_step(planned, state, planned.remove)
+        record = StepRecord("vision", layer, hidden.shape[1], new.hidden.shape[1], planned.remove, seconds)
+        if vp.sources is not None:
+            _record_provenance(record, vp.positions, new.positions, new.sources)
         vp.positions, vp.candidate, vp.size, vp.extras = new.positions, new.candidate, new.size, new.extras
-        self.run.trace.steps.append(StepRecord("vision", layer, hidden.shape[1], new.hidden.shape[1],
-                                               hidden.shape[1] - new.hidden.shape[1] + planned.step.compressor.appends,
-                                               seconds))
+        vp.sources = new.sources
+        self.run.trace.steps.append(record)
         return new.hidden
 
     # -- placeholders
@@ -476,6 +492,7 @@ class LLMPass:
     full_attention_mask: Tensor | None = None
     layer_keep: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
+    sources: Tensor | None = None  # provenance (B, L, L0), when the run records it
 
 
 class LLMSite:
@@ -568,6 +585,9 @@ class LLMSite:
             lp.full_position_embeddings = kwargs.get("position_embeddings")
             lp.full_attention_mask = kwargs.get("attention_mask")
             lp.patch = self._patch_cells(lp)
+            if self.run.provenance:
+                n0 = hidden.shape[1]
+                lp.sources = torch.eye(n0, device=hidden.device).expand(hidden.shape[0], n0, n0)
         planned = self.plan.steps.get(layer)
         if planned is not None and planned.remove:
             hidden = self._reduce(layer, planned, lp, hidden)
@@ -616,9 +636,9 @@ class LLMSite:
         # Created tokens (appended by a compressor) have no original position of their own.
         state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
                            visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
-                           extras=lp.extras, site="llm", layer=layer)
+                           extras=lp.extras, sources=lp.sources, site="llm", layer=layer)
         new, seconds = run_step(planned, state, remove)
-        keep, hidden, extras = new.positions, new.hidden, new.extras
+        keep, hidden, extras, sources = new.positions, new.hidden, new.extras, new.sources
         created = keep < 0
         if step.compressor.appends and remove:
             # Created tokens sit right after the last original visual token present and borrow
@@ -628,11 +648,15 @@ class LLMSite:
             order = torch.sort(keep * 2 + created.long(), dim=1, stable=True).indices
             keep, hidden, created = (gather_tokens(t, order) for t in (keep, hidden, created))
             extras = {k: gather_tokens(v, order) for k, v in extras.items()}
-        lp.keep, lp.created, lp.extras = keep, created, extras
+            sources = None if sources is None else gather_tokens(sources, order)
+        record = StepRecord("llm", layer, n, hidden.shape[1], remove, seconds)
+        if sources is not None:
+            _record_provenance(record, state.positions, torch.where(created, -1, keep), sources)
+        lp.keep, lp.created, lp.extras, lp.sources = keep, created, extras, sources
         cos, sin = lp.full_position_embeddings
         lp.position_embeddings = (gather_tokens(cos, keep), gather_tokens(sin, keep))
         lp.attention_mask = _gather_square(lp.full_attention_mask, keep)
-        self.run.trace.steps.append(StepRecord("llm", layer, n, hidden.shape[1], remove, seconds))
+        self.run.trace.steps.append(record)
         return hidden
 
     def _decode_mask(self, layer: int, lp: LLMPass, args, kwargs):

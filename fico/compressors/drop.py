@@ -17,6 +17,7 @@ class Drop(Compressor):
     """
 
     name = "drop"
+    cite = ("chen2024fastv", "liang2022evit",)
 
     def compress(self, state: TokenState, split: Split, correlation: Correlation) -> TokenState:
         kept = state.keep(split.preserved)

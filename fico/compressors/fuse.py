@@ -18,6 +18,7 @@ class Fuse(Compressor):
     """
 
     name = "fuse"
+    cite = ("liang2022evit",)
     appends = 1
     consumes = "fused"
 

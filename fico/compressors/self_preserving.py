@@ -25,6 +25,7 @@ class SelfPreserving(Compressor):
     """
 
     name = "self_preserving"
+    cite = ("han2026ficoco",)
     consumes = "shares"
 
     def __init__(self, weighting: str = "correlation"):

@@ -51,6 +51,7 @@ class WeightedAverage(Compressor):
     """
 
     name = "weighted_average"
+    cite = ("bolya2023tome",)
     consumes = "shares"
 
     def __init__(self, size_weighted: bool = True):

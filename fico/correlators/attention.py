@@ -59,6 +59,7 @@ class AttentionCorrelation(ThresholdedCorrelator):
     """
 
     name = "attention"
+    cite = ("han2026ficoco",)
     requires = ("attention",)
 
     def matrix(self, state: TokenState, split: Split) -> Tensor:
@@ -78,6 +79,7 @@ class TextBridgedCorrelation(ThresholdedCorrelator):
     """
 
     name = "text_bridged"
+    cite = ("han2026ficoco",)
     requires = ("attention",)
 
     def __init__(self, gamma: float = 0.6, epsilon: float = 0.998, k: int | None = None):

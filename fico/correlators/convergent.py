@@ -21,6 +21,7 @@ class Convergent(Correlator):
     """
 
     name = "convergent"
+    cite = ("liang2022evit", "han2026ficoco",)
     produces = "fused"
 
     def __init__(self, signal: str = "cls_attention"):

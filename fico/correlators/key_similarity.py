@@ -24,6 +24,7 @@ class KeySimilarity(Correlator):
     """
 
     name = "key_similarity"
+    cite = ("bolya2023tome",)
     requires = ("keys",)
 
     def __init__(self, targets: int = 1):

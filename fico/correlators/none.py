@@ -17,6 +17,7 @@ class NoCorrelation(Correlator):
     """
 
     name = "none"
+    cite = ("chen2024fastv", "han2026ficoco",)
     produces = "nothing"
 
     def correlate(self, state: TokenState, split: Split) -> Correlation:

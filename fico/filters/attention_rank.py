@@ -27,6 +27,7 @@ class AttentionRank(Filter):
     """
 
     name = "attention_rank"
+    cite = ("liang2022evit", "chen2024fastv",)
 
     def __init__(self, signal: str = "cls_attention"):
         check_signal_name(signal)

@@ -33,6 +33,7 @@ class BipartiteMatching(Filter):
     """
 
     name = "bipartite_matching"
+    cite = ("bolya2023tome",)
     requires = ("keys",)
 
     def max_discard(self, num_tokens: int, num_candidates: int) -> int:

@@ -70,6 +70,7 @@ class FiCoCoV(Filter):
     """
 
     name = "ficoco_v"
+    cite = ("han2026ficoco",)
 
     def __init__(self, lambda_: float = 0.35, c: float = 2.0, window: int = 2, vision_aware: str = "received",
                  scores: str = "softmax"):
@@ -120,6 +121,7 @@ class FiCoCoL(Filter):
     """
 
     name = "ficoco_l"
+    cite = ("han2026ficoco",)
 
     def __init__(self, beta: float = 0.6, c: float = 1.0, window: int = 2, vision_aware: str = "received",
                  scores: str = "softmax"):

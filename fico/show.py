@@ -1,0 +1,112 @@
+"""``fico show``: where the discarded tokens' information went, drawn on the image.
+
+One panel per reducing layer (evenly chosen if there are many): the patches discarded at
+that step are shaded, with a line to the patch that received most of each one's
+information (a cross where it was pruned); and a last panel colouring every patch by the
+surviving token that holds it (black: pruned). Like FiCoCo's Fig. 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _patch_grid(step, image_start: int, site: str, patches: int) -> dict[int, int]:
+    """Original position -> patch index for the tokens of a step's site."""
+    offset = 1 if site == "vision" else image_start
+    return {pos: pos - offset for pos in range(offset, offset + patches)}
+
+
+def provenance_panels(trace, image_start: int, patches: int = 576) -> list[dict]:
+    """For each step with provenance: moves (patch -> patch or None) and the final owner map."""
+    panels = []
+    for step in trace.steps:
+        if step.sources is None:
+            continue
+        cells = _patch_grid(step, image_start, step.site, patches)
+        sources = step.sources[0]  # first sample / image
+        after = step.positions_out[0].tolist()
+        moves = []
+        for pos in step.discarded[0]:
+            if pos not in cells:
+                continue
+            weights = sources[:, pos]
+            target = int(weights.argmax())
+            destination = after[target] if float(weights[target]) > 0 else None
+            moves.append((cells[pos], cells.get(destination) if destination is not None else None))
+        owner = np.full(patches, -1)
+        columns = [pos for pos in cells]
+        absorbed = sources[:, columns]  # (tokens, patches)
+        best = absorbed.max(0)
+        owner[best.values.numpy() > 0] = best.indices.numpy()[best.values.numpy() > 0]
+        panels.append({"site": step.site, "layer": step.layer, "moves": moves, "owner": owner,
+                       "tokens_out": step.tokens_out})
+    return panels
+
+
+def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5, grid: int = 24) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("the recipe reduced nothing on this input: nothing to draw")
+    chosen = panels if len(panels) <= max_panels else [panels[round(i * (len(panels) - 1) / (max_panels - 1))]
+                                                       for i in range(max_panels)]
+    size = image.size[0]
+    cell = size / grid
+    figure, axes = plt.subplots(1, len(chosen) + 1, figsize=(3.2 * (len(chosen) + 1), 3.6))
+    centre = lambda p: ((p % grid + 0.5) * cell, (p // grid + 0.5) * cell)  # noqa: E731
+    for ax, panel in zip(axes, chosen):
+        ax.imshow(image)
+        for source, target in panel["moves"]:
+            x, y = centre(source)
+            ax.add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, color="black", alpha=0.45, lw=0))
+            if target is None:
+                ax.plot([x], [y], marker="x", color="red", markersize=3)
+            else:
+                tx, ty = centre(target)
+                ax.plot([x, tx], [y, ty], color="orange", lw=0.6)
+        ax.set_title(f"{panel['site']} layer {panel['layer']}: -{len(panel['moves'])}", fontsize=9)
+        ax.axis("off")
+    owner = chosen[-1]["owner"] if len(chosen) == len(panels) else panels[-1]["owner"]
+    rng = np.random.default_rng(0)
+    palette = rng.uniform(0.15, 1.0, size=(owner.max() + 2, 3))
+    colours = np.where(owner[:, None] >= 0, palette[owner.clip(0)], 0.0).reshape(grid, grid, 3)
+    axes[-1].imshow(np.asarray(image.resize((grid, grid))) / 255.0 * 0.35 + colours * 0.65, interpolation="nearest")
+    axes[-1].set_title(f"kept-token map ({panels[-1]['tokens_out']} tokens)", fontsize=9)
+    axes[-1].axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 0, out: str = "fico-show.png",
+         max_panels: int = 5) -> Path:
+    from PIL import Image
+
+    from . import apply
+    from .cli import load_model
+    from .toy.data import TEST_SEEDS, example, prompt
+
+    model_obj, processor = load_model(model, torch.float32, "sdpa")
+    if image_path:
+        image = Image.open(image_path).convert("RGB").resize((336, 336))
+        text = "USER: <image> what digit is written ? ASSISTANT:" if model == "toy" else "USER: <image>\nDescribe. ASSISTANT:"
+    else:
+        ex = example(TEST_SEEDS.start + seed)
+        image, text = ex.image, prompt(ex.questions[0].text)
+    inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
+    with torch.inference_mode(), apply(model_obj, recipe, provenance=True) as run:
+        model_obj(**inputs, logits_to_keep=1)
+    image_token = model_obj.config.image_token_id
+    image_start = int((inputs["input_ids"][0] == image_token).nonzero()[0])
+    panels = provenance_panels(run.trace, image_start)
+    path = Path(out)
+    draw(image.resize((336, 336)), panels, path, f"{recipe.name}: where discarded tokens went", max_panels)
+    return path

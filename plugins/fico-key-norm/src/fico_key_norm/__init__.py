@@ -1,0 +1,1 @@
+"""Example fico plugin package: the ``key_norm`` filter."""
