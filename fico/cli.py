@@ -58,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("overrides", nargs="*")
     explain.add_argument("--format", choices=["text", "md", "tex"], default="text")
     explain.add_argument("--model", default="llava-1.5-7b", help="whose layers and token counts to show")
+    ablate = sub.add_parser("ablate", help="a grid of knob values / stage swaps, each measured (resumable)")
+    ablate.add_argument("recipe")
+    ablate.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (filter/correlate/compress swap a stage)")
+    ablate.add_argument("--variants", default=None, help="'paper': the paper's ablation table for the recipe")
+    ablate.add_argument("--model", default="toy", help="toy (accuracy), embedded or a checkpoint (fidelity)")
+    ablate.add_argument("--images", type=int, default=50)
+    ablate.add_argument("--out", default=None, help="JSON-lines results (default ablate-RECIPE.jsonl); reruns resume")
+    ablate.add_argument("--plot", default=None, help="write a plot (bars, line or heat-map)")
     show = sub.add_parser("show", help="draw where discarded tokens' information went (PNG)")
     show.add_argument("recipe")
     show.add_argument("overrides", nargs="*")
@@ -86,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             from .explain import explanation, render
 
             print(render(explanation(load_recipe(args.recipe, args.overrides), args.model), args.format))
+            return 0
+        if args.command == "ablate":
+            from .ablate import ablate as run_ablation, plot as plot_ablation, summary
+
+            records = run_ablation(args.recipe, args.grid, args.variants, args.model, args.images, args.out, console)
+            console.print(summary(records))
+            if args.plot:
+                plot_ablation(records, [] if args.variants else args.grid, args.plot)
+                console.print(f"plot: {args.plot}")
             return 0
         if args.command == "show":
             from .show import show as draw_show

@@ -1,0 +1,206 @@
+"""``fico ablate``: a grid of knob values and stage swaps, each cell measured, resumable.
+
+    fico ablate RECIPE --grid key=v1,v2 [--grid filter=name1,name2] [--variants paper] [--out FILE]
+
+Cells are the cross product of the grids (OmegaConf overrides; ``filter``, ``correlate``
+and ``compress`` swap that stage of step 0 for a component with default parameters), or
+the paper's named ablation variants. Each finished cell is appended to ``--out`` as one
+JSON line and skipped when the command runs again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .cost import recipe_cost
+from .errors import RecipeError
+from .recipe import load_recipe
+
+STAGE_KEYS = {"filter", "correlate", "compress"}
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1,2]`` -> ``["a", "b", "[1,2]"]`` (commas inside brackets or braces stay)."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    values.append(current)
+    return [v.strip() for v in values if v.strip()]
+
+
+def grid_cells(grids: list[str]) -> list[tuple[str, list[str]]]:
+    """(label, overrides) for the cross product of ``key=v1,v2`` grids."""
+    axes = []
+    for grid in grids:
+        key, sep, values = grid.partition("=")
+        if not sep or not values:
+            raise RecipeError(f"--grid {grid!r}: expected key=value1,value2,...")
+        key = key.strip()
+        stage = key.split(".")[-1] if key.split(".")[-1] in STAGE_KEYS else None
+        prefix = key[: -len(stage)].rstrip(".") if stage else ""
+        step = prefix.replace("step", "steps.") if prefix.startswith("step") and not prefix.startswith("steps") else prefix
+        target = f"{step or 'steps.0'}.{stage}" if stage else key
+        def override(value: str) -> str:
+            if not stage:
+                return f"{key}={value}"
+            # a stage swap: a bare name gets the component's defaults, a mapping is used as is
+            return f"{target}={value}" if value.startswith("{") else f"{target}={{name: {value}}}"
+
+        axes.append([(f"{key}={v}", override(v)) for v in split_values(values)])
+    cells = []
+    for combination in itertools.product(*axes):
+        cells.append((" ".join(label for label, _ in combination), [override for _, override in combination]))
+    return cells
+
+
+def measure(recipe, model_name: str, bm, images: int) -> dict:
+    """Accuracy (toy) or fidelity (other models) of one configuration, plus its cost."""
+    from .bench import answer_distribution
+
+    out = {}
+    if recipe is not None:
+        cost = recipe_cost("llava-1.5-7b", recipe, text_tokens=60)
+        out["tflops_llava_1_5_7b"] = cost.tflops
+    if model_name == "toy":
+        accuracy, logprobs, _ = answer_distribution(bm, recipe, images)
+        out["accuracy"] = accuracy
+        out["_logprobs"] = logprobs
+    else:
+        out["_logprobs"] = fidelity_logprobs(bm, recipe, images)
+    return out
+
+
+def fidelity_logprobs(bm, recipe, images: int) -> torch.Tensor:
+    """Next-token log-probabilities on generated pictures (models without a test set)."""
+    from contextlib import nullcontext
+
+    from . import apply, embedded
+
+    text = "USER: <image> what is the color of the circle ? ASSISTANT:" if bm.name == "embedded" else \
+        "USER: <image>\nDescribe the image. ASSISTANT:"
+    rows = []
+    with apply(bm.model, recipe) if recipe is not None else nullcontext():
+        for seed in range(images):
+            inputs = dict(bm.processor(images=[embedded.example_image(seed)], text=[text], return_tensors="pt"))
+            rows.append(bm.model(**inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(-1))
+    return torch.cat(rows)
+
+
+def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str = "toy", images: int = 50,
+           out: Path | None = None, console: Console | None = None) -> list[dict]:
+    from .ablations import paper_table
+    from .bench import BenchModel
+    from .cli import load_model
+
+    console = console or Console()
+    if variants:
+        if variants != "paper":
+            raise RecipeError(f"--variants: only 'paper' (the paper's ablation table) is bundled, got {variants!r}")
+        try:
+            cells = paper_table(recipe_name)
+        except KeyError as error:
+            raise RecipeError(str(error.args[0])) from error
+    else:
+        cells = grid_cells(grids) if grids else [("recipe as is", [])]
+    recipes = {label: load_recipe(recipe_name, overrides) for label, overrides in cells}  # fail before running
+    out = Path(out or f"ablate-{recipe_name.replace('/', '_')}.jsonl")
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[record["cell"]] = record
+    model_obj, processor = load_model(model, torch.float32, "sdpa")
+    bm = BenchModel(model, model_obj, processor, {})
+    with torch.inference_mode(), Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"ablating {recipe_name}", total=len(cells) + 1)
+        base = measure(None, model, bm, images)
+        progress.advance(task)
+        for label, overrides in cells:
+            if label in done:
+                progress.advance(task)
+                continue
+            result = measure(recipes[label], model, bm, images)
+            logprobs = result.pop("_logprobs")
+            record = {"cell": label, "recipe": recipe_name, "overrides": overrides, "model": model,
+                      "images": images, **result,
+                      "answer_agreement": (logprobs.argmax(-1) == base["_logprobs"].argmax(-1)).float().mean().item(),
+                      "kl": torch.nn.functional.kl_div(logprobs, base["_logprobs"], log_target=True,
+                                                       reduction="batchmean").item()}
+            if "accuracy" in result:
+                record["accuracy_retention"] = result["accuracy"]["overall"] / base["accuracy"]["overall"]
+            with out.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            done[label] = record
+            progress.advance(task)
+    return [done[label] for label, _ in cells]
+
+
+def summary(records: list[dict]) -> Table:
+    table = Table(title=f"fico ablate {records[0]['recipe']} ({records[0]['model']}, {records[0]['images']} images)")
+    toy = "accuracy" in records[0]
+    columns = ["cell", "TFLOPs (7B)"] + (["accuracy", "retention"] if toy else []) + ["agreement", "KL"]
+    if toy:
+        kinds = [k for k in records[0]["accuracy"] if k != "overall"]
+        columns[4:4] = kinds
+    for column in columns:
+        table.add_column(column, justify="right" if column != "cell" else "left")
+    for r in records:
+        row = [r["cell"], f"{r.get('tflops_llava_1_5_7b', 0):.2f}"]
+        if toy:
+            row += [f"{r['accuracy']['overall']:.3f}", f"{r['accuracy_retention']:.3f}"]
+            row += [f"{r['accuracy'][k]:.2f}" for k in kinds]
+        row += [f"{r['answer_agreement']:.3f}", f"{r['kl']:.4f}"]
+        table.add_row(*row)
+    return table
+
+
+def plot(records: list[dict], grids: list[str], path: Path) -> None:
+    """Bars for named variants, a line for one grid axis, a heat-map for two."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metric = "accuracy" if "accuracy" in records[0] else "answer_agreement"
+    value = [r["accuracy"]["overall"] if metric == "accuracy" else r[metric] for r in records]
+    figure, ax = plt.subplots(figsize=(7, 0.4 * len(records) + 1.5) if len(grids) != 1 else (6, 4))
+    if len(grids) == 2:
+        first = split_values(grids[0].partition("=")[2])
+        second = split_values(grids[1].partition("=")[2])
+        grid = np.array(value).reshape(len(first), len(second))
+        image = ax.imshow(grid, cmap="viridis")
+        ax.set_xticks(range(len(second)), second)
+        ax.set_yticks(range(len(first)), first)
+        ax.set_xlabel(grids[1].partition("=")[0])
+        ax.set_ylabel(grids[0].partition("=")[0])
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+        figure.colorbar(image, label=metric)
+    elif len(grids) == 1:
+        labels = split_values(grids[0].partition("=")[2])
+        ax.plot(range(len(labels)), value, marker="o")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(grids[0].partition("=")[0])
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    else:
+        ax.barh([r["cell"] for r in records][::-1], value[::-1])
+        ax.set_xlabel(metric)
+    ax.set_title(f"fico ablate {records[0]['recipe']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

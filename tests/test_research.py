@@ -1,0 +1,135 @@
+"""Research workflow: fico explain, provenance and fico show, fico ablate, generated docs."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import fico
+from fico.cli import main
+from fico.explain import explanation, latex_to_text, render
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_explain_has_stages_formulas_parameters_and_bibtex():
+    data = explanation(fico.load_recipe("ficoco_l"))
+    stages = data["steps"][0]["stages"]
+    assert [s["name"] for s in stages] == ["ficoco_l", "text_bridged", "self_preserving"]
+    assert stages[0]["parameters"]["beta"] == 0.6 and "\\beta" in stages[0]["latex"][0]
+    assert "β" in stages[0]["text"][0] and "\\" not in stages[0]["text"][0]
+    assert data["steps"][0]["layers"] == list(range(4, 32))
+    assert any("han2026ficoco" in b for b in data["bibtex"])
+    markdown = render(data, "md")
+    assert "$$" in markdown and "```bibtex" in markdown
+    tex = render(data, "tex")
+    assert "\\begin{equation}" in tex and "\\cite{han2026ficoco}" in tex
+
+
+@pytest.mark.parametrize("name", ["tome", "evit", "fastv", "ficoco_v", "ficoco_l", "ficoco_vl"])
+def test_every_formula_renders_as_plain_text(name, capsys):
+    assert main(["explain", name]) == 0
+    out = capsys.readouterr().out
+    formula_lines = [line for line in out.splitlines() if line.startswith("      ")]
+    assert formula_lines and not any("\\" in line for line in formula_lines)
+    assert "@inproceedings" in out
+
+
+def test_latex_to_text_nested_fraction():
+    assert latex_to_text(r"\frac{x_j + \sum_{i} \alpha_{ij} x_i}{1 + \sum_{i} \alpha_{ij}}") == \
+        "(x_j + Σ_{i} α_{ij} x_i)/(1 + Σ_{i} α_{ij})"
+    assert latex_to_text(r"\frac{1}{N}") == "1/N"
+
+
+@pytest.mark.parametrize("name,overrides", [("tome", ["r=16"]), ("ficoco_v", ["layers=[1,2]"]), ("fastv", []),
+                                            ("evit", ["layers=[0,2]"])])
+def test_provenance_rows_are_convex_for_merges_and_do_not_change_outputs(tiny_model, single_inputs, name, overrides):
+    model = tiny_model()
+    inputs = single_inputs()
+    recipe = fico.load_recipe(name, overrides)
+    with torch.no_grad():
+        with fico.apply(model, recipe):
+            plain = model(**inputs).logits
+        with fico.apply(model, recipe, provenance=True) as run:
+            tracked = model(**inputs).logits
+    assert torch.equal(plain, tracked)
+    for step in run.trace.steps:
+        rows = step.sources[0].sum(-1)
+        original = step.positions_out[0] >= 0  # EViT's fused tokens (-1) carry their raw weights
+        # merges leave convex mixes of the originals; pruning leaves rows of the identity
+        assert torch.allclose(rows[original], torch.ones_like(rows[original]), atol=1e-6)
+        assert len(step.discarded[0]) == step.removed
+
+
+def test_provenance_tome_matches_source_tracking(tiny_model, single_inputs):
+    """ToMe's own trace_source: each final token covers the originals merged into it; sizes agree."""
+    model = tiny_model()
+    with torch.no_grad(), fico.apply(model, fico.load_recipe("tome", ["r=40", "layers=[0,1]"]), provenance=True) as run:
+        model.model.get_image_features(pixel_values=single_inputs()["pixel_values"])
+    sources = run.trace.steps[-1].sources[0]
+    covered = (sources > 0).sum(-1)  # originals per token
+    assert covered.sum() == 577 and covered.max() > 1
+
+
+def test_show_writes_a_png(tmp_path):
+    out = tmp_path / "show.png"
+    assert main(["show", "tome", "r=16", "--model", "embedded", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "show_fastv.png"
+    assert main(["show", "fastv", "--model", "embedded", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_ablate_grid_is_resumable_and_plots(tmp_path, capsys):
+    out, png = tmp_path / "cells.jsonl", tmp_path / "grid.png"
+    args = ["ablate", "fastv", "--grid", "ratio=0.25,0.75", "--grid", "filter=ficoco_l,{name: bipartite_matching}",
+            "--model", "embedded", "--images", "1", "--out", str(out), "--plot", str(png)]
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["cell"] for r in records] == [
+        "ratio=0.25 filter=ficoco_l", "ratio=0.25 filter={name: bipartite_matching}",
+        "ratio=0.75 filter=ficoco_l", "ratio=0.75 filter={name: bipartite_matching}"]
+    assert records[0]["overrides"][1] == "steps.0.filter={name: ficoco_l}"
+    assert records[1]["overrides"][1] == "steps.0.filter={name: bipartite_matching}"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(args) == 0  # every cell is done: nothing re-runs, nothing is appended
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_ablate_paper_variants_load():
+    from fico.ablations import PAPER_TABLES
+
+    for recipe, variants in PAPER_TABLES.items():
+        for label, overrides in variants:
+            fico.load_recipe(recipe, overrides)
+
+
+def test_paper_variants_match_the_documented_one_liners():
+    from fico.ablations import PAPER_TABLES
+
+    documented = (DOCS / "ficoco.md").read_text()
+    for recipe, variants in PAPER_TABLES.items():
+        for label, overrides in variants:
+            if overrides:
+                line = f"fico run {recipe} " + " ".join(f'"{o}"' if " " in o else o for o in overrides)
+                assert line in documented, line
+
+
+def test_component_docs_are_current():
+    from fico.docgen import main as docgen
+
+    assert docgen(["--check"]) == 0
+
+
+def test_methods_page_examples_run(tiny_model, single_inputs):
+    lines = re.findall(r"^    (fico run .*)$", (DOCS / "methods.md").read_text(), flags=re.M)
+    assert len(lines) == 2
+    model = tiny_model(dtype=torch.float32)
+    for line in lines:
+        words = shlex.split(line)
+        with torch.no_grad(), fico.apply(model, fico.load_recipe(words[2], words[3:] + (["r=16"] if words[2] == "tome" else []))) as run:
+            model(**single_inputs(torch.float32))
+        assert run.trace.steps
