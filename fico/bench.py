@@ -273,6 +273,46 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def markdown(report: dict, command: str) -> str:
+    """A results block for docs/benchmarks.md, with the speed requirements checked."""
+    toy = "accuracy" in report["baseline"]
+    lines = [f"<!-- bench:{report['model']}:begin -->",
+             f"Measured {report['date']} on {report['machine']}, model `{report['model']}`, "
+             f"{report['timing']['repeats']} interleaved repeats (medians), by:", "", f"    {command}", "",
+             "| recipe | GFLOPs (full) | FLOPs speedup | measured speedup | measured / FLOPs | prefill ms | "
+             "decode ms/token | fico stages (% of prefill) |" + (" accuracy | retention | agreement |" if toy else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if toy else "")]
+    base = dict(report["baseline"], flops_speedup=1.0, measured_speedup=1.0, speedup_ratio=1.0)
+    for e in [base] + report["results"]:
+        row = (f"| {e['recipe']} | {e['tflops'] * 1e3:.1f} | {e['flops_speedup']:.2f} | {e['measured_speedup']:.2f} | "
+               f"{e['speedup_ratio']:.2f} | {e['prefill_ms']:.1f} | {e['decode_ms_per_token']:.2f} | "
+               f"{100 * e['stage_share']:.1f} |")
+        if toy:
+            row += (f" {e['accuracy']['overall']:.3f} | {e.get('accuracy_retention', 1.0):.3f} | "
+                    f"{e.get('answer_agreement', 1.0):.3f} |")
+        lines.append(row)
+    if not toy:
+        lines += ["", "Requirements (issue: measured speedup >= 0.9 x FLOPs speedup; fico's stages <= 5% of the "
+                  "reduced prefill):", ""]
+        for e in report["results"]:
+            speed = "met" if e["speedup_ratio"] >= 0.9 else f"missed by {0.9 - e['speedup_ratio']:.2f}"
+            share = "met" if e["stage_share"] <= 0.05 else f"missed by {100 * (e['stage_share'] - 0.05):.1f} points"
+            lines.append(f"- `{e['recipe']}`: speedup ratio {e['speedup_ratio']:.2f} ({speed}); "
+                         f"stages {100 * e['stage_share']:.1f}% ({share})")
+    lines.append(f"<!-- bench:{report['model']}:end -->")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, block: str, model: str) -> None:
+    begin, end = f"<!-- bench:{model}:begin -->", f"<!-- bench:{model}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 def main_bench(args, console: Console) -> int:
     budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
     for b in budgets or ():
@@ -286,4 +326,12 @@ def main_bench(args, console: Console) -> int:
     if args.plot:
         plot(report, Path(args.plot))
         console.print(f"plot: {args.plot}")
+    if args.markdown:
+        import shlex
+        import sys
+
+        command = "fico bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] \
+            else "fico bench " + " ".join(args.recipes)
+        write_markdown(Path(args.markdown), markdown(report, command), report["model"])
+        console.print(f"markdown: {args.markdown}")
     return 0

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--json", default=None, help="write the results as JSON")
     bench.add_argument("--plot", default=None, help="write accuracy/latency against TFLOPs as an image")
+    bench.add_argument("--markdown", default=None, help="update this markdown file's results block (docs/benchmarks.md)")
     args = parser.parse_args(argv)
     console = Console()
     try:

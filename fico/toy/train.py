@@ -114,16 +114,22 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="start from the weights in this directory (e.g. the shipped ones) instead of scratch")
     args = parser.parse_args(argv)
 
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model = LlavaForConditionalGeneration(build_config()).train()
-    # A strong position signal from the start: with CLIP's 0.02-std init, where a patch is
-    # barely survives 24 layers and the LLM cannot learn to find a named cell.
-    torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=0.5)
+    if args.resume:
+        model = LlavaForConditionalGeneration.from_pretrained(args.resume, local_files_only=True,
+                                                              dtype=torch.float32).train()
+    else:
+        model = LlavaForConditionalGeneration(build_config()).train()
+        # A strong position signal from the start: with CLIP's 0.02-std init, where a patch is
+        # barely survives 24 layers and the LLM cannot learn to find a named cell.
+        torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=0.5)
     model.set_attn_implementation("sdpa")
     processor = build_processor()
     config = model.config

@@ -1,0 +1,60 @@
+"""fico-toy: deterministic generator, packed training equals unpacked prompts, shipped weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fico.toy.data import QUESTION_TYPES, TEST_SEEDS, TRAIN_SEEDS, VOCAB, example, pixel_values, prompt
+from fico.toy.model import WEIGHTS, build_config, build_processor, load
+
+
+def test_generator_is_deterministic_and_splits_are_disjoint():
+    a, b = example(123), example(123)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert [(q.text, q.answer) for q in a.questions] == [(q.text, q.answer) for q in b.questions]
+    assert np.array_equal(a.patch_labels, b.patch_labels)
+    assert not np.array_equal(np.asarray(example(124).image), np.asarray(a.image))
+    assert set(range(TRAIN_SEEDS.start, TRAIN_SEEDS.stop)).isdisjoint(range(TEST_SEEDS.start, TEST_SEEDS.start + 10))
+    assert [q.kind for q in a.questions] == list(QUESTION_TYPES)
+    assert all(w in VOCAB for q in a.questions for w in (q.text.split() + [q.answer]))
+
+
+def test_training_pixels_equal_the_processor():
+    image = example(5).image
+    expected = build_processor()(images=[image], text=[prompt("what digit is written ?")],
+                                 return_tensors="pt")["pixel_values"]
+    assert torch.allclose(torch.from_numpy(pixel_values([image])), expected, atol=1e-5)
+
+
+def test_packed_questions_give_the_unpacked_logits():
+    from transformers import LlavaForConditionalGeneration
+
+    from fico.toy.train import packed_batch
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(build_config()).eval()
+    processor = build_processor()
+    batch = packed_batch([7, 8])
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+        packed = packed[batch["answer_rows"], batch["answer_cols"]]
+        for index, (seed, q) in enumerate([(s, q) for s in (7, 8) for q in example(s).questions]):
+            inputs = processor(images=[example(seed).image], text=[prompt(q.text)], return_tensors="pt")
+            single = model(**inputs, logits_to_keep=1).logits[0, -1]
+            assert (single - packed[index]).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not (WEIGHTS / "config.json").is_file(), reason="no trained toy weights shipped")
+def test_shipped_weights_reach_their_stated_accuracy():
+    from fico.toy.evaluate import evaluate
+
+    stated = json.loads((WEIGHTS / "accuracy.json").read_text())
+    model, processor = load()
+    with torch.no_grad():
+        result = evaluate(model, processor, images=20)  # a fixed slice of the test set, well within a minute
+    # 120 questions: allow the sampling error of a slice against the full evaluation
+    assert result["overall"] >= stated["overall"] - 0.08
+    assert result["overall"] >= 0.5  # far above chance (about 0.3)
