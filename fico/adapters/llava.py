@@ -287,13 +287,34 @@ def _vision_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | 
         mask = bias if mask is None else mask + bias
     residual = hidden_states
     hidden_states = self.layer_norm1(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=mask, **kwargs)
+    if layer in site.explicit_attention_layers and not hidden_states.is_meta:
+        # The step needs the whole attention matrix: form it once here and share it, rather
+        # than running SDPA and recomputing every row.
+        hidden_states, vp.captured["probs"] = _explicit_attention(self.self_attn, hidden_states, mask)
+    else:
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=mask, **kwargs)
     hidden_states = residual + hidden_states
     hidden_states = site.reduce(layer, hidden_states, vp, mask)
     residual = hidden_states
     hidden_states = self.layer_norm2(hidden_states)
     hidden_states = self.mlp(hidden_states)
     return residual + hidden_states
+
+
+def _explicit_attention(attn: nn.Module, hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """CLIP attention computed explicitly (as HF's eager path): output and probabilities (B, H, N, N)."""
+    b, n, c = hidden.shape
+
+    def heads(x):
+        return x.view(b, n, attn.num_heads, c // attn.num_heads).transpose(1, 2)
+
+    q, k, v = heads(attn.q_proj(hidden)), heads(attn.k_proj(hidden)), heads(attn.v_proj(hidden))
+    logits = (q @ k.transpose(-1, -2)) * attn.scale
+    if mask is not None:
+        logits = logits + mask
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = (probs @ v).transpose(1, 2).reshape(b, n, c)
+    return attn.out_proj(out), probs
 
 
 class VisionSite:
@@ -303,6 +324,8 @@ class VisionSite:
         self.tower = model.model.vision_tower
         self.proportional = any(p.step.proportional_attention for p in plan.steps.values())
         self.grid = _patch_grid(geo.vision_tokens - 1)
+        self.explicit_attention_layers = {layer for layer, p in plan.steps.items()
+                                          if p.remove and "attention" in p.step.required_signals()}
         self.current: VisionPass | None = None
         self.inside_generate = False
 
@@ -373,7 +396,13 @@ class VisionSite:
         names = planned.step.required_signals()
         signals = {}
         if names and not hidden.is_meta:
-            signals = vision_signals(names, vp.captured.get("q"), vp.captured["k"], attn.num_heads, attn.scale, mask)
+            probs = vp.captured.get("probs")
+            rest = names - {"attention", "cls_attention"} if probs is not None else names
+            signals = vision_signals(rest, vp.captured.get("q"), vp.captured["k"], attn.num_heads, attn.scale, mask)
+            if probs is not None:
+                mean = probs.float().mean(1) if probs.dtype in (torch.float16, torch.bfloat16) else probs.mean(1)
+                signals.update({"attention": mean, "cls_attention": mean[:, 0]})
+                signals = {name: signals[name] for name in names}
         vp.captured.clear()
         state = TokenState(hidden=hidden, positions=vp.positions, candidate=vp.candidate,
                            visual=torch.ones_like(vp.candidate), text=torch.zeros_like(vp.candidate),
