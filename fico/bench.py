@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost
+from .cost import model_spec, recipe_cost
 from .errors import RecipeError
 from .recipe import Recipe, load_recipe
 

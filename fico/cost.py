@@ -259,12 +259,9 @@ def recipe_cost(model, recipe=None, text_tokens: int = 60, convention: str = "ll
     if text_tokens < 1:
         raise RecipeError(f"text_tokens must be >= 1, got {text_tokens}")
     if recipe is None:
-        from .recipe import Recipe
-
         counts = TokenCounts([spec.patches + 1] * spec.vision_layers, [spec.patches + 1] * spec.vision_layers,
                              spec.patches, [spec.patches + text_tokens] * spec.llm_layers, text_tokens)
-        report = prefill_cost(spec, counts, convention, dtype)
-        return report
+        return prefill_cost(spec, counts, convention, dtype)
     plan = plan_recipe(recipe, spec.geometry())
     report = prefill_cost(spec, TokenCounts.from_plan(plan, text_tokens), convention, dtype)
     report.recipe = recipe.name

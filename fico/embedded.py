@@ -35,11 +35,16 @@ PREPROCESSOR = {
 }
 
 
-def build_tokenizer():
+def build_tokenizer(words: list[str] | None = None):
+    """A word-level tokenizer over ``words`` (default: the embedded model's), built in code.
+
+    ``<image>`` is an added special token, so the processor's run of placeholders written
+    without spaces splits correctly.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(WORDS)}
+    vocab = {word: i for i, word in enumerate(words or WORDS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -51,8 +56,8 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_processor():
-    """A ``LlavaProcessor`` with LLaVA-1.5's image preprocessing and the in-code tokenizer."""
+def build_processor(tokenizer=None):
+    """A ``LlavaProcessor`` with LLaVA-1.5's image preprocessing and an in-code tokenizer."""
     import warnings
 
     from transformers import LlavaProcessor
@@ -61,7 +66,7 @@ def build_processor():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image_processor = CLIPImageProcessorPil.from_dict(dict(PREPROCESSOR))
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=14,
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(), patch_size=14,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import RecipeError
 from .recipe import Recipe, Step
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -141,6 +140,14 @@ def assert_same_token_set(actual, expected, atol=1e-6):
 # ----------------------------------------------------------------------------- language model
 
 
+def llm_inputs(model, input_ids, pixel_values):
+    """The LLM's input embeddings (image features in the placeholders) and the placeholder mask."""
+    embeds = model.get_input_embeddings()(input_ids)
+    features = torch.cat(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
+    image = input_ids == model.config.image_token_id
+    return embeds.masked_scatter(image[..., None], features.to(embeds.dtype)), image
+
+
 def _causal_padding_mask(keep, real, dtype):
     """Additive mask for kept original indices ``keep`` (B, L): causal by original index, pads masked."""
     allowed = (keep[:, None, :] <= keep[:, :, None]) & torch.gather(real, 1, keep)[:, None, :]
@@ -178,10 +185,7 @@ def fastv_logits(model, input_ids, attention_mask, pixel_values, k, ratio, posit
         (logits, keep) with keep the original indices of the tokens after layer k.
     """
     lm = model.model.language_model
-    embeds = model.get_input_embeddings()(input_ids)
-    features = torch.cat(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
-    image = input_ids == model.config.image_token_id
-    embeds = embeds.masked_scatter(image[..., None], features.to(embeds.dtype))
+    embeds, image = llm_inputs(model, input_ids, pixel_values)
     b, n = input_ids.shape
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if position_ids is None:
@@ -191,6 +195,7 @@ def fastv_logits(model, input_ids, attention_mask, pixel_values, k, ratio, posit
     cos_sin = lm.rotary_emb(embeds, position_ids)
     hidden = embeds
     keep = full
+    previous_input = None  # the input of layer k-1, whose attention FastV ranks by
     for index, layer in enumerate(lm.layers):
         if index == k:
             if replay is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from reference import _causal_padding_mask, _clip_attention
+from reference import _causal_padding_mask, _clip_attention, llm_inputs
 
 
 def _penalise(score, pos, grid_side, window, c):
@@ -86,10 +86,7 @@ def _attention_matrix(layer, hidden, cos_sin, mask):
 def ficoco_l_logits(model, input_ids, attention_mask, pixel_values, r, layers, beta=0.6, gamma=0.6, eps=0.998):
     """Logits (B, L', V) under FiCoCo-L, with positions = arange (as model(**inputs))."""
     lm = model.model.language_model
-    embeds = model.get_input_embeddings()(input_ids)
-    features = torch.cat(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
-    image = input_ids == model.config.image_token_id
-    hidden = embeds.masked_scatter(image[..., None], features.to(embeds.dtype))
+    hidden, image = llm_inputs(model, input_ids, pixel_values)
     b, n = input_ids.shape
     real = attention_mask.bool()
     keep = torch.arange(n)[None].expand(b, n)

@@ -2,7 +2,6 @@
 knob errors, and every documented ablation one-liner."""
 
 import math
-import re
 import shlex
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from fico.filters.local_penalty import local_penalty
 from fico.selection import quantile_shares, split_by_scores
 from fico.stages import Correlation
 from fico.state import TokenState
-from reference import assert_same_token_set, projected_features
+from reference import projected_features
 from reference_ficoco import ficoco_l_logits, ficoco_v_states
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "ficoco.md"

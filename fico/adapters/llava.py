@@ -50,6 +50,10 @@ class LlavaGeometry:
     image_token_id: int
     placeholders_per_image: int
 
+    def planning(self) -> Geometry:
+        return Geometry(len(self.vision_layers), self.vision_tokens, self.feature_index, self.drops_cls,
+                        len(self.llm_layers))
+
 
 def supports(model) -> bool:
     try:
@@ -100,8 +104,7 @@ def apply(model, recipe: Recipe, provenance: bool = False) -> ReductionRun:
     if has_vision and not isinstance(model.config.vision_feature_layer, int):
         raise RecipeError(f"{recipe.source}: vision steps need a single vision_feature_layer; this model "
                           f"concatenates layers {model.config.vision_feature_layer}")
-    plan = plan_recipe(recipe, Geometry(len(geo.vision_layers), geo.vision_tokens, geo.feature_index,
-                                        geo.drops_cls, len(geo.llm_layers)))
+    plan = plan_recipe(recipe, geo.planning())
     vision_plan, llm_plan, features = plan.vision, plan.llm, plan.features
     for site_plan, provided in ((vision_plan, VISION_SIGNALS), (llm_plan, LLM_SIGNALS)):
         for planned in site_plan.steps.values():

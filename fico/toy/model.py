@@ -12,33 +12,15 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from ..embedded import build_tokenizer as word_level
 
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    tokenizer.padding_side = "left"
-    return tokenizer
+    return word_level(VOCAB)
 
 
 def build_processor():
-    import warnings
+    from ..embedded import build_processor as llava_processor
 
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from ..embedded import PREPROCESSOR
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image_processor = CLIPImageProcessorPil.from_dict(dict(PREPROCESSOR))
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=14,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return llava_processor(build_tokenizer())
 
 
 def build_config():

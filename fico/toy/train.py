@@ -135,7 +135,8 @@ def main(argv=None) -> None:
     config = model.config
     patch_head = torch.nn.Linear(config.vision_config.hidden_size, PATCH_CLASSES)
     cell_head = torch.nn.Linear(config.text_config.hidden_size, 2 * GRID)
-    params = list(model.parameters()) + list(patch_head.parameters()) + list(cell_head.parameters())
+    token_head = torch.nn.Linear(config.text_config.hidden_size, PATCH_CLASSES)
+    params = [*model.parameters(), *patch_head.parameters(), *cell_head.parameters(), *token_head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     captured = {}
     feature_layer = config.vision_config.num_hidden_layers + 1 + config.vision_feature_layer - 1
@@ -168,13 +169,18 @@ def main(argv=None) -> None:
             cells = cell_head(features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6))
             cell_loss = (F.cross_entropy(cells[..., :GRID].flatten(0, 1), batch["cell_rows"].flatten())
                          + F.cross_entropy(cells[..., GRID:].flatten(0, 1), batch["cell_cols"].flatten()))
-            loss = answer_loss + 0.5 * patch_loss + 0.5 * cell_loss
+            # what covers each patch, also from the projector output: the LLM's visual tokens
+            # themselves carry the content, so even evenly spread attention reads it
+            normed = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
+            token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten())
+            loss = answer_loss + 0.5 * patch_loss + 0.5 * cell_loss + 0.5 * token_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         record = {"step": step, "loss": round(loss.item(), 4), "answer": round(answer_loss.item(), 4),
                   "patch": round(patch_loss.item(), 4), "cell": round(cell_loss.item(), 4),
+                  "token": round(token_loss.item(), 4),
                   "lr": round(lr, 6), "time": round(time.time() - deadline + args.minutes * 60, 1)}
         if step % args.eval_every == 0:
             model.eval()
