@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a recipe against the unreduced model")
     run.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help="bundled name or YAML path")
     run.add_argument("overrides", nargs="*", help="knob overrides, key=value")
-    run.add_argument("--model", default="toy",
-                     help="toy (default: the trained fico-toy), embedded (random tiny), or a local checkpoint directory")
+    run.add_argument("--model", default=None,
+                     help="toy (the trained fico-toy, the default when its weights are shipped), embedded (random "
+                          "tiny LLaVA-1.5-shaped, the default otherwise), or a local checkpoint directory")
     run.add_argument("--image", default=None, help="image file (default: a generated picture)")
     run.add_argument("--seed", type=int, default=0, help="which generated test image")
     run.add_argument("--prompt", default=None, help="a question (default: the toy image's six questions)")
@@ -230,6 +231,10 @@ def run_recipe(args, console: Console) -> int:
     from . import apply
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
+    if args.model is None:
+        from .toy.model import WEIGHTS
+
+        args.model = "toy" if (WEIGHTS / "config.json").is_file() else "embedded"
     dtype = DTYPES[args.dtype]
     model, processor = load_model(args.model, dtype, args.attn)
     images, prompts, truths = _questions(args)
