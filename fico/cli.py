@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--image", default=None, help="image file (default: a generated picture)")
     run.add_argument("--seed", type=int, default=0, help="which generated test image")
     run.add_argument("--prompt", default=None, help="a question (default: the toy image's six questions)")
-    run.add_argument("--max-new-tokens", type=int, default=None, help="default: 1 on the toy (one-word answers), else 8")
+    run.add_argument("--max-new-tokens", type=int, default=None, help="default: 1 on the toy (one-word answers), 3 on the embedded model, else 8")
     run.add_argument("--repeats", type=int, default=5, help="timed prefill repetitions per configuration")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
@@ -238,7 +238,7 @@ def run_recipe(args, console: Console) -> int:
     dtype = DTYPES[args.dtype]
     model, processor = load_model(args.model, dtype, args.attn)
     images, prompts, truths = _questions(args)
-    max_new = args.max_new_tokens or (1 if args.model == "toy" else 8)
+    max_new = args.max_new_tokens or {"toy": 1, "embedded": 3}.get(args.model, 8)
 
     def encode(pictures, texts):
         inputs = dict(processor(images=pictures, text=texts, return_tensors="pt", padding=True))

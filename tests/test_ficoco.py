@@ -287,6 +287,8 @@ def test_generate_left_padded_batch_equals_alone(tiny_model, batch_inputs, proce
     ("ficoco_v", ["lambda=1.2"], r"lambda must be in \[0, 1\]"),
     ("ficoco_v", ["steps.0.filter.vision_aware=sent"], r"vision_aware must be one of received, given"),
     ("ficoco_l", ["r=-3"], r"remove: must be a non-negative integer"),
+    ("ficoco_l", ["k=-1"], r"steps\[0\]\.layers: layer indices are 0-based and non-negative, got '-1:' \(from \$\{layers\}\)"),
+    ("ficoco_l", ["layers=oops"], r"steps\[0\]\.layers: must be 'all', 'START:STOP'"),
     ("ficoco_l", ["beta=2"], r"beta must be in \[0, 1\]"),
     ("ficoco_l", ["gamma=-1"], r"gamma must be in \[0, 1\]"),
     ("ficoco_l", ["epsilon=2"], r"epsilon must be in \[0, 1\]"),
