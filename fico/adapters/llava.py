@@ -656,7 +656,7 @@ class LLMSite:
                               f"tokens at llm layer {layer}, where only {available} visual tokens are left")
         remove = min(requested, step.filter.max_discard(n, available))
         text = real & ~visual
-        first_visual = torch.where(visual, keep, n).min(1, keepdim=True).values
+        first_visual = torch.where(visual, keep, torch.iinfo(keep.dtype).max).min(1, keepdim=True).values
         signals = {}
         names = step.required_signals()
         if names and not hidden.is_meta:
