@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .cost import model_spec, recipe_cost
+from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost
 from .errors import RecipeError
 from .recipe import Recipe, load_recipe
 
@@ -84,7 +84,7 @@ def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int,
     """Interleaved prefill timings: {name: {"prefill": [...], "stage": [...]}} (warm-up excluded)."""
     from . import apply
 
-    times = {name: {"prefill": [], "stage": []} for name in recipes}
+    times = {name: {"prefill": [], "stage": [], "trace": None} for name in recipes}
     task = progress.add_task("prefill timing", total=(reps + 1) * len(recipes)) if progress else None
     for rep in range(reps + 1):
         for name, recipe in recipes.items():
@@ -94,6 +94,7 @@ def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int,
                 with apply(model, recipe) as run:
                     seconds = _prefill(model, inputs)
                 stage = run.trace.stage_seconds
+                times[name]["trace"] = run.trace
             if rep:  # the first round warms up
                 times[name]["prefill"].append(seconds)
                 times[name]["stage"].append(stage)
@@ -178,8 +179,12 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
         base_logprobs = None
         for name, recipe in configs.items():
             entry = {"recipe": name}
-            full = recipe_cost(spec, recipe, text_tokens, "full")
-            viewer = recipe_cost(spec, recipe, text_tokens, "llm-viewer")
+            if recipe is None:
+                full = recipe_cost(spec, None, text_tokens, "full")
+                viewer = recipe_cost(spec, None, text_tokens, "llm-viewer")
+            else:  # the cost of what ran, from the token counts the timed prefill recorded
+                counts = TokenCounts.from_trace(timings[name]["trace"], spec)
+                full, viewer = prefill_cost(spec, counts, "full"), prefill_cost(spec, counts, "llm-viewer")
             entry.update(tflops=full.tflops, tflops_llm_viewer=viewer.tflops, kv_cache_mb=viewer.kv_cache_mb,
                          image_features=full.tokens["features"])
             prefill = statistics.median(timings[name]["prefill"])
