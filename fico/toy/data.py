@@ -53,6 +53,7 @@ class Question:
     kind: str
     text: str
     answer: str
+    cells: tuple = ()  # grid cells (row, col) holding what the answer depends on, where defined
 
 
 @dataclass
@@ -110,21 +111,22 @@ def example(seed: int, questions_per_type: int = 1) -> Example:
 
     questions = []
     for _ in range(questions_per_type):
-        questions += _questions(rng, objects, digit)
+        questions += _questions(rng, objects, digit, divmod(digit_cell, GRID))
     return Example(image, questions, labels.reshape(-1), objects)
 
 
-def _questions(rng: random.Random, objects: list[dict], digit: int) -> list[Question]:
+def _questions(rng: random.Random, objects: list[dict], digit: int, digit_cell: tuple) -> list[Question]:
     out = []
     target = rng.choice(objects)
     cell = f"row{target['row']} col{target['col']}"
-    out.append(Question("color", f"what color is at {cell} ?", target["color"]))
+    out.append(Question("color", f"what color is at {cell} ?", target["color"], ((target["row"], target["col"]),)))
     target = rng.choice(objects)
     cell = f"row{target['row']} col{target['col']}"
-    out.append(Question("shape", f"what shape is at {cell} ?", target["shape"]))
+    out.append(Question("shape", f"what shape is at {cell} ?", target["shape"], ((target["row"], target["col"]),)))
     color = rng.choice(list(COLORS))
     count = sum(o["color"] == color for o in objects)
-    out.append(Question("count", f"how many {color} objects are there ?", str(count)))
+    out.append(Question("count", f"how many {color} objects are there ?", str(count),
+                        tuple((o["row"], o["col"]) for o in objects if o["color"] == color)))
     if rng.random() < 0.5:  # balanced yes/no
         target = rng.choice(objects)
         color, shape = target["color"], target["shape"]
@@ -133,7 +135,8 @@ def _questions(rng: random.Random, objects: list[dict], digit: int) -> list[Ques
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
         color, shape = rng.choice(absent)
     answer = "yes" if any(o["color"] == color and o["shape"] == shape for o in objects) else "no"
-    out.append(Question("exists", f"is there a {color} {shape} ?", answer))
+    out.append(Question("exists", f"is there a {color} {shape} ?", answer,
+                        tuple((o["row"], o["col"]) for o in objects if o["color"] == color or o["shape"] == shape)))
     relation = rng.choice(["left", "above"])
     axis = "col" if relation == "left" else "row"
     pairs = [(a, b) for a in objects for b in objects if a[axis] != b[axis]]
@@ -144,8 +147,9 @@ def _questions(rng: random.Random, objects: list[dict], digit: int) -> list[Ques
     answer = "yes" if first[axis] < second[axis] else "no"
     phrase = "left of" if relation == "left" else "above"
     out.append(Question("position", f"is the {first['color']} {first['shape']} {phrase} the {second['color']} "
-                                    f"{second['shape']} ?", answer))
-    out.append(Question("digit", "what digit is written ?", str(digit)))
+                                    f"{second['shape']} ?", answer,
+                        ((first["row"], first["col"]), (second["row"], second["col"]))))
+    out.append(Question("digit", "what digit is written ?", str(digit), (digit_cell,)))
     return out
 
 

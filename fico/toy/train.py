@@ -40,10 +40,21 @@ def encode(text: str) -> list[int]:
     return [VOCAB.index(w) for w in text.split()]
 
 
+def _cell_tokens(cells) -> torch.Tensor:
+    """Which prefix positions hold the image tokens of ``cells`` (bool over the prefix)."""
+    mask = torch.zeros(len(PREFIX), dtype=torch.bool)
+    side = 24 // GRID
+    for row, col in cells:
+        for r in range(row * side, (row + 1) * side):
+            start = 2 + r * 24 + col * side
+            mask[start:start + side] = True
+    return mask
+
+
 def packed_batch(seeds: list[int]):
     """Inputs, masks, answer positions/ids and auxiliary labels for the images ``seeds``."""
     examples = [example(s) for s in seeds]
-    sequences, answer_positions, answers = [], [], []
+    sequences, answer_positions, answers, relevant = [], [], [], []
     for ex in examples:
         ids, positions, ends = list(PREFIX), list(range(len(PREFIX))), []
         segments = []
@@ -54,6 +65,7 @@ def packed_batch(seeds: list[int]):
             positions += list(range(len(PREFIX), len(PREFIX) + len(seg)))
             ends.append(len(ids) - 1)
             answers.append(VOCAB.index(q.answer))
+            relevant.append(_cell_tokens(q.cells))
         sequences.append((ids, positions, segments))
         answer_positions.append(ends)
     length = max(len(ids) for ids, _, _ in sequences)
@@ -80,9 +92,17 @@ def packed_batch(seeds: list[int]):
         "answer_rows": torch.tensor([i for i, ends in enumerate(answer_positions) for _ in ends]),
         "answer_cols": torch.tensor([p for ends in answer_positions for p in ends]),
         "answers": torch.tensor(answers),
+        "relevant": torch.stack(relevant),  # (questions, length of the image prefix) bool
         "patch_labels": torch.from_numpy(np.stack([ex.patch_labels for ex in examples])),
         "cell_rows": rows.expand(b, -1), "cell_cols": cols.expand(b, -1),
     }
+
+
+def model_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """The packed block mask in the form the LLM's attention takes: bool for SDPA, additive for eager."""
+    if model.config.text_config._attn_implementation == "eager":
+        return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
 
 
 def packed_accuracy(model, seeds: list[int], batch: int = 10) -> dict:
@@ -94,7 +114,8 @@ def packed_accuracy(model, seeds: list[int], batch: int = 10) -> dict:
         chunk = seeds[start:start + batch]
         inputs = packed_batch(chunk)
         logits = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                       attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"]).logits
+                       attention_mask=model_mask(model, inputs["attention_mask"]),
+                       position_ids=inputs["position_ids"]).logits
         guesses = logits[inputs["answer_rows"], inputs["answer_cols"]].argmax(-1)
         kinds = [q.kind for s in chunk for q in example(s).questions]
         for kind, ok in zip(kinds, (guesses == inputs["answers"]).tolist()):
@@ -114,6 +135,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--attention-weight", type=float, default=0.3,
+                        help="weight of the attention supervision on the answer positions (0: off; needs eager)")
+    parser.add_argument("--supervised-layers", type=int, default=3, help="upper LLM layers whose attention is supervised")
     parser.add_argument("--resume", type=Path, default=None,
                         help="start from the weights in this directory (e.g. the shipped ones) instead of scratch")
     args = parser.parse_args(argv)
@@ -130,7 +154,9 @@ def main(argv=None) -> None:
         # A strong position signal from the start: with CLIP's 0.02-std init, where a patch is
         # barely survives 24 layers and the LLM cannot learn to find a named cell.
         torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=0.5)
-    model.set_attn_implementation("sdpa")
+    # attention supervision reads the attention weights, which only eager attention returns
+    model.set_attn_implementation({"text_config": "eager" if args.attention_weight > 0 else "sdpa",
+                                   "vision_config": "sdpa"})
     processor = build_processor()
     config = model.config
     patch_head = torch.nn.Linear(config.vision_config.hidden_size, PATCH_CLASSES)
@@ -158,9 +184,21 @@ def main(argv=None) -> None:
             group["lr"] = max(lr, args.lr * 0.02)
         batch = packed_batch(rng.integers(0, TEST_SEEDS.start, args.batch).tolist())
         if True:  # fp32: bf16 autocast is several times slower on CPUs without AMX
+            mask = model_mask(model, batch["attention_mask"])
             out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                        attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+                        attention_mask=mask, position_ids=batch["position_ids"],
+                        output_attentions=args.attention_weight > 0)
             logits = out.logits[batch["answer_rows"], batch["answer_cols"]].float()
+            attention_loss = torch.zeros(())
+            if args.attention_weight > 0:
+                # Attention supervision: the answer position's head-mean attention (upper layers)
+                # should rest on the cells the answer depends on. Evenly spread attention over 576
+                # image tokens gives its parameters almost no gradient otherwise.
+                has_cells = batch["relevant"].any(-1)
+                for layer_attention in out.attentions[-args.supervised_layers:]:
+                    rows = layer_attention[batch["answer_rows"], :, batch["answer_cols"]].mean(1)  # (Q, L)
+                    mass = (rows[:, :len(PREFIX)] * batch["relevant"]).sum(-1)
+                    attention_loss = attention_loss - torch.log(mass[has_cells] + 1e-6).mean() / args.supervised_layers
             answer_loss = F.cross_entropy(logits, batch["answers"])
             vision = captured["vision"][:, 1:].float()
             patch_loss = F.cross_entropy(patch_head(vision).flatten(0, 1), batch["patch_labels"].flatten())
@@ -173,14 +211,14 @@ def main(argv=None) -> None:
             # themselves carry the content, so even evenly spread attention reads it
             normed = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
             token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten())
-            loss = answer_loss + 0.5 * patch_loss + 0.5 * cell_loss + 0.5 * token_loss
+            loss = answer_loss + 0.5 * patch_loss + 0.5 * cell_loss + 0.5 * token_loss + args.attention_weight * attention_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         record = {"step": step, "loss": round(loss.item(), 4), "answer": round(answer_loss.item(), 4),
                   "patch": round(patch_loss.item(), 4), "cell": round(cell_loss.item(), 4),
-                  "token": round(token_loss.item(), 4),
+                  "token": round(token_loss.item(), 4), "attention": round(float(attention_loss), 4),
                   "lr": round(lr, 6), "time": round(time.time() - deadline + args.minutes * 60, 1)}
         if step % args.eval_every == 0:
             model.eval()
