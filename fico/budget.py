@@ -78,11 +78,16 @@ def solve_budget(config: DictConfig, source: str, overrides: list[str],
         OmegaConf.update(candidate, knob, value, merge=False)
         return candidate
 
+    costs: dict = {}
+
     def cost(value) -> float | None:
-        try:
-            return recipe_cost(spec, build(with_value(value)), text_tokens, convention).tflops
-        except RecipeError:
-            return None  # this value cannot run (e.g. removes more tokens than exist)
+        key = tuple(value) if isinstance(value, list) else value
+        if key not in costs:  # the searches revisit values
+            try:
+                costs[key] = recipe_cost(spec, build(with_value(value)), text_tokens, convention).tflops
+            except RecipeError:
+                costs[key] = None  # this value cannot run (e.g. removes more tokens than exist)
+        return costs[key]
 
     current = OmegaConf.select(config, knob)
     if isinstance(current, bool):

@@ -16,6 +16,7 @@ from pathlib import Path
 from .citations import BIBTEX
 from .explain import formulas, latex_to_text
 from .registry import BUILTIN_PLUGINS, Registry
+from .stages import Component
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "components"
 
@@ -50,7 +51,7 @@ def page(cls: type) -> str:
             lines.append(f"| `{p.name.rstrip('_')}` | `{p.default!r}` | `{annotation}` |")
     else:
         lines.append("none")
-    if "required_signals" in vars(cls):
+    if cls.required_signals is not Component.required_signals:
         signals = "chosen by its parameters (see the details)"
     else:
         signals = ", ".join(f"`{s}`" for s in sorted(cls.requires)) or "none"

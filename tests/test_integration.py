@@ -15,7 +15,7 @@ RECIPES = {
 }
 
 
-def combined_recipe(tmp_path, vision="tome", llm_k=2):
+def combined_recipe(tmp_path, llm_k=2):
     """A recipe with a vision step and an llm step (both sites at once)."""
     path = tmp_path / "both.yaml"
     path.write_text(f"""

@@ -46,7 +46,27 @@ def vision_aware_redundancy(attention: Tensor, visual: Tensor, reading: str) -> 
     return mean_over(attention, visual, "rows" if reading == "received" else "columns")
 
 
-class FiCoCoV(Filter):
+class _RedundancyFilter(Filter):
+    """What FiCoCo's two filters share: the readings, the signal they need and the split
+    (highest penalised score; the local penalty wherever tokens know their grid cells)."""
+
+    def _configure(self, c: float, window: int, vision_aware: str, scores: str) -> None:
+        self.c, self.window, self.vision_aware, self.scores = c, window, vision_aware, scores
+
+    def required_signals(self) -> set[str]:
+        return {"attention_logits"} if self.scores == "logits" else {"attention"}
+
+    def redundancy(self, state: TokenState) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def split(self, state: TokenState, r: int) -> Split:
+        scores = mask_scores(self.redundancy(state), state.candidate)
+        if state.patch is not None and state.grid is not None:
+            scores = local_penalty(scores, state.patch, state.grid, self.window, self.c)
+        return split_by_scores(scores, r, targets=state.candidate)
+
+
+class FiCoCoV(_RedundancyFilter):
     r"""FiCoCo-V filter (Han et al., "Filter, Correlate, Compress", AAAI 2026, arXiv 2411.17686, Eq. 1).
 
     With the layer's head-mean softmax attention :math:`A` over [CLS] and the N patches V:
@@ -74,11 +94,8 @@ class FiCoCoV(Filter):
     def __init__(self, lambda_: float = 0.35, c: float = 2.0, window: int = 2, vision_aware: str = "received",
                  scores: str = "softmax"):
         _check_common("lambda", lambda_, c, window, vision_aware, scores)
-        self.lambda_, self.c, self.window = lambda_, c, window
-        self.vision_aware, self.scores = vision_aware, scores
-
-    def required_signals(self) -> set[str]:
-        return {"attention_logits"} if self.scores == "logits" else {"attention"}
+        self.lambda_ = lambda_
+        self._configure(c, window, vision_aware, scores)
 
     def redundancy(self, state: TokenState) -> Tensor:
         patches = state.candidate
@@ -92,13 +109,8 @@ class FiCoCoV(Filter):
             semantic = attention[:, 0]  # the [CLS] query's row
         return self.lambda_ * vision - (1 - self.lambda_) * semantic
 
-    def split(self, state: TokenState, r: int) -> Split:
-        scores = mask_scores(self.redundancy(state), state.candidate)
-        scores = local_penalty(scores, state.patch, state.grid, self.window, self.c)
-        return split_by_scores(scores, r, targets=state.candidate)
 
-
-class FiCoCoL(Filter):
+class FiCoCoL(_RedundancyFilter):
     r"""FiCoCo-L filter (Han et al., AAAI 2026, arXiv 2411.17686, Eq. 3, causal reading).
 
     With the previous decoder layer's head-mean softmax attention :math:`A`, the N visual
@@ -125,11 +137,8 @@ class FiCoCoL(Filter):
     def __init__(self, beta: float = 0.6, c: float = 1.0, window: int = 2, vision_aware: str = "received",
                  scores: str = "softmax"):
         _check_common("beta", beta, c, window, vision_aware, scores)
-        self.beta, self.c, self.window = beta, c, window
-        self.vision_aware, self.scores = vision_aware, scores
-
-    def required_signals(self) -> set[str]:
-        return {"attention_logits"} if self.scores == "logits" else {"attention"}
+        self.beta = beta
+        self._configure(c, window, vision_aware, scores)
 
     def redundancy(self, state: TokenState) -> Tensor:
         visual, text = state.candidate, state.text_after_image()
@@ -142,12 +151,6 @@ class FiCoCoL(Filter):
             vision = vision_aware_redundancy(attention, visual, self.vision_aware)
             task = mean_over(attention, text, "rows")
         return self.beta * vision - (1 - self.beta) * task
-
-    def split(self, state: TokenState, r: int) -> Split:
-        scores = mask_scores(self.redundancy(state), state.candidate)
-        if state.patch is not None and state.grid is not None:
-            scores = local_penalty(scores, state.patch, state.grid, self.window, self.c)
-        return split_by_scores(scores, r, targets=state.candidate)
 
 
 @hookimpl
