@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             return main_bench(args, console)
         return run_recipe(args, console)
     except (RecipeError, UnsupportedModelError, ApplyError, OSError) as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # stderr, unwrapped: the message names a file and a key path a user greps for or copies.
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
 
 

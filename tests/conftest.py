@@ -6,6 +6,12 @@ import torch
 from fico import embedded
 
 
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    """Rich wraps at the terminal's width (80 when piped, as in CI); tests read content, not layout."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 @functools.cache
 def _model(dtype, attn, vision_layers, llm_layers):
     return embedded.build_model(seed=0, dtype=dtype, attn_implementation=attn,

@@ -26,4 +26,6 @@ def test_list_shows_components_and_recipes(capsys):
 
 def test_bad_recipe_is_a_clean_error(capsys):
     assert main(["run", "fastv", "ratio=3"]) == 2
-    assert "remove_ratio: must be in [0, 1]" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "steps[0].remove_ratio: must be in [0, 1], got 3 (from ${ratio})" in captured.err
+    assert captured.out == ""
