@@ -118,3 +118,20 @@ def test_top_k_shares_rows_sum_to_one(r, t, k, seed):
     shares = top_k_shares(matrix, k)
     assert torch.allclose(shares.sum(-1), torch.ones(2, r, dtype=torch.float64))
     assert ((shares > 0).sum(-1) <= k).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.integers(0, 12), t=st.integers(1, 40), per_row=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_receive_adds_the_nonzero_shares_exactly_as_the_dense_product(r, t, per_row, seed):
+    from fico.compressors.weighted_average import receive
+
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(2, r, t, generator=g, dtype=torch.float64)  # signed: cosine shares may be negative
+    keep = torch.rand(2, r, t, generator=g).argsort(-1) < min(per_row, t)
+    weights = weights * keep
+    if r:
+        weights[0, 0] = 0  # a row that sends nothing
+    discarded = torch.randn(2, r, 5, generator=g, dtype=torch.float64)
+    received, mass = receive(weights, discarded)
+    torch.testing.assert_close(received, weights.transpose(1, 2) @ discarded, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mass, weights.sum(1)[..., None], rtol=1e-12, atol=1e-12)
