@@ -51,9 +51,9 @@ def _cell_tokens(cells) -> torch.Tensor:
     return mask
 
 
-def packed_batch(seeds: list[int]):
+def packed_batch(seeds: list[int], questions_per_type: int = 1):
     """Inputs, masks, answer positions/ids and auxiliary labels for the images ``seeds``."""
-    examples = [example(s) for s in seeds]
+    examples = [example(s, questions_per_type) for s in seeds]
     sequences, answer_positions, answers, relevant = [], [], [], []
     for ex in examples:
         ids, positions, ends = list(PREFIX), list(range(len(PREFIX))), []
@@ -125,10 +125,26 @@ def packed_accuracy(model, seeds: list[int], batch: int = 10) -> dict:
     return result
 
 
+def reset_language_model(model, residual_scale: float = 0.1) -> None:
+    """A fresh LLM whose residual branches start small (attention and MLP output projections
+    scaled by ``residual_scale``), so the six layers start close to the identity and the
+    answer's gradient reaches every layer; the output head starts afresh too."""
+    language_model = model.model.language_model
+    fresh = type(language_model)(language_model.config)
+    with torch.no_grad():
+        for layer in fresh.layers:
+            layer.self_attn.o_proj.weight.mul_(residual_scale)
+            layer.mlp.down_proj.weight.mul_(residual_scale)
+    model.model.language_model = fresh
+    torch.nn.init.normal_(model.lm_head.weight, std=language_model.config.initializer_range)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=90.0)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="length of the learning-rate schedule and of the run (default: what --minutes allows)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -140,6 +156,13 @@ def main(argv=None) -> None:
     parser.add_argument("--supervised-layers", type=int, default=3, help="upper LLM layers whose attention is supervised")
     parser.add_argument("--resume", type=Path, default=None,
                         help="start from the weights in this directory (e.g. the shipped ones) instead of scratch")
+    parser.add_argument("--questions-per-type", type=int, default=4,
+                        help="questions of each type packed after one image (the image prefix is paid once)")
+    parser.add_argument("--aux-weight", type=float, default=0.5, help="weight of each auxiliary vision loss")
+    parser.add_argument("--freeze-vision", action="store_true",
+                        help="keep the CLIP tower fixed (no backward through 24 layers: ~2.5x faster steps)")
+    parser.add_argument("--reset-language-model", action="store_true",
+                        help="with --resume: keep the vision tower and projector, start the LLM afresh")
     args = parser.parse_args(argv)
 
     from transformers import LlavaForConditionalGeneration
@@ -154,6 +177,10 @@ def main(argv=None) -> None:
         # A strong position signal from the start: with CLIP's 0.02-std init, where a patch is
         # barely survives 24 layers and the LLM cannot learn to find a named cell.
         torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=0.5)
+    if args.reset_language_model or not args.resume:
+        reset_language_model(model)
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     # attention supervision reads the attention weights, which only eager attention returns
     model.set_attn_implementation({"text_config": "eager" if args.attention_weight > 0 else "sdpa",
                                    "vision_config": "sdpa"})
@@ -162,7 +189,8 @@ def main(argv=None) -> None:
     patch_head = torch.nn.Linear(config.vision_config.hidden_size, PATCH_CLASSES)
     cell_head = torch.nn.Linear(config.text_config.hidden_size, 2 * GRID)
     token_head = torch.nn.Linear(config.text_config.hidden_size, PATCH_CLASSES)
-    params = [*model.parameters(), *patch_head.parameters(), *cell_head.parameters(), *token_head.parameters()]
+    params = [p for p in (*model.parameters(), *patch_head.parameters(), *cell_head.parameters(),
+                          *token_head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     captured = {}
     feature_layer = config.vision_config.num_hidden_layers + 1 + config.vision_feature_layer - 1
@@ -171,18 +199,20 @@ def main(argv=None) -> None:
     model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: captured.__setitem__("features", out))
 
     deadline = time.time() + args.minutes * 60
-    total_steps = int(args.minutes * 60 / (0.42 * args.batch))  # for the schedule: ~0.42 s an image on 2 cores
+    # the schedule depends on the step only, so a run is reproducible from its seed and --steps
+    total_steps = args.steps or int(args.minutes * 60 / (0.42 * args.batch))
     rng = np.random.default_rng(args.seed)
     best, good_in_a_row, step = -1.0, 0, 0
     log = args.out / "training_log.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     log.write_text("")
-    while time.time() < deadline:
+    while time.time() < deadline and step < total_steps:
         step += 1
-        lr = args.lr * min(1.0, step / 150) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        lr = args.lr * min(1.0, step / 150) * max(
+            0.1, 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
         for group in optimizer.param_groups:
-            group["lr"] = max(lr, args.lr * 0.02)
-        batch = packed_batch(rng.integers(0, TEST_SEEDS.start, args.batch).tolist())
+            group["lr"] = lr
+        batch = packed_batch(rng.integers(0, TEST_SEEDS.start, args.batch).tolist(), args.questions_per_type)
         if True:  # fp32: bf16 autocast is several times slower on CPUs without AMX
             mask = model_mask(model, batch["attention_mask"])
             out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -211,7 +241,8 @@ def main(argv=None) -> None:
             # themselves carry the content, so even evenly spread attention reads it
             normed = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
             token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten())
-            loss = answer_loss + 0.5 * patch_loss + 0.5 * cell_loss + 0.5 * token_loss + args.attention_weight * attention_loss
+            loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
+                    + args.attention_weight * attention_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
