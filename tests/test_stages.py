@@ -135,3 +135,15 @@ def test_receive_adds_the_nonzero_shares_exactly_as_the_dense_product(r, t, per_
     received, mass = receive(weights, discarded)
     torch.testing.assert_close(received, weights.transpose(1, 2) @ discarded, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mass, weights.sum(1)[..., None], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 700), q=st.one_of(st.sampled_from([0.0, 0.5, 0.998, 0.999, 1.0]), st.floats(0, 1)),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_row_quantile_is_torch_quantile_bit_for_bit(n, q, dtype, seed):
+    from fico.selection import row_quantile
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(2, 3, n, generator=g, dtype=dtype)
+    values[0, 0] = values[0, 0].round()  # ties
+    assert torch.equal(row_quantile(values, q), torch.quantile(values, q, dim=-1, keepdim=True))
