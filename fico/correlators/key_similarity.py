@@ -35,7 +35,8 @@ class KeySimilarity(Correlator):
     def correlate(self, state: TokenState, split: Split) -> Correlation:
         keys = F.normalize(state.signals["keys"], dim=-1)
         similarity = gather_tokens(keys, split.discarded) @ gather_tokens(keys, split.preserved).transpose(1, 2)
-        similarity = similarity.masked_fill(~split.targets[:, None, :], float("-inf"))
+        if not bool(split.targets.all()):
+            similarity.masked_fill_(~split.targets[:, None, :], float("-inf"))
         k = min(self.targets, similarity.shape[-1])
         return Correlation(matrix=similarity, shares=top_k_shares(similarity, k))
 

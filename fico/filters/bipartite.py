@@ -48,13 +48,13 @@ class BipartiteMatching(Filter):
         # Tokens listed in ToMe's layout; A = even slots, B = odd slots.
         by_rank = torch.sort(rank, dim=1, stable=True).indices
         a_idx, b_idx = by_rank[:, 0::2], by_rank[:, 1::2]
-        a_keys = torch.gather(keys, 1, a_idx[..., None].expand(-1, -1, keys.shape[-1]))
-        b_keys = torch.gather(keys, 1, b_idx[..., None].expand(-1, -1, keys.shape[-1]))
-        similarity = a_keys @ b_keys.transpose(1, 2)
+        ordered = torch.gather(keys, 1, by_rank[..., None].expand(-1, -1, keys.shape[-1]))
+        similarity = ordered[:, 0::2] @ ordered[:, 1::2].transpose(1, 2)
         a_cand = torch.gather(state.candidate, 1, a_idx)
         b_cand = torch.gather(state.candidate, 1, b_idx)
-        similarity = similarity.masked_fill(~b_cand[:, None, :], float("-inf"))
-        best = similarity.max(dim=-1).values.masked_fill(~a_cand, float("-inf"))
+        if not bool(b_cand.all()):  # a protected token on the B side may not receive
+            similarity.masked_fill_(~b_cand[:, None, :], float("-inf"))
+        best = similarity.max(dim=-1).values.masked_fill_(~a_cand, float("-inf"))
 
         scores = keys.new_full((b, n), float("-inf")).scatter(1, a_idx, best)
         on_b_side = torch.zeros(b, n, dtype=torch.bool, device=keys.device).scatter(1, b_idx, True)
