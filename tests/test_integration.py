@@ -282,3 +282,52 @@ steps:
         alone_tokens, alone_scores = _generate(model, alone, 3)
     assert torch.equal(tokens[1, n:], alone_tokens[0, alone["input_ids"].shape[1]:])
     assert (scores[1] - alone_scores[0]).abs().max() < 1e-5
+
+
+def test_text_signal_matches_eager_attentions(tiny_model, batch_inputs, tmp_path):
+    """Text-to-visual attention, formed from the text query rows only (and the last row,
+    asked for together), equals the mean of eager's output_attentions rows over each
+    sample's text tokens."""
+    from fico.adapters import llava
+
+    path = tmp_path / "text_rows.yaml"
+    path.write_text("""
+steps:
+  - site: llm
+    layers: [2]
+    remove: 100
+    filter: {name: attention_rank, signal: last_query_attention}
+    correlate: {name: convergent, signal: text_attention}
+    compress: fuse
+""")
+
+    model = tiny_model(dtype=torch.float32, attn="eager")
+    inputs = batch_inputs(torch.float32)
+    calls = []
+    original = llava.llm_signals
+
+    def spy(names, capture, attn, last_row, text_queries):
+        out = original(names, capture, attn, last_row, text_queries)
+        calls.append((attn, out))
+        return out
+
+    llava.llm_signals = spy
+    try:
+        with torch.no_grad():
+            eager = model(**inputs, output_attentions=True).attentions
+            with fico.apply(model, fico.load_recipe(path)):
+                model(**inputs)
+    finally:
+        llava.llm_signals = original
+    attn, first = calls[0]
+    layer = [decoder.self_attn for decoder in model.model.language_model.layers].index(attn)
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    image = ids == model.config.image_token_id
+    after_image = image.int().cumsum(1) > 0
+    text = real & ~image & after_image
+    rows = eager[layer].mean(1)  # (B, L, L)
+    expected = (text[:, :, None] * rows).sum(1) / text.sum(1, keepdim=True)
+    assert text.sum(1).min() > 0 and (text.sum(1)[0] != text.sum(1)[1])  # padded batch, unequal text lengths
+    assert set(first) == {"text_attention", "last_query_attention"}
+    assert (first["text_attention"] - expected).abs().max() < 1e-7
+    assert (first["last_query_attention"] - rows[:, -1]).abs().max() < 1e-7

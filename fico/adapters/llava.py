@@ -186,8 +186,9 @@ def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tenso
                 text_queries: Tensor) -> dict[str, Tensor]:
     """Signals from the previous decoder layer's captured q/k projections, mask and cos/sin.
 
-    Only the needed query rows are formed: one row per sample for ``last_query_attention``,
-    all rows for the others.
+    Only the needed query rows are formed: each sample's last row for
+    ``last_query_attention``, its text rows (padded to the batch's longest) for
+    ``text_attention``, all rows only for the full matrix (``attention``, ``attention_logits``).
 
     Args:
         last_row: ``(B,)`` index of each sample's last input token.
@@ -205,10 +206,18 @@ def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tenso
     out = {}
     if "keys" in names:
         out["keys"] = keys.mean(dim=1)
-    all_rows = bool(names & {"attention", "attention_logits", "text_attention"})
     if not names - {"keys"}:
         return out
-    rows = torch.arange(n, device=k_proj.device).expand(b, n) if all_rows else last_row[:, None]
+    all_rows = bool(names & {"attention", "attention_logits"})
+    if all_rows:
+        rows, text_weights = torch.arange(n, device=k_proj.device).expand(b, n), text_queries
+    else:  # [text rows, padded ..., last row]
+        count = text_queries.sum(1)
+        longest = int(count.max()) if "text_attention" in names else 0
+        text_rows = torch.sort((~text_queries).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
+        valid = torch.arange(longest, device=k_proj.device) < count[:, None]
+        rows = torch.cat([text_rows, last_row[:, None]], 1)
+        text_weights = torch.cat([valid, valid.new_zeros(b, 1)], 1)
     queries = gather_tokens(q_proj, rows).view(b, rows.shape[1], -1, head_dim).transpose(1, 2)
     cos_q = gather_tokens(cos.expand(b, -1, -1), rows).unsqueeze(1)
     sin_q = gather_tokens(sin.expand(b, -1, -1), rows).unsqueeze(1)
@@ -230,10 +239,10 @@ def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tenso
     if all_rows:
         out["attention"] = probs
         out["last_query_attention"] = torch.gather(probs, 1, last_row[:, None, None].expand(b, 1, n))[:, 0]
-        weights = text_queries.to(probs.dtype)
-        out["text_attention"] = (weights[:, :, None] * probs).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
     else:
-        out["last_query_attention"] = probs[:, 0]
+        out["last_query_attention"] = probs[:, -1]
+    weights = text_weights.to(probs.dtype)
+    out["text_attention"] = (weights[:, :, None] * probs).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
     return {name: out[name] for name in names}
 
 
