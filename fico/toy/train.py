@@ -153,6 +153,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--attention-weight", type=float, default=0.3,
                         help="weight of the attention supervision on the answer positions (0: off; needs eager)")
+    parser.add_argument("--content-weight", type=float, default=0.5,
+                        help="weight of the loss keeping the patch content readable in the visual tokens entering "
+                             "the supervised layers")
     parser.add_argument("--supervised-layers", type=int, default=3, help="upper LLM layers whose attention is supervised")
     parser.add_argument("--resume", type=Path, default=None,
                         help="start from the weights in this directory (e.g. the shipped ones) instead of scratch")
@@ -217,7 +220,7 @@ def main(argv=None) -> None:
             mask = model_mask(model, batch["attention_mask"])
             out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                         attention_mask=mask, position_ids=batch["position_ids"],
-                        output_attentions=args.attention_weight > 0)
+                        output_attentions=args.attention_weight > 0, output_hidden_states=args.content_weight > 0)
             logits = out.logits[batch["answer_rows"], batch["answer_cols"]].float()
             attention_loss = torch.zeros(())
             if args.attention_weight > 0:
@@ -241,8 +244,17 @@ def main(argv=None) -> None:
             # themselves carry the content, so even evenly spread attention reads it
             normed = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
             token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten())
+            content_loss = torch.zeros(())
+            if args.content_weight > 0:
+                # The visual tokens entering the supervised layers still say what covers them
+                # (the projector's code, same head): what the answer attends to is readable.
+                for hidden in out.hidden_states[-1 - args.supervised_layers:-1]:
+                    visual = hidden[:, 2:len(PREFIX)].float()
+                    visual = visual * torch.rsqrt(visual.pow(2).mean(-1, keepdim=True) + 1e-6)
+                    content_loss = content_loss + F.cross_entropy(
+                        token_head(visual).flatten(0, 1), batch["patch_labels"].flatten()) / args.supervised_layers
             loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
-                    + args.attention_weight * attention_loss)
+                    + args.attention_weight * attention_loss + args.content_weight * content_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,6 +262,7 @@ def main(argv=None) -> None:
         record = {"step": step, "loss": round(loss.item(), 4), "answer": round(answer_loss.item(), 4),
                   "patch": round(patch_loss.item(), 4), "cell": round(cell_loss.item(), 4),
                   "token": round(token_loss.item(), 4), "attention": round(float(attention_loss), 4),
+                  "content": round(float(content_loss), 4),
                   "lr": round(lr, 6), "time": round(time.time() - deadline + args.minutes * 60, 1)}
         if step % args.eval_every == 0:
             model.eval()
