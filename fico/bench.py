@@ -216,13 +216,21 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
         if "accuracy" in entry:
             entry["accuracy_retention"] = entry["accuracy"]["overall"] / base["accuracy"]["overall"]
     return {
-        "model": bm.name, "date": datetime.date.today().isoformat(),
+        "model": bm.name, "architecture": architecture(bm.model), "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {threads} threads, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
         "timing": {"repeats": reps, "text_tokens": text_tokens, "flops_convention": "full"},
         "baseline": base,
         "results": [entry for name, entry in results.items() if name != "unreduced"],
     }
+
+
+def architecture(model) -> str:
+    """The model's depths and widths, e.g. ``CLIP 24 x 512 on 577 tokens, Llama 32 x 1024``."""
+    vision, text = model.config.vision_config, model.config.text_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return (f"CLIP {vision.num_hidden_layers} x {vision.hidden_size} on {tokens} tokens, "
+            f"Llama {text.num_hidden_layers} x {text.hidden_size}")
 
 
 def table(report: dict) -> Table:
@@ -282,7 +290,8 @@ def markdown(report: dict, command: str) -> str:
     """A results block for docs/benchmarks.md, with the speed requirements checked."""
     toy = "accuracy" in report["baseline"]
     lines = [f"<!-- bench:{report['model']}:begin -->",
-             f"Measured {report['date']} on {report['machine']}, model `{report['model']}`, "
+             f"Measured {report['date']} on {report['machine']}, model `{report['model']}` "
+             f"({report['architecture']}, fp32), "
              f"{report['timing']['repeats']} interleaved repeats (medians), by:", "", f"    {command}", "",
              "| recipe | GFLOPs (full) | FLOPs speedup | measured speedup | measured / FLOPs | prefill ms | "
              "decode ms/token | fico stages (% of prefill) |" + (" accuracy | retention | agreement |" if toy else ""),

@@ -26,6 +26,7 @@ import torch
 
 import fico
 
+from ..bench import architecture
 from .shaped import build_shaped_model, shaped_inputs
 
 MARK_BEGIN = "<!-- fastv-attention:begin -->"
@@ -63,7 +64,7 @@ def measure(reps: int, k: int, ratio: float, threads: int) -> tuple[list[tuple[s
                 times[name].append(run(*cfg))
     medians = [(name, statistics.median(values)) for name, values in times.items()]
     info = {
-        "tokens": inputs["input_ids"].shape[1], "k": k, "ratio": ratio, "reps": reps, "threads": threads,
+        "tokens": inputs["input_ids"].shape[1], "architecture": architecture(model), "k": k, "ratio": ratio, "reps": reps, "threads": threads,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "date": datetime.date.today().isoformat(),
     }
@@ -77,8 +78,8 @@ def markdown(medians: list[tuple[str, float]], info: dict) -> str:
     eager = dict(medians)["eager + output_attentions + fastv"]
     return (
         f"{MARK_BEGIN}\n"
-        f"Measured {info['date']} on {info['machine']}; LLaVA-1.5-shaped model (CLIP 24 x 577 tokens, "
-        f"Llama 32 layers x {info['tokens']} tokens, reduced widths, fp32), FastV k={info['k']}, "
+        f"Measured {info['date']} on {info['machine']}; LLaVA-1.5-shaped model ({info['architecture']}, "
+        f"{info['tokens']} input tokens, random weights, fp32), FastV k={info['k']}, "
         f"ratio={info['ratio']}, median of {info['reps']} interleaved runs.\n\n"
         "| configuration | prefill ms | vs sdpa |\n|---|---:|---:|\n"
         f"{rows}\n\n"
