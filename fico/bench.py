@@ -103,8 +103,11 @@ def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int,
     return times
 
 
-def measure_decode(model, inputs, recipe: Recipe | None, tokens: int = 16, reps: int = 3) -> float:
-    """Seconds per decoded token: (generate(1 + tokens) - generate(1)) / tokens, medians."""
+def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int = 16,
+                   reps: int = 3) -> dict[str, float]:
+    """Seconds per decoded token for each configuration: (generate(1 + tokens) - generate(1))
+    / tokens, medians of ``reps`` rounds that interleave the configurations (measured one
+    after another, the first configuration ran consistently faster on a shared VM)."""
     from contextlib import nullcontext
 
     from . import apply
@@ -114,10 +117,14 @@ def measure_decode(model, inputs, recipe: Recipe | None, tokens: int = 16, reps:
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return time.perf_counter() - start
 
-    with apply(model, recipe) if recipe is not None else nullcontext():
-        long = statistics.median(generate(1 + tokens) for _ in range(reps))
-        short = statistics.median(generate(1) for _ in range(reps))
-    return max(long - short, 0.0) / tokens
+    per_token: dict[str, list[float]] = {name: [] for name in recipes}
+    for rep in range(reps + 1):
+        for name, recipe in recipes.items():
+            with apply(model, recipe) if recipe is not None else nullcontext():
+                seconds = (generate(1 + tokens) - generate(1)) / tokens
+            if rep:  # the first round warms up
+                per_token[name].append(max(seconds, 0.0))
+    return {name: statistics.median(values) for name, values in per_token.items()}
 
 
 def peak_memory_mb(model, inputs, recipe: Recipe | None) -> float | None:
@@ -175,6 +182,7 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     results = {}
     with torch.inference_mode(), Progress(console=console, transient=True) as progress:
         timings = measure_latency(bm.model, bm.inputs, configs, reps, progress)
+        decode = measure_decode(bm.model, bm.inputs, configs)
         task = progress.add_task("accuracy, decode, memory", total=len(configs))
         base_logprobs = None
         for name, recipe in configs.items():
@@ -190,7 +198,7 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
             prefill = statistics.median(timings[name]["prefill"])
             entry.update(prefill_ms=prefill * 1e3,
                          stage_share=statistics.median(timings[name]["stage"]) / prefill,
-                         decode_ms_per_token=measure_decode(bm.model, bm.inputs, recipe) * 1e3)
+                         decode_ms_per_token=decode[name] * 1e3)
             memory = peak_memory_mb(bm.model, bm.inputs, recipe)
             if memory is None:
                 entry["memory_mb_estimate"] = (full.activations_gb * 1e3 + full.kv_cache_mb)
