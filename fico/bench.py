@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost
+from .cost import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError
 from .recipe import Recipe, load_recipe
 
@@ -168,8 +168,22 @@ def answer_distribution(bm: BenchModel, recipe: Recipe | None, images: int) -> t
     return accuracy, logits.log_softmax(-1), kinds
 
 
+def measure_replay(model, counts: dict[str, TokenCounts], reps: int) -> dict[str, float]:
+    """Median seconds of the vanilla modules on each configuration's token counts, in
+    interleaved rounds (see ``fico.benchmarks.replay``)."""
+    from .benchmarks.replay import replay_seconds
+
+    seconds: dict[str, list[float]] = {name: [] for name in counts}
+    for rep in range(reps + 1):
+        for name, configuration in counts.items():
+            elapsed = replay_seconds(model, configuration)
+            if rep:
+                seconds[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = None, images: int = 100,
-          reps: int = 7, threads: int = 2, console: Console | None = None) -> dict:
+          reps: int = 7, threads: int = 2, console: Console | None = None, replay: bool = False) -> dict:
     """Run the benchmark and return the JSON-ready result."""
     console = console or Console()
     torch.set_num_threads(threads)
@@ -183,16 +197,15 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     with torch.inference_mode(), Progress(console=console, transient=True) as progress:
         timings = measure_latency(bm.model, bm.inputs, configs, reps, progress)
         decode = measure_decode(bm.model, bm.inputs, configs)
+        counts = {name: TokenCounts.from_trace(timings[name]["trace"], spec) if recipe is not None
+                  else TokenCounts.unreduced(spec, text_tokens) for name, recipe in configs.items()}
+        replayed = measure_replay(bm.model, counts, reps) if replay else {}
         task = progress.add_task("accuracy, decode, memory", total=len(configs))
         base_logprobs = None
         for name, recipe in configs.items():
             entry = {"recipe": name}
-            if recipe is None:
-                full = recipe_cost(spec, None, text_tokens, "full")
-                viewer = recipe_cost(spec, None, text_tokens, "llm-viewer")
-            else:  # the cost of what ran, from the token counts the timed prefill recorded
-                counts = TokenCounts.from_trace(timings[name]["trace"], spec)
-                full, viewer = prefill_cost(spec, counts, "full"), prefill_cost(spec, counts, "llm-viewer")
+            # the cost of what ran, from the token counts the timed prefill recorded
+            full, viewer = prefill_cost(spec, counts[name], "full"), prefill_cost(spec, counts[name], "llm-viewer")
             entry.update(tflops=full.tflops, tflops_llm_viewer=viewer.tflops, kv_cache_mb=viewer.kv_cache_mb,
                          image_features=full.tokens["features"])
             prefill = statistics.median(timings[name]["prefill"])
@@ -221,6 +234,12 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
         entry["flops_speedup"] = base["tflops"] / entry["tflops"]
         entry["measured_speedup"] = base["prefill_ms"] / entry["prefill_ms"]
         entry["speedup_ratio"] = entry["measured_speedup"] / entry["flops_speedup"]
+        if replayed:
+            # what the machine gives these token counts without any fico code, and fico's share of the gap
+            entry["replay_ms"] = replayed[entry["recipe"]] * 1e3
+            entry["replay_speedup"] = base["replay_ms"] / entry["replay_ms"]
+            entry["machine_ratio"] = entry["replay_speedup"] / entry["flops_speedup"]
+            entry["fico_efficiency"] = entry["measured_speedup"] / entry["replay_speedup"]
         if "accuracy" in entry:
             entry["accuracy_retention"] = entry["accuracy"]["overall"] / base["accuracy"]["overall"]
     return {
@@ -245,6 +264,9 @@ def table(report: dict) -> Table:
     out = Table(title=f"fico bench on {report['model']} ({report['machine']}, {report['date']})")
     columns = ["recipe", "GFLOPs", "FLOPs x", "measured x", "ratio", "prefill ms", "decode ms/tok", "stages %"]
     toy = "accuracy" in report["baseline"]
+    replayed = "replay_ms" in report["baseline"]
+    if replayed:
+        columns += ["replay x", "replay/FLOPs", "measured/replay"]
     if toy:
         columns += ["accuracy", "retention", "agree", "KL"]
     for column in columns:
@@ -253,6 +275,8 @@ def table(report: dict) -> Table:
         row = [entry["recipe"], f"{entry['tflops'] * 1e3:.1f}", f"{entry['flops_speedup']:.2f}",
                f"{entry['measured_speedup']:.2f}", f"{entry['speedup_ratio']:.2f}", f"{entry['prefill_ms']:.1f}",
                f"{entry['decode_ms_per_token']:.2f}", f"{100 * entry['stage_share']:.1f}"]
+        if replayed:
+            row += [f"{entry['replay_speedup']:.2f}", f"{entry['machine_ratio']:.2f}", f"{entry['fico_efficiency']:.2f}"]
         if toy:
             row += [f"{entry['accuracy']['overall']:.3f}", f"{entry.get('accuracy_retention', 1.0):.3f}",
                     f"{entry.get('answer_agreement', 1.0):.3f}", f"{entry.get('kl', 0.0):.4f}"]
@@ -297,18 +321,24 @@ def plot(report: dict, path: Path) -> None:
 def markdown(report: dict, command: str) -> str:
     """A results block for docs/benchmarks.md, with the speed requirements checked."""
     toy = "accuracy" in report["baseline"]
+    replayed = "replay_ms" in report["baseline"]
     lines = [f"<!-- bench:{report['model']}:begin -->",
              f"Measured {report['date']} on {report['machine']}, model `{report['model']}` "
              f"({report['architecture']}, fp32), "
              f"{report['timing']['repeats']} interleaved repeats (medians), by:", "", f"    {command}", "",
              "| recipe | GFLOPs (full) | FLOPs speedup | measured speedup | measured / FLOPs | prefill ms | "
-             "decode ms/token | fico stages (% of prefill) |" + (" accuracy | retention | agreement |" if toy else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if toy else "")]
+             "decode ms/token | fico stages (% of prefill) |"
+             + (" vanilla-module replay speedup | replay / FLOPs | measured / replay |" if replayed else "")
+             + (" accuracy | retention | agreement |" if toy else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if replayed else "")
+             + ("---:|---:|---:|" if toy else "")]
     base = dict(report["baseline"], flops_speedup=1.0, measured_speedup=1.0, speedup_ratio=1.0)
     for e in [base] + report["results"]:
         row = (f"| {e['recipe']} | {e['tflops'] * 1e3:.1f} | {e['flops_speedup']:.2f} | {e['measured_speedup']:.2f} | "
                f"{e['speedup_ratio']:.2f} | {e['prefill_ms']:.1f} | {e['decode_ms_per_token']:.2f} | "
                f"{100 * e['stage_share']:.1f} |")
+        if replayed:
+            row += f" {e['replay_speedup']:.2f} | {e['machine_ratio']:.2f} | {e['fico_efficiency']:.2f} |"
         if toy:
             row += (f" {e['accuracy']['overall']:.3f} | {e.get('accuracy_retention', 1.0):.3f} | "
                     f"{e.get('answer_agreement', 1.0):.3f} |")
@@ -319,8 +349,12 @@ def markdown(report: dict, command: str) -> str:
         for e in report["results"]:
             speed = "met" if e["speedup_ratio"] >= 0.9 else f"missed by {0.9 - e['speedup_ratio']:.2f}"
             share = "met" if e["stage_share"] <= 0.05 else f"missed by {100 * (e['stage_share'] - 0.05):.1f} points"
-            lines.append(f"- `{e['recipe']}`: speedup ratio {e['speedup_ratio']:.2f} ({speed}); "
-                         f"stages {100 * e['stage_share']:.1f}% ({share})")
+            line = (f"- `{e['recipe']}`: speedup ratio {e['speedup_ratio']:.2f} ({speed}); "
+                    f"stages {100 * e['stage_share']:.1f}% ({share})")
+            if replayed:
+                line += (f"; the vanilla modules on the same token counts reach {e['machine_ratio']:.2f} of the "
+                         f"FLOPs speedup, fico {e['fico_efficiency']:.2f} of theirs")
+            lines.append(line)
     lines.append(f"<!-- bench:{report['model']}:end -->")
     return "\n".join(lines)
 
@@ -340,7 +374,7 @@ def main_bench(args, console: Console) -> int:
     for b in budgets or ():
         if b not in BUDGETS:
             raise RecipeError(f"--budgets: bundled budgets are {', '.join(BUDGETS)}, got {b}")
-    report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console)
+    report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console, args.replay)
     console.print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

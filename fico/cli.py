@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--json", default=None, help="write the results as JSON")
     bench.add_argument("--plot", default=None, help="write accuracy/latency against TFLOPs as an image")
+    bench.add_argument("--replay", action="store_true",
+                       help="also time the vanilla modules on each run's token counts: the speedup this machine "
+                            "gives those counts without fico, and fico's efficiency against it")
     bench.add_argument("--markdown", default=None, help="update this markdown file's results block (docs/benchmarks.md)")
     args = parser.parse_args(argv)
     console = Console()

@@ -148,6 +148,12 @@ class TokenCounts:
     text_tokens: int
 
     @classmethod
+    def unreduced(cls, spec: "ModelSpec", text_tokens: int) -> "TokenCounts":
+        """Every layer on every token."""
+        vision = [spec.patches + 1] * spec.vision_layers
+        return cls(vision, list(vision), spec.patches, [spec.patches + text_tokens] * spec.llm_layers, text_tokens)
+
+    @classmethod
     def from_plan(cls, plan: RecipePlan, text_tokens: int) -> "TokenCounts":
         vision_in = plan.vision.tokens[:-1]
         vision_out = plan.vision.tokens[1:]
@@ -259,9 +265,7 @@ def recipe_cost(model, recipe=None, text_tokens: int = 60, convention: str = "ll
     if text_tokens < 1:
         raise RecipeError(f"text_tokens must be >= 1, got {text_tokens}")
     if recipe is None:
-        counts = TokenCounts([spec.patches + 1] * spec.vision_layers, [spec.patches + 1] * spec.vision_layers,
-                             spec.patches, [spec.patches + text_tokens] * spec.llm_layers, text_tokens)
-        return prefill_cost(spec, counts, convention, dtype)
+        return prefill_cost(spec, TokenCounts.unreduced(spec, text_tokens), convention, dtype)
     plan = plan_recipe(recipe, spec.geometry())
     report = prefill_cost(spec, TokenCounts.from_plan(plan, text_tokens), convention, dtype)
     report.recipe = recipe.name

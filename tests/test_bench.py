@@ -12,7 +12,7 @@ def test_bench_json_plot_and_markdown(tmp_path, tiny_model, processor):
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     out, png, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
-    assert main(["bench", "fastv", "tome", "--model", str(tmp_path / "model"), "--reps", "1",
+    assert main(["bench", "fastv", "tome", "--model", str(tmp_path / "model"), "--reps", "1", "--replay",
                  "--json", str(out), "--plot", str(png), "--markdown", str(md)]) == 0
     report = json.loads(out.read_text())
     assert [r["recipe"] for r in report["results"]] == ["fastv", "tome"]
@@ -21,6 +21,7 @@ def test_bench_json_plot_and_markdown(tmp_path, tiny_model, processor):
                     "decode_ms_per_token"):
             assert key in entry
         assert entry["flops_speedup"] > 1
+        assert entry["replay_ms"] > 0 and entry["fico_efficiency"] > 0 and entry["machine_ratio"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "| fastv |" in md.read_text()
 
@@ -30,3 +31,30 @@ def test_budget_expansion():
 
     assert expand(["tome", "fastv"], ["1.5", "3.3"]) == ["budgets/tome_1.5t", "budgets/tome_3.3t",
                                                          "budgets/fastv_1.5t", "budgets/fastv_3.3t"]
+
+
+def test_replay_runs_each_module_on_the_recorded_token_counts(tiny_model):
+    from fico.benchmarks.replay import replay_seconds
+    from fico.cost import TokenCounts
+
+    model = tiny_model(dtype=torch.float32)
+    layers = model.model.vision_tower.encoder.layers
+    decoders = model.model.language_model.layers
+    counts = TokenCounts(vision_in=[577, 577, 500, 400], vision_out=[577, 500, 400, 400], features=399,
+                         llm=[430, 430, 200, 100], text_tokens=31)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out, tag=tag: seen.append((tag, a[0].shape[1] if a else None)))
+             for tag, group in (("mlp", [layer.mlp for layer in layers]), ("decoder", decoders),
+                                ("projector", [model.model.multi_modal_projector])) for m in group]
+    hooks += [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(("attention", kw["hidden_states"].shape[1])), with_kwargs=True) for layer in layers]
+    try:
+        with torch.no_grad():
+            assert replay_seconds(model, counts) > 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [n for tag, n in seen if tag == "attention"] == counts.vision_in
+    assert [n for tag, n in seen if tag == "mlp"] == counts.vision_out
+    assert [n for tag, n in seen if tag == "projector"] == [counts.features]
+    assert [n for tag, n in seen if tag == "decoder"] == counts.llm

@@ -1,0 +1,59 @@
+"""Replay a prefill's token counts through the vanilla model's own modules, layer by layer.
+
+A reduced prefill's measured speedup can fall short of its FLOPs speedup for two reasons:
+time fico spends outside the model's matrix products (stages, gathers, hooks), or a machine
+that runs the same products less efficiently on fewer tokens (small matrices). The replay
+separates them: it times the unmodified modules of the model (CLIP attention and MLP
+halves, decoder layers, patch embedding, projector, final norm and one lm_head row) on
+random inputs of exactly the per-layer token counts a run recorded, with no fico code
+involved. ``replay(unreduced) / replay(reduced)`` is the speedup an implementation without
+any overhead would reach on this machine with those counts; fico's measured speedup divided
+by it is fico's own efficiency.
+
+Used by ``fico bench --replay``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..cost import TokenCounts
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
+    """Seconds the vanilla modules of ``model`` take on ``counts`` (one sample, no fico)."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    vision_tower = model.model.vision_tower
+    vision_width = model.config.vision_config.hidden_size
+    text = model.model.language_model
+    llm_width = model.config.text_config.hidden_size
+
+    def randn(n: int, width: int) -> torch.Tensor:
+        return torch.randn(1, n, width, generator=g).to(dtype)
+
+    pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size,
+                         generator=g).to(dtype)
+    total = _timed(lambda: vision_tower.pre_layrnorm(vision_tower.embeddings(pixels)))
+    for layer, n_in, n_out in zip(vision_tower.encoder.layers, counts.vision_in, counts.vision_out):
+        x_in, x_out = randn(n_in, vision_width), randn(n_out, vision_width)
+        total += _timed(lambda: x_in + layer.self_attn(hidden_states=layer.layer_norm1(x_in), attention_mask=None)[0])
+        total += _timed(lambda: x_out + layer.mlp(layer.layer_norm2(x_out)))
+    features = randn(counts.features, vision_width)
+    total += _timed(lambda: model.model.multi_modal_projector(features))
+    for layer, n in zip(text.layers, counts.llm):
+        hidden = randn(n, llm_width)
+        positions = torch.arange(n)[None]
+        rope = text.rotary_emb(hidden, positions)  # computed once per forward by the model too
+        total += _timed(lambda: layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope))
+    last = randn(1, llm_width)
+    total += _timed(lambda: model.lm_head(text.norm(last)))
+    return total
