@@ -63,3 +63,25 @@ def test_shipped_weights_reach_their_stated_accuracy():
         assert abs(result[kind] - stated["slice"][kind]) <= 2 / SLICE_IMAGES
     # the stated full-test accuracy is what the docs claim, and it is far above chance
     assert stated["questions"] >= 1000 and stated["overall"] > 0.5
+
+
+def test_two_phase_training_runs_and_phase_two_keeps_the_vision_tower(tmp_path):
+    """Smoke run of both training phases (two steps each): checkpoints load with
+    from_pretrained, phase 2 with --freeze-vision leaves CLIP bit for bit and trains the LLM."""
+    from transformers import LlavaForConditionalGeneration
+
+    from fico.toy import pretrain_vision, train
+
+    vision_dir, joint_dir = tmp_path / "vision", tmp_path / "joint"
+    pretrain_vision.main(["--out", str(vision_dir), "--steps", "2", "--batch", "1", "--eval-every", "2",
+                          "--eval-images", "2"])
+    train.main(["--resume", str(vision_dir), "--reset-language-model", "--freeze-vision", "--out", str(joint_dir),
+                "--steps", "2", "--batch", "1", "--questions-per-type", "1", "--eval-every", "2",
+                "--eval-images", "1"])
+    before = LlavaForConditionalGeneration.from_pretrained(vision_dir, local_files_only=True)
+    after = LlavaForConditionalGeneration.from_pretrained(joint_dir, local_files_only=True)
+    for (name, a), b in zip(before.model.vision_tower.state_dict().items(), after.model.vision_tower.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(before.model.language_model.layers[0].mlp.up_proj.weight,
+                           after.model.language_model.layers[0].mlp.up_proj.weight)
+    assert json.loads((joint_dir / "accuracy.json").read_text())["step"] == 2
