@@ -40,6 +40,8 @@ VOCAB = SPECIAL + WORDS
 ANSWERS = {"color": list(COLORS), "shape": list(SHAPES), "count": [str(d) for d in range(4)],
            "exists": ["yes", "no"], "position": ["yes", "no"], "digit": [str(d) for d in range(10)]}
 
+DIGIT_STROKE = 2  # pixels of outline around the glyph: a bold digit
+
 # per-patch labels for the auxiliary vision loss
 BACKGROUND = 0
 PATCH_CLASSES = 1 + len(COLORS) * len(SHAPES) + 10  # background, colour x shape, digit 0-9
@@ -101,11 +103,15 @@ def example(seed: int, questions_per_type: int = 1) -> Example:
         labels[y0 // PATCH:(y0 + size) // PATCH + 1, x0 // PATCH:(x0 + size) // PATCH + 1] = label
     digit = rng.randrange(10)
     row, col = divmod(digit_cell, GRID)
-    size = rng.randrange(52, 64)
-    x0 = col * CELL + rng.randrange(4, CELL - size // 2 - 20)
-    y0 = row * CELL + rng.randrange(0, CELL - size - 2)
-    draw.text((x0, y0), str(digit), fill=(20, 20, 20), font=_font(size))
-    box = draw.textbbox((x0, y0), str(digit), font=_font(size))
+    # bold and mid-sized: a detail a few patches wide (thin 60-pixel glyphs spread over ~12
+    # patches were read at chance by the vision tower after phase-1 training)
+    size = rng.randrange(36, 46)
+    font = _font(size)
+    left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=DIGIT_STROKE)
+    x0 = col * CELL - left + rng.randrange(3, CELL - (right - left) - 3)
+    y0 = row * CELL - top + rng.randrange(3, CELL - (bottom - top) - 3)
+    draw.text((x0, y0), str(digit), fill=(20, 20, 20), font=font, stroke_width=DIGIT_STROKE, stroke_fill=(20, 20, 20))
+    box = draw.textbbox((x0, y0), str(digit), font=font, stroke_width=DIGIT_STROKE)
     labels[box[1] // PATCH:box[3] // PATCH + 1, box[0] // PATCH:box[2] // PATCH + 1] = (
         1 + len(COLORS) * len(SHAPES) + digit)
 
