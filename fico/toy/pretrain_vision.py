@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--background-weight", type=float, default=0.1)
+    parser.add_argument("--digit-weight", type=float, default=10.0,
+                        help="digit patches are about 2%% of the patches and a tenth of them per digit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -80,6 +82,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     class_weights = torch.ones(PATCH_CLASSES)
     class_weights[0] = args.background_weight
+    class_weights[FIRST_DIGIT:] = args.digit_weight
     side = 24 // GRID
     rows = (torch.arange(576) // 24 // side)
     cols = (torch.arange(576) % 24 // side)
