@@ -58,6 +58,7 @@ def load_bench_model(which: str, dtype: torch.dtype = torch.float32, attn: str =
         model = LlavaForConditionalGeneration.from_pretrained(which, dtype=dtype, attn_implementation=attn,
                                                               local_files_only=True).eval()
         processor = AutoProcessor.from_pretrained(which, local_files_only=True)
+        processor.tokenizer.padding_side = "left"  # batched prompts: every last position is a real token
     ex = example(10_000_000)
     text = prompt(ex.questions[0].text) if which == "toy" else "USER: <image>\nWhat is in the image? ASSISTANT:"
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")

@@ -207,7 +207,9 @@ def load_model(which: str, dtype: torch.dtype, attn: str):
 
     model = LlavaForConditionalGeneration.from_pretrained(which, dtype=dtype, attn_implementation=attn,
                                                           local_files_only=True).eval()
-    return model, AutoProcessor.from_pretrained(which, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(which, local_files_only=True)
+    processor.tokenizer.padding_side = "left"  # batched prompts: every last position is a real token
+    return model, processor
 
 
 def _questions(args):

@@ -50,9 +50,8 @@ def build_tokenizer(words: list[str] | None = None):
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>",
+                                        eos_token="</s>", pad_token="<pad>", padding_side="left",
                                         extra_special_tokens={"image_token": IMAGE_TOKEN})
-    tokenizer.padding_side = "left"
     return tokenizer
 
 

@@ -249,6 +249,8 @@ def test_local_save_and_load(tiny_model, processor, single_inputs, tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True).eval()
     loaded_processor = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    # batched prompts read the last position's logits: the saved tokenizer must still pad on the left
+    assert loaded_processor.tokenizer.padding_side == "left"
     inputs = embedded.example_inputs(loaded_processor)
     with torch.no_grad():
         with fico.apply(model, fico.load_recipe("tome")):
