@@ -1,20 +1,21 @@
-"""Train fico-toy from scratch on the CPU, reproducibly from a seed.
+"""Phase 2 of fico-toy training (or all of it, from scratch): the questions, reproducibly from a seed.
 
-    python -m fico.toy.train [--minutes 90] [--batch 12] [--seed 0] [--out fico/toy/weights]
+    python -m fico.toy.train --resume DIR --reset-language-model --freeze-vision [--minutes 40] [--out DIR]
 
-Each step draws ``batch`` images (6 questions each, one per type). Questions about one
-image are packed into one sequence after a shared image prefix, with a block attention
+``DIR`` is phase 1's checkpoint (``fico.toy.pretrain_vision``; see docs/toy.md). Each step
+draws ``batch`` images with ``--questions-per-type`` questions of each type. Questions about
+one image are packed into one sequence after a shared image prefix, with a block attention
 mask (each question sees the image and itself) and positions that restart after the image,
 which gives exactly the logits of the unpacked prompt while running the vision tower and
-the image prefix once. Besides the answer loss, two auxiliary losses shape the vision side:
-what covers each patch (background, colour x shape, digit) read from CLIP's feature layer,
-and the cell row/column of each visual token read from the projector output (so the LLM
-can locate "row2 col1"). The auxiliary heads are not part of the saved model.
+the image prefix once. Besides the answer loss: what covers each patch, read from CLIP's
+feature layer and from the projector output; the cell row/column of each visual token; the
+answer position's attention on the cells the question names (upper layers); and the patch
+content of the visual tokens entering those layers. The auxiliary heads are not saved.
 
 Every ``--eval-every`` steps the model is evaluated on a fixed test slice; the best
 checkpoint is saved with ``save_pretrained`` (safetensors) together with the processor.
-Training stops at the time limit or when the target (85% overall, 70% per type) holds on
-two evaluations in a row.
+Training stops at the step or time limit, or when the target (85% overall, 70% per type)
+holds on two evaluations in a row.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from .data import GRID, PATCH_CLASSES, QUESTION_TYPES, TEST_SEEDS, VOCAB, example, pixel_values
 from .model import WEIGHTS, build_config, build_processor
+from .pretrain_vision import rms_normalised
 
 IMAGE = VOCAB.index("<image>")
 PREFIX = [VOCAB.index("<s>"), VOCAB.index("USER:")] + [IMAGE] * 576
@@ -237,12 +239,12 @@ def main(argv=None) -> None:
             patch_loss = F.cross_entropy(patch_head(vision).flatten(0, 1), batch["patch_labels"].flatten())
             # RMS-normalised, as the LLM's first norm sees them (the projector's output starts tiny)
             features = captured["features"].float()
-            cells = cell_head(features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6))
+            normed = rms_normalised(features)
+            cells = cell_head(normed)
             cell_loss = (F.cross_entropy(cells[..., :GRID].flatten(0, 1), batch["cell_rows"].flatten())
                          + F.cross_entropy(cells[..., GRID:].flatten(0, 1), batch["cell_cols"].flatten()))
             # what covers each patch, also from the projector output: the LLM's visual tokens
             # themselves carry the content, so even evenly spread attention reads it
-            normed = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
             token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten())
             content_loss = torch.zeros(())
             if args.content_weight > 0:
@@ -250,7 +252,7 @@ def main(argv=None) -> None:
                 # (the projector's code, same head): what the answer attends to is readable.
                 for hidden in out.hidden_states[-1 - args.supervised_layers:-1]:
                     visual = hidden[:, 2:len(PREFIX)].float()
-                    visual = visual * torch.rsqrt(visual.pow(2).mean(-1, keepdim=True) + 1e-6)
+                    visual = rms_normalised(visual)
                     content_loss = content_loss + F.cross_entropy(
                         token_head(visual).flatten(0, 1), batch["patch_labels"].flatten()) / args.supervised_layers
             loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
