@@ -18,7 +18,7 @@ def receive(weights: Tensor, discarded: Tensor) -> tuple[Tensor, Tensor]:
     Most correlators send each discarded token to one or a few targets (ToMe: one; FiCoCo's
     quantile rule: one for rows of up to 500 candidates), so ``weights`` is mostly zeros.
     Then the K nonzeros of each row are added into their targets, O(r K D), instead of
-    the dense product, O(r T D), which dominated ToMe's step at 577 tokens.
+    the dense product, O(r T D), a large part of ToMe's step at 577 tokens.
     """
     b, r, t = weights.shape
     per_row = int((weights != 0).sum(-1).max()) if r else 0
