@@ -47,6 +47,31 @@ def test_packed_questions_give_the_unpacked_logits():
             assert (single - packed[index]).abs().max() < 1e-4
 
 
+def test_supervised_answer_attention_equals_eager_attention():
+    """The attention rows phase 2 supervises, recomputed under SDPA, are eager attention's rows."""
+    from transformers import LlavaForConditionalGeneration
+
+    from fico.toy.train import answer_attention, model_mask, packed_batch
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(build_config()).eval()
+    model.set_attn_implementation("eager")
+    batch = packed_batch([3, 4], questions_per_type=2)
+    layers = model.model.language_model.layers
+    inputs = {}
+    layers[-1].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: inputs.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                    attention_mask=model_mask(model, batch["attention_mask"]),
+                    position_ids=batch["position_ids"], output_attentions=True)
+        rows = answer_attention(layers[-1].self_attn, inputs["hidden_states"], inputs["position_embeddings"],
+                                batch["attention_mask"], batch["answer_rows"], batch["answer_cols"])
+    expected = out.attentions[-1][batch["answer_rows"], :, batch["answer_cols"]]
+    assert rows.shape == expected.shape == (24, 4, batch["input_ids"].shape[1])
+    assert torch.allclose(rows, expected, atol=1e-6)
+
+
 @pytest.mark.skipif(not (WEIGHTS / "config.json").is_file(), reason="no trained toy weights shipped")
 def test_shipped_weights_reach_their_stated_accuracy():
     from fico.toy.evaluate import SLICE_IMAGES, evaluate

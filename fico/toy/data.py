@@ -141,8 +141,9 @@ def _questions(rng: random.Random, objects: list[dict], digit: int, digit_cell: 
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
         color, shape = rng.choice(absent)
     answer = "yes" if any(o["color"] == color and o["shape"] == shape for o in objects) else "no"
+    # the cell of the object asked for; none when absent (the answer then rests on every cell)
     out.append(Question("exists", f"is there a {color} {shape} ?", answer,
-                        tuple((o["row"], o["col"]) for o in objects if o["color"] == color or o["shape"] == shape)))
+                        tuple((o["row"], o["col"]) for o in objects if o["color"] == color and o["shape"] == shape)))
     relation = rng.choice(["left", "above"])
     axis = "col" if relation == "left" else "row"
     pairs = [(a, b) for a in objects for b in objects if a[axis] != b[axis]]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .data import GRID, PATCH_CLASSES, QUESTION_TYPES, TEST_SEEDS, VOCAB, example, pixel_values
 from .model import WEIGHTS, build_config, build_processor
-from .pretrain_vision import rms_normalised
+from .pretrain_vision import patch_class_weights, rms_normalised
 
 IMAGE = VOCAB.index("<image>")
 PREFIX = [VOCAB.index("<s>"), VOCAB.index("USER:")] + [IMAGE] * 576
@@ -100,6 +100,33 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
     }
 
 
+def answer_attention(attn, hidden: torch.Tensor, position_embeddings, mask: torch.Tensor,
+                     rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities ``(Q, heads, L)`` of the query tokens ``(rows[i], cols[i])`` in
+    the Llama attention module ``attn``, recomputed from its input ``hidden`` ``(B, L, D)``:
+
+        p_i = softmax_j( (R_i W_q h_i) . (R_j W_k h_j) / sqrt(d) + mask_ij )
+
+    with ``R`` the rotary embedding (``position_embeddings`` = (cos, sin)) and ``mask`` the
+    ``(B, 1, L, L)`` bool block mask. Only the supervised rows are formed, so the model itself
+    runs under SDPA (eager attention with ``output_attentions`` doubled the step time).
+    """
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    cos, sin = position_embeddings
+    b, n, _ = hidden.shape
+    head_dim, groups = attn.head_dim, attn.num_key_value_groups
+    keys = attn.k_proj(hidden).view(b, n, -1, head_dim).transpose(1, 2)
+    keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]  # (B, kv heads, L, d)
+    queries = attn.q_proj(hidden[rows, cols]).view(len(rows), -1, head_dim)  # (Q, heads, d)
+    queries = queries * cos[rows, cols][:, None] + rotate_half(queries) * sin[rows, cols][:, None]
+    # query head h reads key head h // groups (grouped-query attention)
+    queries = queries.view(len(rows), -1, groups, head_dim)
+    logits = torch.einsum("qkgd,qkld->qkgl", queries, keys[rows]).flatten(1, 2) * attn.scaling
+    logits = logits.masked_fill(~mask[rows, 0, cols][:, None], float("-inf"))
+    return logits.softmax(-1)
+
+
 def model_mask(model, mask: torch.Tensor) -> torch.Tensor:
     """The packed block mask in the form the LLM's attention takes: bool for SDPA, additive for eager."""
     if model.config.text_config._attn_implementation == "eager":
@@ -154,7 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--attention-weight", type=float, default=0.3,
-                        help="weight of the attention supervision on the answer positions (0: off; needs eager)")
+                        help="weight of the attention supervision on the answer positions (0: off)")
     parser.add_argument("--content-weight", type=float, default=0.5,
                         help="weight of the loss keeping the patch content readable in the visual tokens entering "
                              "the supervised layers")
@@ -166,6 +193,14 @@ def main(argv=None) -> None:
     parser.add_argument("--aux-weight", type=float, default=0.5, help="weight of each auxiliary vision loss")
     parser.add_argument("--freeze-vision", action="store_true",
                         help="keep the CLIP tower fixed (no backward through 24 layers: ~2.5x faster steps)")
+    parser.add_argument("--train-vision-layers", type=int, default=0,
+                        help="with --freeze-vision: still train this many CLIP layers below the feature layer "
+                             "(the patch details, e.g. digits, can still improve at a small cost)")
+    parser.add_argument("--vision-lr-scale", type=float, default=0.3,
+                        help="learning rate of the CLIP parameters relative to --lr")
+    parser.add_argument("--background-weight", type=float, default=0.1,
+                        help="weight of background patches in the patch losses (as phase 1)")
+    parser.add_argument("--digit-weight", type=float, default=10.0, help="weight of digit patches (as phase 1)")
     parser.add_argument("--reset-language-model", action="store_true",
                         help="with --resume: keep the vision tower and projector, start the LLM afresh")
     args = parser.parse_args(argv)
@@ -184,24 +219,37 @@ def main(argv=None) -> None:
         torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=0.5)
     if args.reset_language_model or not args.resume:
         reset_language_model(model)
+    config = model.config
+    feature_layer = config.vision_config.num_hidden_layers + 1 + config.vision_feature_layer - 1
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
-    # attention supervision reads the attention weights, which only eager attention returns
-    model.set_attn_implementation({"text_config": "eager" if args.attention_weight > 0 else "sdpa",
-                                   "vision_config": "sdpa"})
+        for layer in model.model.vision_tower.encoder.layers[feature_layer + 1 - args.train_vision_layers:
+                                                             feature_layer + 1]:
+            layer.requires_grad_(True)
+    model.set_attn_implementation("sdpa")
     processor = build_processor()
-    config = model.config
     patch_head = torch.nn.Linear(config.vision_config.hidden_size, PATCH_CLASSES)
     cell_head = torch.nn.Linear(config.text_config.hidden_size, 2 * GRID)
     token_head = torch.nn.Linear(config.text_config.hidden_size, PATCH_CLASSES)
+    vision_params = [p for p in model.model.vision_tower.parameters() if p.requires_grad]
     params = [p for p in (*model.parameters(), *patch_head.parameters(), *cell_head.parameters(),
                           *token_head.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    others = [p for p in params if all(p is not v for v in vision_params)]
+    # a gentler rate for CLIP: its features are what phase 1 trained, the heads above start afresh
+    optimizer = torch.optim.AdamW([{"params": others, "scale": 1.0},
+                                   {"params": vision_params, "scale": args.vision_lr_scale}],
+                                  lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    class_weights = patch_class_weights(args.background_weight, args.digit_weight)
     captured = {}
-    feature_layer = config.vision_config.num_hidden_layers + 1 + config.vision_feature_layer - 1
     model.model.vision_tower.encoder.layers[feature_layer].register_forward_hook(
         lambda m, a, out: captured.__setitem__("vision", out))
     model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: captured.__setitem__("features", out))
+    layers = model.model.language_model.layers
+    supervised = range(len(layers) - args.supervised_layers, len(layers)) if args.attention_weight > 0 else ()
+    for index in supervised:
+        layers[index].self_attn.register_forward_pre_hook(
+            lambda m, a, kw, index=index: captured.__setitem__(index, (kw["hidden_states"], kw["position_embeddings"])),
+            with_kwargs=True)
 
     deadline = time.time() + args.minutes * 60
     # the schedule depends on the step only, so a run is reproducible from its seed and --steps
@@ -216,13 +264,13 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, step / 150) * max(
             0.1, 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         batch = packed_batch(rng.integers(0, TEST_SEEDS.start, args.batch).tolist(), args.questions_per_type)
         if True:  # fp32: bf16 autocast is several times slower on CPUs without AMX
             mask = model_mask(model, batch["attention_mask"])
             out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                         attention_mask=mask, position_ids=batch["position_ids"],
-                        output_attentions=args.attention_weight > 0, output_hidden_states=args.content_weight > 0)
+                        output_hidden_states=args.content_weight > 0)
             logits = out.logits[batch["answer_rows"], batch["answer_cols"]].float()
             attention_loss = torch.zeros(())
             if args.attention_weight > 0:
@@ -230,13 +278,17 @@ def main(argv=None) -> None:
                 # should rest on the cells the answer depends on. Evenly spread attention over 576
                 # image tokens gives its parameters almost no gradient otherwise.
                 has_cells = batch["relevant"].any(-1)
-                for layer_attention in out.attentions[-args.supervised_layers:]:
-                    rows = layer_attention[batch["answer_rows"], :, batch["answer_cols"]].mean(1)  # (Q, L)
+                for index in supervised:
+                    hidden, position_embeddings = captured[index]
+                    rows = answer_attention(layers[index].self_attn, hidden, position_embeddings,
+                                            batch["attention_mask"], batch["answer_rows"],
+                                            batch["answer_cols"]).mean(1)  # (Q, L)
                     mass = (rows[:, :len(PREFIX)] * batch["relevant"]).sum(-1)
                     attention_loss = attention_loss - torch.log(mass[has_cells] + 1e-6).mean() / args.supervised_layers
             answer_loss = F.cross_entropy(logits, batch["answers"])
             vision = captured["vision"][:, 1:].float()
-            patch_loss = F.cross_entropy(patch_head(vision).flatten(0, 1), batch["patch_labels"].flatten())
+            patch_loss = F.cross_entropy(patch_head(vision).flatten(0, 1), batch["patch_labels"].flatten(),
+                                         weight=class_weights)
             # RMS-normalised, as the LLM's first norm sees them (the projector's output starts tiny)
             features = captured["features"].float()
             normed = rms_normalised(features)
@@ -245,7 +297,8 @@ def main(argv=None) -> None:
                          + F.cross_entropy(cells[..., GRID:].flatten(0, 1), batch["cell_cols"].flatten()))
             # what covers each patch, also from the projector output: the LLM's visual tokens
             # themselves carry the content, so even evenly spread attention reads it
-            token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten())
+            token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten(),
+                                         weight=class_weights)
             content_loss = torch.zeros(())
             if args.content_weight > 0:
                 # The visual tokens entering the supervised layers still say what covers them
@@ -254,7 +307,8 @@ def main(argv=None) -> None:
                     visual = hidden[:, 2:len(PREFIX)].float()
                     visual = rms_normalised(visual)
                     content_loss = content_loss + F.cross_entropy(
-                        token_head(visual).flatten(0, 1), batch["patch_labels"].flatten()) / args.supervised_layers
+                        token_head(visual).flatten(0, 1), batch["patch_labels"].flatten(),
+                        weight=class_weights) / args.supervised_layers
             loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
                     + args.attention_weight * attention_loss + args.content_weight * content_loss)
         optimizer.zero_grad(set_to_none=True)
@@ -263,8 +317,8 @@ def main(argv=None) -> None:
         optimizer.step()
         record = {"step": step, "loss": round(loss.item(), 4), "answer": round(answer_loss.item(), 4),
                   "patch": round(patch_loss.item(), 4), "cell": round(cell_loss.item(), 4),
-                  "token": round(token_loss.item(), 4), "attention": round(float(attention_loss), 4),
-                  "content": round(float(content_loss), 4),
+                  "token": round(token_loss.item(), 4), "attention": round(attention_loss.item(), 4),
+                  "content": round(content_loss.item(), 4),
                   "lr": round(lr, 6), "time": round(time.time() - deadline + args.minutes * 60, 1)}
         if step % args.eval_every == 0:
             model.eval()
