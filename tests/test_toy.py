@@ -72,6 +72,24 @@ def test_supervised_answer_attention_equals_eager_attention():
     assert torch.allclose(rows, expected, atol=1e-6)
 
 
+def test_supervised_attention_targets_the_named_objects():
+    from fico.toy.train import COUNT_ATTENTION_FLOOR, PREFIX, packed_batch
+
+    seeds = [11, 12]
+    batch = packed_batch(seeds, questions_per_type=2)
+    questions = [q for s in seeds for q in example(s, 2).questions]
+    for index, q in enumerate(questions):
+        labels = batch["patch_labels"][index // (len(questions) // len(seeds))]
+        target = batch["relevant"][index, 2:len(PREFIX)]
+        # object or digit patches only, inside the named cells; none for an absent object
+        assert not (target & (labels == 0)).any()
+        assert target.any() == bool(q.cells)
+        for row, col in q.cells:
+            assert target.view(24, 24)[row * 6:row * 6 + 6, col * 6:col * 6 + 6].any()
+        expected = COUNT_ATTENTION_FLOOR if q.kind == "count" else 1.0
+        assert batch["attention_floor"][index] == expected
+
+
 @pytest.mark.skipif(not (WEIGHTS / "config.json").is_file(), reason="no trained toy weights shipped")
 def test_shipped_weights_reach_their_stated_accuracy():
     from fico.toy.evaluate import SLICE_IMAGES, evaluate

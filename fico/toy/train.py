@@ -9,8 +9,9 @@ mask (each question sees the image and itself) and positions that restart after 
 which gives exactly the logits of the unpacked prompt while running the vision tower and
 the image prefix once. Besides the answer loss: what covers each patch, read from CLIP's
 feature layer and from the projector output; the cell row/column of each visual token; the
-answer position's attention on the cells the question names (upper layers); and the patch
-content of the visual tokens entering those layers. The auxiliary heads are not saved.
+answer position's attention on the object (digit) patches of the cells the question names
+(upper layers; for counting, at least half of it, so that the share can grow with the
+count); and the patch content of the visual tokens entering those layers. The auxiliary heads are not saved.
 
 Every ``--eval-every`` steps the model is evaluated on a fixed test slice; the best
 checkpoint is saved with ``save_pretrained`` (safetensors) together with the processor.
@@ -36,6 +37,7 @@ from .pretrain_vision import patch_class_weights, rms_normalised
 
 IMAGE = VOCAB.index("<image>")
 PREFIX = [VOCAB.index("<s>"), VOCAB.index("USER:")] + [IMAGE] * 576
+COUNT_ATTENTION_FLOOR = 0.5
 
 
 def encode(text: str) -> list[int]:
@@ -56,8 +58,12 @@ def _cell_tokens(cells) -> torch.Tensor:
 def packed_batch(seeds: list[int], questions_per_type: int = 1):
     """Inputs, masks, answer positions/ids and auxiliary labels for the images ``seeds``."""
     examples = [example(s, questions_per_type) for s in seeds]
-    sequences, answer_positions, answers, relevant = [], [], [], []
+    sequences, answer_positions, answers, relevant, floors = [], [], [], [], []
     for ex in examples:
+        # what covers a patch, over the prefix: the supervised attention targets the object
+        # (digit) patches of the named cells, not the background around them
+        covered = torch.zeros(len(PREFIX), dtype=torch.bool)
+        covered[2:] = torch.from_numpy(ex.patch_labels != 0)
         ids, positions, ends = list(PREFIX), list(range(len(PREFIX))), []
         segments = []
         for q in ex.questions:
@@ -67,7 +73,10 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
             positions += list(range(len(PREFIX), len(PREFIX) + len(seg)))
             ends.append(len(ids) - 1)
             answers.append(VOCAB.index(q.answer))
-            relevant.append(_cell_tokens(q.cells))
+            relevant.append(_cell_tokens(q.cells) & covered)
+            # counting needs attention that is not fully normalised onto the counted objects
+            # (their share of it against the rest is what grows with the count)
+            floors.append(COUNT_ATTENTION_FLOOR if q.kind == "count" else 1.0)
         sequences.append((ids, positions, segments))
         answer_positions.append(ends)
     length = max(len(ids) for ids, _, _ in sequences)
@@ -95,6 +104,7 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
         "answer_cols": torch.tensor([p for ends in answer_positions for p in ends]),
         "answers": torch.tensor(answers),
         "relevant": torch.stack(relevant),  # (questions, length of the image prefix) bool
+        "attention_floor": torch.tensor(floors),  # attention mass on ``relevant`` beyond which no loss
         "patch_labels": torch.from_numpy(np.stack([ex.patch_labels for ex in examples])),
         "cell_rows": rows.expand(b, -1), "cell_cols": cols.expand(b, -1),
     }
@@ -266,51 +276,52 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
         batch = packed_batch(rng.integers(0, TEST_SEEDS.start, args.batch).tolist(), args.questions_per_type)
-        if True:  # fp32: bf16 autocast is several times slower on CPUs without AMX
-            mask = model_mask(model, batch["attention_mask"])
-            out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                        attention_mask=mask, position_ids=batch["position_ids"],
-                        output_hidden_states=args.content_weight > 0)
-            logits = out.logits[batch["answer_rows"], batch["answer_cols"]].float()
-            attention_loss = torch.zeros(())
-            if args.attention_weight > 0:
-                # Attention supervision: the answer position's head-mean attention (upper layers)
-                # should rest on the cells the answer depends on. Evenly spread attention over 576
-                # image tokens gives its parameters almost no gradient otherwise.
-                has_cells = batch["relevant"].any(-1)
-                for index in supervised:
-                    hidden, position_embeddings = captured[index]
-                    rows = answer_attention(layers[index].self_attn, hidden, position_embeddings,
-                                            batch["attention_mask"], batch["answer_rows"],
-                                            batch["answer_cols"]).mean(1)  # (Q, L)
-                    mass = (rows[:, :len(PREFIX)] * batch["relevant"]).sum(-1)
-                    attention_loss = attention_loss - torch.log(mass[has_cells] + 1e-6).mean() / args.supervised_layers
-            answer_loss = F.cross_entropy(logits, batch["answers"])
-            vision = captured["vision"][:, 1:].float()
-            patch_loss = F.cross_entropy(patch_head(vision).flatten(0, 1), batch["patch_labels"].flatten(),
-                                         weight=class_weights)
-            # RMS-normalised, as the LLM's first norm sees them (the projector's output starts tiny)
-            features = captured["features"].float()
-            normed = rms_normalised(features)
-            cells = cell_head(normed)
-            cell_loss = (F.cross_entropy(cells[..., :GRID].flatten(0, 1), batch["cell_rows"].flatten())
-                         + F.cross_entropy(cells[..., GRID:].flatten(0, 1), batch["cell_cols"].flatten()))
-            # what covers each patch, also from the projector output: the LLM's visual tokens
-            # themselves carry the content, so even evenly spread attention reads it
-            token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten(),
-                                         weight=class_weights)
-            content_loss = torch.zeros(())
-            if args.content_weight > 0:
-                # The visual tokens entering the supervised layers still say what covers them
-                # (the projector's code, same head): what the answer attends to is readable.
-                for hidden in out.hidden_states[-1 - args.supervised_layers:-1]:
-                    visual = hidden[:, 2:len(PREFIX)].float()
-                    visual = rms_normalised(visual)
-                    content_loss = content_loss + F.cross_entropy(
-                        token_head(visual).flatten(0, 1), batch["patch_labels"].flatten(),
-                        weight=class_weights) / args.supervised_layers
-            loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
-                    + args.attention_weight * attention_loss + args.content_weight * content_loss)
+        # fp32: bf16 autocast was several times slower on this CPU (no AMX)
+        mask = model_mask(model, batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                    attention_mask=mask, position_ids=batch["position_ids"],
+                    output_hidden_states=args.content_weight > 0)
+        logits = out.logits[batch["answer_rows"], batch["answer_cols"]].float()
+        attention_loss = torch.zeros(())
+        if args.attention_weight > 0:
+            # Attention supervision: the answer position's head-mean attention (upper layers)
+            # should rest on the object patches of the cells the answer depends on. Evenly spread attention over 576
+            # image tokens gives its parameters almost no gradient otherwise.
+            has_cells = batch["relevant"].any(-1)
+            for index in supervised:
+                hidden, position_embeddings = captured[index]
+                rows = answer_attention(layers[index].self_attn, hidden, position_embeddings,
+                                        batch["attention_mask"], batch["answer_rows"],
+                                        batch["answer_cols"]).mean(1)  # (Q, L)
+                mass = (rows[:, :len(PREFIX)] * batch["relevant"]).sum(-1)
+                mass = torch.minimum(mass, batch["attention_floor"])
+                attention_loss = attention_loss - torch.log(mass[has_cells] + 1e-6).mean() / args.supervised_layers
+        answer_loss = F.cross_entropy(logits, batch["answers"])
+        vision = captured["vision"][:, 1:].float()
+        patch_loss = F.cross_entropy(patch_head(vision).flatten(0, 1), batch["patch_labels"].flatten(),
+                                     weight=class_weights)
+        # RMS-normalised, as the LLM's first norm sees them (the projector's output starts tiny)
+        features = captured["features"].float()
+        normed = rms_normalised(features)
+        cells = cell_head(normed)
+        cell_loss = (F.cross_entropy(cells[..., :GRID].flatten(0, 1), batch["cell_rows"].flatten())
+                     + F.cross_entropy(cells[..., GRID:].flatten(0, 1), batch["cell_cols"].flatten()))
+        # what covers each patch, also from the projector output: the LLM's visual tokens
+        # themselves carry the content, so even evenly spread attention reads it
+        token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten(),
+                                     weight=class_weights)
+        content_loss = torch.zeros(())
+        if args.content_weight > 0:
+            # The visual tokens entering the supervised layers still say what covers them
+            # (the projector's code, same head): what the answer attends to is readable.
+            for hidden in out.hidden_states[-1 - args.supervised_layers:-1]:
+                visual = hidden[:, 2:len(PREFIX)].float()
+                visual = rms_normalised(visual)
+                content_loss = content_loss + F.cross_entropy(
+                    token_head(visual).flatten(0, 1), batch["patch_labels"].flatten(),
+                    weight=class_weights) / args.supervised_layers
+        loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
+                + args.attention_weight * attention_loss + args.content_weight * content_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
