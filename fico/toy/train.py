@@ -58,7 +58,7 @@ def _cell_tokens(cells) -> torch.Tensor:
 def packed_batch(seeds: list[int], questions_per_type: int = 1):
     """Inputs, masks, answer positions/ids and auxiliary labels for the images ``seeds``."""
     examples = [example(s, questions_per_type) for s in seeds]
-    sequences, answer_positions, answers, relevant, floors = [], [], [], [], []
+    sequences, answer_positions, answers, relevant, floors, words = [], [], [], [], [], []
     for ex in examples:
         # what covers a patch, over the prefix: the supervised attention targets the object
         # (digit) patches of the named cells, not the background around them
@@ -73,6 +73,7 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
             positions += list(range(len(PREFIX), len(PREFIX) + len(seg)))
             ends.append(len(ids) - 1)
             answers.append(VOCAB.index(q.answer))
+            words.append(torch.zeros(len(VOCAB)).index_fill_(0, torch.tensor(encode(q.text)), 1.0))
             relevant.append(_cell_tokens(q.cells) & covered)
             # counting needs attention that is not fully normalised onto the counted objects
             # (their share of it against the rest is what grows with the count)
@@ -104,7 +105,8 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
         "answer_cols": torch.tensor([p for ends in answer_positions for p in ends]),
         "answers": torch.tensor(answers),
         "relevant": torch.stack(relevant),  # (questions, length of the image prefix) bool
-        "attention_floor": torch.tensor(floors),  # attention mass on ``relevant`` beyond which no loss
+        "attention_floor": torch.tensor(floors),
+        "question_words": torch.stack(words),  # (questions, vocabulary) which words each question has  # attention mass on ``relevant`` beyond which no loss
         "patch_labels": torch.from_numpy(np.stack([ex.patch_labels for ex in examples])),
         "cell_rows": rows.expand(b, -1), "cell_cols": cols.expand(b, -1),
     }
@@ -195,6 +197,9 @@ def main(argv=None) -> None:
     parser.add_argument("--content-weight", type=float, default=0.5,
                         help="weight of the loss keeping the patch content readable in the visual tokens entering "
                              "the supervised layers")
+    parser.add_argument("--question-weight", type=float, default=0.3,
+                        help="weight of the loss asking the answer position, entering the supervised layers, "
+                             "to say which words its question has (0: off)")
     parser.add_argument("--supervised-layers", type=int, default=3, help="upper LLM layers whose attention is supervised")
     parser.add_argument("--resume", type=Path, default=None,
                         help="start from the weights in this directory (e.g. the shipped ones) instead of scratch")
@@ -241,9 +246,10 @@ def main(argv=None) -> None:
     patch_head = torch.nn.Linear(config.vision_config.hidden_size, PATCH_CLASSES)
     cell_head = torch.nn.Linear(config.text_config.hidden_size, 2 * GRID)
     token_head = torch.nn.Linear(config.text_config.hidden_size, PATCH_CLASSES)
+    question_head = torch.nn.Linear(config.text_config.hidden_size, len(VOCAB))
     vision_params = [p for p in model.model.vision_tower.parameters() if p.requires_grad]
     params = [p for p in (*model.parameters(), *patch_head.parameters(), *cell_head.parameters(),
-                          *token_head.parameters()) if p.requires_grad]
+                          *token_head.parameters(), *question_head.parameters()) if p.requires_grad]
     others = [p for p in params if all(p is not v for v in vision_params)]
     # a gentler rate for CLIP: its features are what phase 1 trained, the heads above start afresh
     optimizer = torch.optim.AdamW([{"params": others, "scale": 1.0},
@@ -280,7 +286,7 @@ def main(argv=None) -> None:
         mask = model_mask(model, batch["attention_mask"])
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                     attention_mask=mask, position_ids=batch["position_ids"],
-                    output_hidden_states=args.content_weight > 0)
+                    output_hidden_states=True)
         logits = out.logits[batch["answer_rows"], batch["answer_cols"]].float()
         attention_loss = torch.zeros(())
         if args.attention_weight > 0:
@@ -310,6 +316,13 @@ def main(argv=None) -> None:
         # themselves carry the content, so even evenly spread attention reads it
         token_loss = F.cross_entropy(token_head(normed).flatten(0, 1), batch["patch_labels"].flatten(),
                                      weight=class_weights)
+        # Measured on a checkpoint stuck near 50%: a linear probe read the named row from the
+        # answer position at 50% and the cell at 17%, so the query that should find the cell did
+        # not know it. This asks the answer position, before the supervised layers, to carry its
+        # question (which words it has).
+        asked = out.hidden_states[-1 - args.supervised_layers][batch["answer_rows"], batch["answer_cols"]]
+        question_loss = F.binary_cross_entropy_with_logits(
+            question_head(rms_normalised(asked.float())), batch["question_words"], reduction="none").sum(-1).mean()
         content_loss = torch.zeros(())
         if args.content_weight > 0:
             # The visual tokens entering the supervised layers still say what covers them
@@ -321,7 +334,8 @@ def main(argv=None) -> None:
                     token_head(visual).flatten(0, 1), batch["patch_labels"].flatten(),
                     weight=class_weights) / args.supervised_layers
         loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
-                + args.attention_weight * attention_loss + args.content_weight * content_loss)
+                + args.attention_weight * attention_loss + args.content_weight * content_loss
+                + args.question_weight * question_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -329,7 +343,7 @@ def main(argv=None) -> None:
         record = {"step": step, "loss": round(loss.item(), 4), "answer": round(answer_loss.item(), 4),
                   "patch": round(patch_loss.item(), 4), "cell": round(cell_loss.item(), 4),
                   "token": round(token_loss.item(), 4), "attention": round(attention_loss.item(), 4),
-                  "content": round(content_loss.item(), 4),
+                  "content": round(content_loss.item(), 4), "question": round(question_loss.item(), 4),
                   "lr": round(lr, 6), "time": round(time.time() - deadline + args.minutes * 60, 1)}
         if step % args.eval_every == 0:
             model.eval()
