@@ -72,8 +72,8 @@ def test_supervised_answer_attention_equals_eager_attention():
     assert torch.allclose(rows, expected, atol=1e-6)
 
 
-def test_supervised_attention_targets_the_named_objects():
-    from fico.toy.train import COUNT_ATTENTION_FLOOR, PREFIX, packed_batch
+def test_phase_two_targets_name_the_objects_and_spell_the_question():
+    from fico.toy.train import COUNT_ATTENTION_FLOOR, PREFIX, QUESTION_SLOTS, packed_batch
 
     seeds = [11, 12]
     batch = packed_batch(seeds, questions_per_type=2)
@@ -88,6 +88,10 @@ def test_supervised_attention_targets_the_named_objects():
             assert target.view(24, 24)[row * 6:row * 6 + 6, col * 6:col * 6 + 6].any()
         expected = COUNT_ATTENTION_FLOOR if q.kind == "count" else 1.0
         assert batch["attention_floor"][index] == expected
+        # the question target spells the question word by word
+        slots = batch["question_words"][index].view(QUESTION_SLOTS, len(VOCAB))
+        spelled = [VOCAB[i] for i in slots.argmax(-1)[:int(slots.sum())]]
+        assert spelled == q.text.split() and slots.sum() == len(spelled)
 
 
 @pytest.mark.skipif(not (WEIGHTS / "config.json").is_file(), reason="no trained toy weights shipped")
