@@ -132,3 +132,16 @@ def test_two_phase_training_runs_and_phase_two_keeps_the_vision_tower(tmp_path):
     assert not torch.equal(before.model.language_model.layers[0].mlp.up_proj.weight,
                            after.model.language_model.layers[0].mlp.up_proj.weight)
     assert json.loads((joint_dir / "accuracy.json").read_text())["step"] == 2
+    # --train-vision-layers 2: the two CLIP layers up to the feature layer (-2) train, no other
+    top_dir = tmp_path / "top"
+    train.main(["--resume", str(vision_dir), "--freeze-vision", "--train-vision-layers", "2", "--out", str(top_dir),
+                "--steps", "2", "--batch", "1", "--questions-per-type", "1", "--eval-every", "2",
+                "--eval-images", "1"])
+    top = LlavaForConditionalGeneration.from_pretrained(top_dir, local_files_only=True)
+    changed = {index for index, (a, b) in enumerate(zip(before.model.vision_tower.encoder.layers,
+                                                         top.model.vision_tower.encoder.layers))
+               if not torch.equal(a.mlp.fc1.weight, b.mlp.fc1.weight)}
+    depth = before.config.vision_config.num_hidden_layers
+    assert changed == {depth - 3, depth - 2}
+    assert torch.equal(before.model.vision_tower.embeddings.patch_embedding.weight,
+                       top.model.vision_tower.embeddings.patch_embedding.weight)

@@ -195,16 +195,16 @@ def reset_language_model(model, residual_scale: float = 0.1) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=90.0)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None,
                         help="length of the learning-rate schedule and of the run (default: what --minutes allows)")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
-    parser.add_argument("--attention-weight", type=float, default=0.3,
+    parser.add_argument("--attention-weight", type=float, default=0.6,
                         help="weight of the attention supervision on the answer positions (0: off)")
     parser.add_argument("--content-weight", type=float, default=0.5,
                         help="weight of the loss keeping the patch content readable in the visual tokens entering "
@@ -217,7 +217,7 @@ def main(argv=None) -> None:
                         help="start from the weights in this directory (e.g. the shipped ones) instead of scratch")
     parser.add_argument("--questions-per-type", type=int, default=4,
                         help="questions of each type packed after one image (the image prefix is paid once)")
-    parser.add_argument("--aux-weight", type=float, default=0.5, help="weight of each auxiliary vision loss")
+    parser.add_argument("--aux-weight", type=float, default=0.2, help="weight of each auxiliary vision loss")
     parser.add_argument("--freeze-vision", action="store_true",
                         help="keep the CLIP tower fixed (no backward through 24 layers: ~2.5x faster steps)")
     parser.add_argument("--train-vision-layers", type=int, default=0,
@@ -282,7 +282,7 @@ def main(argv=None) -> None:
 
     deadline = time.time() + args.minutes * 60
     # the schedule depends on the step only, so a run is reproducible from its seed and --steps
-    total_steps = args.steps or int(args.minutes * 60 / (0.42 * args.batch))
+    total_steps = args.steps or int(args.minutes * 60 / (0.37 * args.batch))
     rng = np.random.default_rng(args.seed)
     best, good_in_a_row, step = -1.0, 0, 0
     log = args.out / "training_log.jsonl"
