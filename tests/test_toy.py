@@ -80,7 +80,14 @@ def test_phase_two_targets_name_the_objects_and_spell_the_question():
     questions = [q for s in seeds for q in example(s, 2).questions]
     for index, q in enumerate(questions):
         labels = batch["patch_labels"][index // (len(questions) // len(seeds))]
-        target = batch["relevant"][index, 2:len(PREFIX)]
+        halves = batch["relevant"][index, :, 2:len(PREFIX)]
+        target = halves.any(0)
+        if q.kind == "position":  # half the heads on each object, in the question's order
+            for half, (row, col) in zip(halves, q.cells):
+                assert half.view(24, 24)[row * 6:row * 6 + 6, col * 6:col * 6 + 6].any()
+                assert half.sum() < target.sum()
+        else:
+            assert torch.equal(halves[0], halves[1])
         # object or digit patches only, inside the named cells; none for an absent object
         assert not (target & (labels == 0)).any()
         assert target.any() == bool(q.cells)
@@ -143,5 +150,6 @@ def test_two_phase_training_runs_and_phase_two_keeps_the_vision_tower(tmp_path):
                if not torch.equal(a.mlp.fc1.weight, b.mlp.fc1.weight)}
     depth = before.config.vision_config.num_hidden_layers
     assert changed == {depth - 3, depth - 2}
+    assert (top_dir / train.HEADS).is_file()  # the auxiliary heads, for --resume
     assert torch.equal(before.model.vision_tower.embeddings.patch_embedding.weight,
                        top.model.vision_tower.embeddings.patch_embedding.weight)

@@ -11,7 +11,9 @@ the image prefix once. Besides the answer loss: what covers each patch, read fro
 feature layer and from the projector output; the cell row/column of each visual token; the
 answer position's attention on the object (digit) patches of the cells the question names
 (upper layers; for counting, at least half of it, so that the share can grow with the
-count); and the patch content of the visual tokens entering those layers. The auxiliary heads are not saved.
+count); the question, word by word, at the answer position entering those layers; and the
+patch content of the visual tokens entering those layers. The auxiliary heads are saved
+beside the checkpoint (``HEADS``, not part of the model) so that ``--resume`` continues them.
 
 Every ``--eval-every`` steps the model is evaluated on a fixed test slice; the best
 checkpoint is saved with ``save_pretrained`` (safetensors) together with the processor.
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from .data import GRID, PATCH_CLASSES, QUESTION_TYPES, TEST_SEEDS, VOCAB, example, pixel_values
 from .model import WEIGHTS, build_config, build_processor
@@ -39,6 +42,7 @@ IMAGE = VOCAB.index("<image>")
 PREFIX = [VOCAB.index("<s>"), VOCAB.index("USER:")] + [IMAGE] * 576
 COUNT_ATTENTION_FLOOR = 0.5
 QUESTION_SLOTS = 12  # longest question, in words
+HEADS = "training_heads.safetensors"  # the auxiliary heads, saved beside a checkpoint
 
 
 def encode(text: str) -> list[int]:
@@ -86,7 +90,12 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
             ends.append(len(ids) - 1)
             answers.append(VOCAB.index(q.answer))
             words.append(question_words(q.text))
-            relevant.append(_cell_tokens(q.cells) & covered)
+            if q.kind == "position":
+                # two objects in turn: half the heads find the first, half the second, so that
+                # which is which survives into the answer (one mixture of both cannot say)
+                relevant.append(torch.stack([_cell_tokens(q.cells[:1]), _cell_tokens(q.cells[1:])]) & covered)
+            else:
+                relevant.append((_cell_tokens(q.cells) & covered).expand(2, -1))
             # counting needs attention that is not fully normalised onto the counted objects
             # (their share of it against the rest is what grows with the count)
             floors.append(COUNT_ATTENTION_FLOOR if q.kind == "count" else 1.0)
@@ -116,9 +125,11 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
         "answer_rows": torch.tensor([i for i, ends in enumerate(answer_positions) for _ in ends]),
         "answer_cols": torch.tensor([p for ends in answer_positions for p in ends]),
         "answers": torch.tensor(answers),
-        "relevant": torch.stack(relevant),  # (questions, length of the image prefix) bool
-        "attention_floor": torch.tensor(floors),
-        "question_words": torch.stack(words),  # (questions, QUESTION_SLOTS * vocabulary) one-hot per word  # attention mass on ``relevant`` beyond which no loss
+        # (questions, 2, length of the image prefix) bool: where the first and second half of
+        # the heads should look
+        "relevant": torch.stack(relevant),
+        "attention_floor": torch.tensor(floors),  # attention mass on ``relevant`` beyond which no loss
+        "question_words": torch.stack(words),  # (questions, QUESTION_SLOTS * vocabulary) one-hot per word
         "patch_labels": torch.from_numpy(np.stack([ex.patch_labels for ex in examples])),
         "cell_rows": rows.expand(b, -1), "cell_cols": cols.expand(b, -1),
     }
@@ -268,6 +279,10 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW([{"params": others, "scale": 1.0},
                                    {"params": vision_params, "scale": args.vision_lr_scale}],
                                   lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    heads = torch.nn.ModuleDict({"patch": patch_head, "cell": cell_head, "token": token_head,
+                                 "question": question_head})
+    if args.resume and not args.reset_language_model and (args.resume / HEADS).is_file():
+        heads.load_state_dict(load_file(args.resume / HEADS))
     class_weights = patch_class_weights(args.background_weight, args.digit_weight)
     captured = {}
     model.model.vision_tower.encoder.layers[feature_layer].register_forward_hook(
@@ -303,16 +318,18 @@ def main(argv=None) -> None:
         logits = out.logits[batch["answer_rows"], batch["answer_cols"]].float()
         attention_loss = torch.zeros(())
         if args.attention_weight > 0:
-            # Attention supervision: the answer position's head-mean attention (upper layers)
-            # should rest on the object patches of the cells the answer depends on. Evenly spread attention over 576
-            # image tokens gives its parameters almost no gradient otherwise.
-            has_cells = batch["relevant"].any(-1)
+            # Attention supervision: the answer position's attention (upper layers, mean over
+            # heads) should rest on the object patches of the cells the answer depends on.
+            # Evenly spread attention over 576 image tokens gives its parameters almost no
+            # gradient otherwise.
+            has_cells = batch["relevant"].flatten(1).any(-1)
             for index in supervised:
                 hidden, position_embeddings = captured[index]
                 rows = answer_attention(layers[index].self_attn, hidden, position_embeddings,
                                         batch["attention_mask"], batch["answer_rows"],
-                                        batch["answer_cols"]).mean(1)  # (Q, L)
-                mass = (rows[:, :len(PREFIX)] * batch["relevant"]).sum(-1)
+                                        batch["answer_cols"])  # (Q, heads, L)
+                halves = rows[..., :len(PREFIX)].unflatten(1, (2, -1))  # (Q, 2, heads / 2, prefix)
+                mass = (halves * batch["relevant"][:, :, None]).sum(-1).mean((1, 2))
                 mass = torch.minimum(mass, batch["attention_floor"])
                 attention_loss = attention_loss - torch.log(mass[has_cells] + 1e-6).mean() / args.supervised_layers
         answer_loss = F.cross_entropy(logits, batch["answers"])
@@ -370,6 +387,7 @@ def main(argv=None) -> None:
                 best = overall
                 model.save_pretrained(args.out)
                 processor.save_pretrained(args.out)
+                save_file(heads.state_dict(), args.out / HEADS)
                 (args.out / "accuracy.json").write_text(json.dumps(dict(result, step=step), indent=2))
             met = overall >= 0.85 and all(result[t] >= 0.70 for t in QUESTION_TYPES)
             good_in_a_row = good_in_a_row + 1 if met else 0
