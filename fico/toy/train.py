@@ -90,12 +90,7 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
             ends.append(len(ids) - 1)
             answers.append(VOCAB.index(q.answer))
             words.append(question_words(q.text))
-            if q.kind == "position":
-                # two objects in turn: half the heads find the first, half the second, so that
-                # which is which survives into the answer (one mixture of both cannot say)
-                relevant.append(torch.stack([_cell_tokens(q.cells[:1]), _cell_tokens(q.cells[1:])]) & covered)
-            else:
-                relevant.append((_cell_tokens(q.cells) & covered).expand(2, -1))
+            relevant.append(_cell_tokens(q.cells) & covered)
             # counting needs attention that is not fully normalised onto the counted objects
             # (their share of it against the rest is what grows with the count)
             floors.append(COUNT_ATTENTION_FLOOR if q.kind == "count" else 1.0)
@@ -125,9 +120,7 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
         "answer_rows": torch.tensor([i for i, ends in enumerate(answer_positions) for _ in ends]),
         "answer_cols": torch.tensor([p for ends in answer_positions for p in ends]),
         "answers": torch.tensor(answers),
-        # (questions, 2, length of the image prefix) bool: where the first and second half of
-        # the heads should look
-        "relevant": torch.stack(relevant),
+        "relevant": torch.stack(relevant),  # (questions, length of the image prefix) bool
         "attention_floor": torch.tensor(floors),  # attention mass on ``relevant`` beyond which no loss
         "question_words": torch.stack(words),  # (questions, QUESTION_SLOTS * vocabulary) one-hot per word
         "patch_labels": torch.from_numpy(np.stack([ex.patch_labels for ex in examples])),
@@ -322,14 +315,13 @@ def main(argv=None) -> None:
             # heads) should rest on the object patches of the cells the answer depends on.
             # Evenly spread attention over 576 image tokens gives its parameters almost no
             # gradient otherwise.
-            has_cells = batch["relevant"].flatten(1).any(-1)
+            has_cells = batch["relevant"].any(-1)
             for index in supervised:
                 hidden, position_embeddings = captured[index]
                 rows = answer_attention(layers[index].self_attn, hidden, position_embeddings,
                                         batch["attention_mask"], batch["answer_rows"],
-                                        batch["answer_cols"])  # (Q, heads, L)
-                halves = rows[..., :len(PREFIX)].unflatten(1, (2, -1))  # (Q, 2, heads / 2, prefix)
-                mass = (halves * batch["relevant"][:, :, None]).sum(-1).mean((1, 2))
+                                        batch["answer_cols"]).mean(1)  # (Q, L)
+                mass = (rows[:, :len(PREFIX)] * batch["relevant"]).sum(-1)
                 mass = torch.minimum(mass, batch["attention_floor"])
                 attention_loss = attention_loss - torch.log(mass[has_cells] + 1e-6).mean() / args.supervised_layers
         answer_loss = F.cross_entropy(logits, batch["answers"])
