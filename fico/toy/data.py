@@ -30,6 +30,7 @@ SHAPES = ("circle", "square", "triangle")
 QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "digit")
 TRAIN_SEEDS = range(0, 10_000_000)
 TEST_SEEDS = range(10_000_000, 10_100_000)
+VALIDATION_SEEDS = range(10_100_000, 10_200_000)  # checkpoint selection during training
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:"]
 WORDS = (["what", "color", "shape", "is", "at", "how", "many", "objects", "are", "there", "a", "the", "left",

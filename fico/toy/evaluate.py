@@ -3,9 +3,9 @@
     python -m fico.toy.evaluate [--images 300] [--recipe NAME [key=value ...]]
     python -m fico.toy.evaluate --images 1000 --write     # state the shipped weights' accuracy
 
-``--write`` records, in ``fico/toy/weights/accuracy.json``, the accuracy on the first
-``--images`` test images and on the fixed slice of the first ``SLICE_IMAGES`` that
-``tests/test_toy.py`` re-measures in CI.
+``--write`` records, in ``fico/toy/weights/accuracy.json``, the accuracy on ``--images``
+test images from ``--first-image`` on and on the fixed slice of the first ``SLICE_IMAGES``
+that ``tests/test_toy.py`` re-measures in CI.
 """
 
 from __future__ import annotations
@@ -60,19 +60,23 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--first-image", type=int, default=0,
+                        help="start at this test image (e.g. after images a checkpoint was selected on)")
     parser.add_argument("--recipe", default=None)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--write", action="store_true",
                         help="record the result (and the CI slice's) as the shipped weights' accuracy")
     args = parser.parse_args(argv)
     model, processor = load()
+    first_seed = TEST_SEEDS.start + args.first_image
     if args.write:
         from .model import WEIGHTS
 
         if args.recipe:
             parser.error("--write states the unreduced model's accuracy; drop --recipe")
         with torch.no_grad():
-            result = evaluate(model, processor, images=args.images)
+            result = evaluate(model, processor, first_seed, images=args.images)
+            result["first_image"] = args.first_image
             result["images"] = args.images
             result["questions"] = args.images * len(QUESTION_TYPES)
             result["slice"] = dict(evaluate(model, processor, images=SLICE_IMAGES), images=SLICE_IMAGES)
@@ -82,9 +86,9 @@ def main(argv=None) -> None:
     with torch.no_grad():
         if args.recipe:
             with fico.apply(model, fico.load_recipe(args.recipe, args.overrides)):
-                result = evaluate(model, processor, images=args.images)
+                result = evaluate(model, processor, first_seed, images=args.images)
         else:
-            result = evaluate(model, processor, images=args.images)
+            result = evaluate(model, processor, first_seed, images=args.images)
     print(json.dumps(result, indent=2))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import COLORS, GRID, PATCH_CLASSES, SHAPES, TEST_SEEDS, example, pixel_values
+from .data import COLORS, GRID, PATCH_CLASSES, SHAPES, TRAIN_SEEDS, VALIDATION_SEEDS, example, pixel_values
 from .model import build_processor
 
 FIRST_DIGIT = 1 + len(COLORS) * len(SHAPES)
@@ -109,7 +109,8 @@ def main(argv=None) -> None:
                 + F.cross_entropy(cells[..., GRID:].flatten(0, 1), cols.repeat(b)))
         return patch, token, cell, token_logits
 
-    eval_pixels, eval_labels = patch_batch(list(range(TEST_SEEDS.start, TEST_SEEDS.start + args.eval_images)))
+    validation = range(VALIDATION_SEEDS.start, VALIDATION_SEEDS.start + args.eval_images)
+    eval_pixels, eval_labels = patch_batch(list(validation))
     rng = np.random.default_rng(args.seed)
     deadline = time.time() + args.minutes * 60
     args.out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, step / 50) * max(0.1, 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        pixels, labels = patch_batch(rng.integers(0, TEST_SEEDS.start, args.batch).tolist())
+        pixels, labels = patch_batch(rng.integers(TRAIN_SEEDS.start, TRAIN_SEEDS.stop, args.batch).tolist())
         patch, token, cell, _ = losses(pixels, labels)
         loss = patch + token + 0.5 * cell
         optimizer.zero_grad(set_to_none=True)

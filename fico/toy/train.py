@@ -15,7 +15,7 @@ count); the question, word by word, at the answer position entering those layers
 patch content of the visual tokens entering those layers. The auxiliary heads are saved
 beside the checkpoint (``HEADS``, not part of the model) so that ``--resume`` continues them.
 
-Every ``--eval-every`` steps the model is evaluated on a fixed test slice; the best
+Every ``--eval-every`` steps the model is evaluated on fixed validation images; the best
 checkpoint is saved with ``save_pretrained`` (safetensors) together with the processor.
 Training stops at the step or time limit, or when the target (85% overall, 70% per type)
 holds on two evaluations in a row.
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import GRID, PATCH_CLASSES, QUESTION_TYPES, TEST_SEEDS, VOCAB, example, pixel_values
+from .data import GRID, PATCH_CLASSES, QUESTION_TYPES, TRAIN_SEEDS, VALIDATION_SEEDS, VOCAB, example, pixel_values
 from .model import WEIGHTS, build_config, build_processor
 from .pretrain_vision import patch_class_weights, rms_normalised
 
@@ -302,7 +302,8 @@ def main(argv=None) -> None:
             0.1, 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
-        batch = packed_batch(rng.integers(0, TEST_SEEDS.start, args.batch).tolist(), args.questions_per_type)
+        seeds = rng.integers(TRAIN_SEEDS.start, TRAIN_SEEDS.stop, args.batch).tolist()
+        batch = packed_batch(seeds, args.questions_per_type)
         # fp32: bf16 autocast was several times slower on this CPU (no AMX)
         mask = model_mask(model, batch["attention_mask"])
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -371,7 +372,8 @@ def main(argv=None) -> None:
         if step % args.eval_every == 0:
             model.eval()
             with torch.no_grad():
-                result = packed_accuracy(model, list(range(TEST_SEEDS.start, TEST_SEEDS.start + args.eval_images)))
+                validation = range(VALIDATION_SEEDS.start, VALIDATION_SEEDS.start + args.eval_images)
+                result = packed_accuracy(model, list(validation))
             model.train()
             record["eval"] = result
             overall = result["overall"]
