@@ -18,9 +18,9 @@ def test_generator_is_deterministic_and_splits_are_disjoint():
     assert np.array_equal(a.patch_labels, b.patch_labels)
     assert not np.array_equal(np.asarray(example(124).image), np.asarray(a.image))
     splits = [TRAIN_SEEDS, VALIDATION_SEEDS, TEST_SEEDS]
-    for a in splits:
-        for b in splits:
-            assert a is b or a.stop <= b.start or b.stop <= a.start
+    for one in splits:
+        for other in splits:
+            assert one is other or one.stop <= other.start or other.stop <= one.start
     assert [q.kind for q in a.questions] == list(QUESTION_TYPES)
     assert all(w in VOCAB for q in a.questions for w in (q.text.split() + [q.answer]))
 
