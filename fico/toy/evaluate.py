@@ -2,6 +2,7 @@
 
     python -m fico.toy.evaluate [--images 300] [--recipe NAME [key=value ...]]
     python -m fico.toy.evaluate --images 1000 --write     # state the shipped weights' accuracy
+    python -m fico.toy.evaluate --images 10 --cls-saliency  # where [CLS] looks, per CLIP layer
 
 ``--write`` records, in ``fico/toy/weights/accuracy.json``, the accuracy on ``--images``
 test images from ``--first-image`` on and on the fixed slice of the first ``SLICE_IMAGES``
@@ -16,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from .data import QUESTION_TYPES, TEST_SEEDS, example, prompt
+from .data import QUESTION_TYPES, TEST_SEEDS, example, pixel_values, prompt
 
 #: test images re-evaluated in CI (6 questions each; well within a minute on 2 cores)
 SLICE_IMAGES = 20
@@ -53,6 +54,30 @@ def evaluate(model, processor, first_seed: int = TEST_SEEDS.start, images: int =
     return {k: round(result[k], 4) for k in (*QUESTION_TYPES, "overall")}
 
 
+def cls_saliency(model, first_seed: int = TEST_SEEDS.start, images: int = 10) -> dict:
+    """Per CLIP layer, the share of the [CLS] row's head-mean attention (over patches) that
+    falls on patches holding an object or the digit, next to those patches' share of all
+    patches. Filters that rank patches by [CLS] attention (EViT, FiCoCo-V) need the first to
+    exceed the second at the layers they reduce."""
+    import numpy as np
+
+    examples = [example(seed) for seed in range(first_seed, first_seed + images)]
+    pixels = torch.from_numpy(pixel_values([ex.image for ex in examples])).to(model.dtype)
+    foreground = torch.from_numpy(np.stack([ex.patch_labels for ex in examples]) > 0)
+    previous = model.config.vision_config._attn_implementation
+    model.model.vision_tower.set_attn_implementation("eager")  # attention weights: eager only
+    try:
+        attentions = model.model.vision_tower(pixels, output_attentions=True).attentions
+    finally:
+        model.model.vision_tower.set_attn_implementation(previous)
+    result = {"foreground_share": round(foreground.float().mean().item(), 4), "cls_on_foreground": {}}
+    for layer, attention in enumerate(attentions):
+        row = attention[:, :, 0, 1:].float().mean(1)
+        row = row / row.sum(-1, keepdim=True)
+        result["cls_on_foreground"][layer] = round((row * foreground).sum(-1).mean().item(), 4)
+    return result
+
+
 def main(argv=None) -> None:
     import fico
 
@@ -64,11 +89,17 @@ def main(argv=None) -> None:
                         help="start at this test image (e.g. after images a checkpoint was selected on)")
     parser.add_argument("--recipe", default=None)
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--cls-saliency", action="store_true",
+                        help="instead of accuracy: the share of [CLS] attention on object patches, per CLIP layer")
     parser.add_argument("--write", action="store_true",
                         help="record the result (and the CI slice's) as the shipped weights' accuracy")
     args = parser.parse_args(argv)
     model, processor = load()
     first_seed = TEST_SEEDS.start + args.first_image
+    if args.cls_saliency:
+        with torch.no_grad():
+            print(json.dumps(cls_saliency(model, first_seed, args.images), indent=2))
+        return
     if args.write:
         from .model import WEIGHTS
 
