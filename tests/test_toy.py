@@ -98,6 +98,22 @@ def test_phase_two_targets_name_the_objects_and_spell_the_question():
         assert spelled == q.text.split() and slots.sum() == len(spelled)
 
 
+def test_cls_saliency_reports_every_layer_and_keeps_the_attention_implementation():
+    from transformers import LlavaForConditionalGeneration
+
+    from fico.toy.evaluate import cls_saliency
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(build_config()).eval()
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        result = cls_saliency(model, images=2)
+    shares = result["cls_on_foreground"]
+    assert sorted(shares) == list(range(model.config.vision_config.num_hidden_layers))
+    assert all(0.0 <= v <= 1.0 for v in shares.values()) and 0.0 < result["foreground_share"] < 1.0
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
 @pytest.mark.skipif(not (WEIGHTS / "config.json").is_file(), reason="no trained toy weights shipped")
 def test_shipped_weights_reach_their_stated_accuracy():
     from fico.toy.evaluate import SLICE_IMAGES, evaluate
@@ -112,8 +128,9 @@ def test_shipped_weights_reach_their_stated_accuracy():
     assert abs(result["overall"] - stated["slice"]["overall"]) <= 2 / questions
     for kind in QUESTION_TYPES:
         assert abs(result[kind] - stated["slice"][kind]) <= 2 / SLICE_IMAGES
-    # the stated full-test accuracy is what the docs claim, and it is far above chance
-    assert stated["questions"] >= 1000 and stated["overall"] > 0.5
+    # the stated test accuracy is what the docs claim: the target, on images no checkpoint was chosen on
+    assert stated["questions"] >= 1000 and stated["first_image"] >= 60
+    assert stated["overall"] >= 0.85 and all(stated[kind] >= 0.70 for kind in QUESTION_TYPES)
 
 
 def test_two_phase_training_runs_and_phase_two_keeps_the_vision_tower(tmp_path):
