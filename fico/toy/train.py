@@ -267,7 +267,8 @@ def main(argv=None) -> None:
     vision_params = [p for p in model.model.vision_tower.parameters() if p.requires_grad]
     params = [p for p in (*model.parameters(), *patch_head.parameters(), *cell_head.parameters(),
                           *token_head.parameters(), *question_head.parameters()) if p.requires_grad]
-    others = [p for p in params if all(p is not v for v in vision_params)]
+    in_vision = {id(p) for p in vision_params}
+    others = [p for p in params if id(p) not in in_vision]
     # a gentler rate for CLIP: its features are what phase 1 trained, the heads above start afresh
     optimizer = torch.optim.AdamW([{"params": others, "scale": 1.0},
                                    {"params": vision_params, "scale": args.vision_lr_scale}],
@@ -344,9 +345,12 @@ def main(argv=None) -> None:
         # not know it. This asks the answer position, before the supervised layers, to carry its
         # question (which word is where: a bag of words loses which object a position question
         # names first, and position stayed at chance while the other types rose).
-        asked = out.hidden_states[-1 - args.supervised_layers][batch["answer_rows"], batch["answer_cols"]]
-        question_loss = F.binary_cross_entropy_with_logits(
-            question_head(rms_normalised(asked.float())), batch["question_words"], reduction="none").sum(-1).mean()
+        question_loss = torch.zeros(())
+        if args.question_weight > 0:
+            asked = out.hidden_states[-1 - args.supervised_layers][batch["answer_rows"], batch["answer_cols"]]
+            question_loss = F.binary_cross_entropy_with_logits(
+                question_head(rms_normalised(asked.float())), batch["question_words"],
+                reduction="none").sum(-1).mean()
         content_loss = torch.zeros(())
         if args.content_weight > 0:
             # The visual tokens entering the supervised layers still say what covers them
