@@ -39,26 +39,19 @@ class BenchModel:
 
 
 def load_bench_model(which: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa") -> BenchModel:
-    """``toy`` (the trained fico-toy), ``shaped`` (LLaVA-1.5's layer and token counts at reduced
-    widths, random weights), or a local checkpoint directory."""
+    """``shaped`` (LLaVA-1.5's layer and token counts at reduced widths, random weights), or
+    any model ``fico run`` takes: ``toy`` (the trained fico-toy), ``embedded``, a local
+    checkpoint directory."""
     from .toy.data import example, prompt
 
-    if which == "toy":
-        from .toy.model import load
-
-        model, processor = load(dtype=dtype, attn_implementation=attn)
-    elif which == "shaped":
+    if which == "shaped":
         from .benchmarks.shaped import build_shaped_model, shaped_inputs
 
         model = build_shaped_model(dtype=dtype, attn_implementation=attn)
         return BenchModel("shaped", model, None, shaped_inputs(dtype=dtype))
-    else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from .cli import load_model
 
-        model = LlavaForConditionalGeneration.from_pretrained(which, dtype=dtype, attn_implementation=attn,
-                                                              local_files_only=True).eval()
-        processor = AutoProcessor.from_pretrained(which, local_files_only=True)
-        processor.tokenizer.padding_side = "left"  # batched prompts: every last position is a real token
+    model, processor = load_model(which, dtype, attn)
     ex = example(10_000_000)
     text = prompt(ex.questions[0].text) if which == "toy" else "USER: <image>\nWhat is in the image? ASSISTANT:"
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
