@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from .errors import ApplyError, RecipeError, UnsupportedModelError
+from .errors import (ApplyError, ComponentError, FicoError, InputError, ModelNotFoundError, RecipeError,
+                     ResultsFileError, UnsupportedModelError)
 from .hookspecs import hookimpl, hookspec
 from .recipe import Recipe, Schedule, Step, bundled_recipes, load_recipe
 from .registry import Registry, default_registry
@@ -40,7 +41,7 @@ def apply(model, recipe: Recipe | str, provenance: bool = False) -> ReductionRun
 
 
 __all__ = [
-    "ApplyError", "Compressor", "Correlation", "Correlator", "Filter", "Recipe", "RecipeError", "ReductionRun",
+    "ApplyError", "ComponentError", "FicoError", "InputError", "ModelNotFoundError", "ResultsFileError", "Compressor", "Correlation", "Correlator", "Filter", "Recipe", "RecipeError", "ReductionRun",
     "Registry", "Schedule", "Split", "Step", "StepRecord", "TokenState", "Trace", "UnsupportedModelError",
     "apply", "bundled_recipes", "default_registry", "embedded", "hookimpl", "hookspec", "load_recipe",
 ]

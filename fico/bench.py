@@ -25,6 +25,7 @@ from rich.table import Table
 
 from .cost import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError
+from .models import RUNNABLE, load_model, model_source, torch_dtype
 from .recipe import Recipe, load_recipe
 
 BUDGETS = ("4.2", "3.3", "2.4", "1.5")
@@ -38,24 +39,28 @@ class BenchModel:
     inputs: dict  # the timed prompt
 
 
-def load_bench_model(which: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa") -> BenchModel:
+#: Built-in names ``fico bench --model`` takes, beside the runnable models.
+BENCH_MODELS = {"shaped": "LLaVA-1.5's layer and token counts at CLIP 512 / Llama 1024 widths, random weights",
+                **RUNNABLE}
+
+
+def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa") -> BenchModel:
     """``shaped`` (LLaVA-1.5's layer and token counts at reduced widths, random weights), or
     any model ``fico run`` takes: ``toy`` (the trained fico-toy), ``embedded``, a local
     checkpoint directory."""
     from .toy.data import example, prompt
 
+    which = model_source(which, BENCH_MODELS)
     if which == "shaped":
         from .benchmarks.shaped import build_shaped_model, shaped_inputs
 
-        model = build_shaped_model(dtype=dtype, attn_implementation=attn)
-        return BenchModel("shaped", model, None, shaped_inputs(dtype=dtype))
-    from .cli import load_model
-
+        model = build_shaped_model(dtype=torch_dtype(dtype), attn_implementation=attn)
+        return BenchModel("shaped", model, None, shaped_inputs(dtype=torch_dtype(dtype)))
     model, processor = load_model(which, dtype, attn)
     ex = example(10_000_000)
     text = prompt(ex.questions[0].text) if which == "toy" else "USER: <image>\nWhat is in the image? ASSISTANT:"
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype(dtype))
     return BenchModel(which, model, processor, dict(inputs))
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .cost import CONVENTIONS, model_spec, recipe_cost
-from .errors import RecipeError
+from .errors import FicoError, RecipeError
 
 BUDGET_KEYS = {"tflops", "model", "text_tokens", "convention", "solve"}
 
@@ -70,7 +70,7 @@ def solve_budget(config: DictConfig, source: str, overrides: list[str],
     text_tokens = budget.get("text_tokens", 60)
     try:
         spec = model_spec(budget.get("model", "llava-1.5-7b"))
-    except RecipeError as error:
+    except FicoError as error:
         raise RecipeError(f"{source}: budget.model: {error}") from error
 
     def with_value(value) -> DictConfig:

@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import ModelNotFoundError, RecipeError
+from .models import DTYPE_BYTES, parse_dtype
 from .plan import Geometry, RecipePlan, plan_recipe
 
 CONVENTIONS = ("llm-viewer", "full")
-BYTES = {"fp16": 2.0, "bf16": 2.0, "fp32": 4.0, "int8": 1.0, "int4": 0.5}
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,21 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
         from . import embedded
 
         return spec_from_config(embedded.build_config(), "embedded")
+    if key == "toy":
+        from .toy.model import build_config
+
+        return spec_from_config(build_config(), "toy")
     path = Path(key)
     if (path / "config.json").is_file():
         from transformers import LlavaConfig
 
         return spec_from_config(LlavaConfig.from_pretrained(path, local_files_only=True), key)
-    raise RecipeError(f"unknown model {key!r}: use {', '.join(BUILTIN_SPECS)}, embedded, or a directory with "
-                      "config.json")
+    from .models import model_source
+
+    names = {**{name: "published architecture" for name in BUILTIN_SPECS}, "embedded": "fico's random tiny model",
+             "toy": "fico-toy"}
+    model_source(key, names, label="model")  # raises, naming the built-in models and any close match
+    raise ModelNotFoundError(f"unknown model {key!r}")  # pragma: no cover - model_source raised
 
 
 @dataclass
@@ -207,12 +215,14 @@ def vision_layer_flops(spec: ModelSpec, n_in: int, n_out: int) -> float:
 
 
 def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-viewer",
-                 dtype: str = "fp16") -> CostReport:
+                 dtype: str = "float16") -> CostReport:
     """FLOPs, KV cache and memory of one prefill with the given token counts."""
     if convention not in CONVENTIONS:
         raise RecipeError(f"unknown cost convention {convention!r}; known: {', '.join(CONVENTIONS)}")
-    if dtype not in BYTES:
-        raise RecipeError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES)}")
+    try:
+        dtype = parse_dtype(dtype, quantized=True)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     per_layer = []
     total = 0.0
     if convention == "full":
@@ -235,7 +245,7 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
     per_layer.append({"site": "lm_head", "layer": 0, "tokens": 1, "flops": head})
     total += head
 
-    bytes_per = BYTES[dtype]
+    bytes_per = DTYPE_BYTES[dtype]
     kv_bytes = 2 * sum(counts.llm) * spec.kv_width * bytes_per
     params = spec.parameters()
     weight_params = sum(params.values()) if convention == "full" else params["llm"] + params["lm_head"]
@@ -255,7 +265,7 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
 
 
 def recipe_cost(model, recipe=None, text_tokens: int = 60, convention: str = "llm-viewer",
-                dtype: str = "fp16") -> CostReport:
+                dtype: str = "float16") -> CostReport:
     """Cost of ``recipe`` (None: the unreduced model) on ``model`` (see :func:`model_spec`).
 
     >>> round(recipe_cost("llava-1.5-7b", text_tokens=60).tflops, 2)

@@ -91,10 +91,10 @@ def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 
     from PIL import Image
 
     from . import apply
-    from .cli import load_model
+    from .models import load_model
     from .toy.data import TEST_SEEDS, example, prompt
 
-    model_obj, processor = load_model(model, torch.float32, "sdpa")
+    model_obj, processor = load_model(model, "float32", "sdpa")
     if image_path:
         image = Image.open(image_path).convert("RGB").resize((336, 336))
         text = "USER: <image> what digit is written ? ASSISTANT:" if model == "toy" else "USER: <image>\nDescribe. ASSISTANT:"

@@ -14,7 +14,7 @@ Two sites:
 
 Vision-side reduction changes the number of image features; the wrapped ``forward`` and
 ``generate`` shrink the processor's placeholder run before the model sees it, so callers
-pass the processor's unchanged inputs (see ``../shared/reference/hf-integration-notes.md``).
+pass the processor's unchanged inputs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..errors import ApplyError, RecipeError, UnsupportedModelError
+from ..errors import ApplyError, InputError, RecipeError, UnsupportedModelError
 from ..plan import Geometry, SitePlan, plan_recipe
 from ..recipe import Recipe
 from ..run import ReductionRun, StepRecord, run_step
@@ -473,7 +473,7 @@ class VisionSite:
         placeholder = ids == self.geo.image_token_id
         counts = placeholder.sum(1)
         if bool((counts % per_image != 0).any()):
-            raise ValueError(
+            raise InputError(
                 f"fico: each image needs {per_image} placeholder tokens in input_ids (as the processor writes); "
                 f"got {counts.tolist()} per sample"
             )
@@ -481,7 +481,7 @@ class VisionSite:
         drop = placeholder & (rank % per_image >= keep_per_image)
         dropped = drop.sum(1)
         if bool((dropped != dropped[0]).any()):
-            raise ValueError("fico: vision-side reduction needs the same number of images in every sample of a batch")
+            raise InputError("fico: vision-side reduction needs the same number of images in every sample of a batch")
         keep = ~drop
         b = ids.shape[0]
         new = dict(call)
@@ -490,7 +490,7 @@ class VisionSite:
             if value is not None and value.dim() == 2 and value.shape == ids.shape:
                 new[key] = value[keep].view(b, -1)
         if call.get("position_ids") is not None:
-            raise ValueError("fico: explicit position_ids cannot be combined with vision-side reduction; "
+            raise InputError("fico: explicit position_ids cannot be combined with vision-side reduction; "
                              "leave them to the model")
         return new
 
@@ -571,7 +571,7 @@ class LLMSite:
         ids = kwargs.get("input_ids")
         if ids is None:
             if self.plan.steps:
-                raise ValueError("fico: the llm site finds visual tokens through input_ids; pass input_ids, "
+                raise InputError("fico: the llm site finds visual tokens through input_ids; pass input_ids, "
                                  "not inputs_embeds")
             self.current = None
             return None
@@ -656,7 +656,7 @@ class LLMSite:
         else:
             counts = candidate.sum(1)
             if bool((counts != counts[0]).any()):
-                raise ValueError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
+                raise InputError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
                                  f"({counts.tolist()}); batch samples with the same number of images")
             available = int(counts[0])
         requested = step.schedule.tokens_to_remove(available, planned.position)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import ModelNotFoundError
 from .data import GRID, VOCAB
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -45,7 +45,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, att
 
     path = Path(path or WEIGHTS)
     if not (path / "config.json").is_file():
-        raise RecipeError(f"no trained fico-toy weights in {path}: train them with `python -m fico.toy.train`, "
+        raise ModelNotFoundError(f"no trained fico-toy weights in {path}: train them with `python -m fico.toy.train`, "
                           "or use --model embedded / --model shaped")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                           local_files_only=True).eval()
