@@ -21,6 +21,7 @@ A recipe has method-level knobs at the top, interpolated into its steps::
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import keyword
@@ -36,6 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import RecipeError
+from .overrides import LAYER_RANGE, format_value, load_yaml, parse_value, split_overrides
 from .registry import Registry, default_registry
 from .stages import Component, Compressor, Correlator, Filter
 
@@ -55,7 +57,6 @@ RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget"}
 STEP_KEYS = {"site", "layers", "remove", "keep_ratio", "remove_ratio", "filter", "correlate", "compress",
              "proportional_attention"}
 SCHEDULE_KEYS = ("remove", "keep_ratio", "remove_ratio")
-LAYER_RANGE = re.compile(r"-?\d+:(-?\d+)?")
 STAGE_KEYS = {"filter": "filter", "correlate": "correlator", "compress": "compressor"}
 
 
@@ -112,6 +113,11 @@ class Recipe:
     description: str = ""
     #: How a ``budget:`` was met (:class:`fico.budget.BudgetSolution`), or None.
     budget: Any = None
+    #: What differs from the recipe the description was written for (overrides or a
+    #: ``base:`` recipe's own steps), e.g. ``["steps[0].filter: centroid instead of attention_rank"]``.
+    changes: list[str] = field(default_factory=list)
+    #: Local plugin files the recipe's registry loaded (its ``plugins:`` and those given).
+    plugin_files: list[Path] = field(default_factory=list)
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -120,6 +126,14 @@ class Recipe:
 
     def error(self, key: str, message: str) -> RecipeError:
         return RecipeError(f"{self.source}: {key}: {message}")
+
+
+@dataclass
+class _Described:
+    """The recipe whose ``description`` a config carries, and its steps as written there."""
+
+    name: str
+    steps: Any
 
 
 def _if(condition: Any, then: Any, otherwise: Any) -> Any:
@@ -138,44 +152,98 @@ def bundled_recipes() -> list[str]:
     return sorted(p.relative_to(RECIPE_DIR).with_suffix("").as_posix() for p in RECIPE_DIR.rglob("*.yaml"))
 
 
-def load_recipe(recipe: str | Path, overrides: list[str] | None = None, registry: Registry | None = None) -> Recipe:
+def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, registry: Registry | None = None,
+                plugins: list[str | Path] | None = None) -> Recipe:
     """Load a bundled recipe by name, or a YAML file by path, and validate it.
 
     Args:
         recipe: a bundled name (``"tome"``, ``"evit"``, ``"fastv"``, ...) or a path.
         overrides: ``key=value`` strings in OmegaConf's dotlist syntax, e.g. ``["r=8"]``,
-            ``["layers=[0,1]"]``, ``["steps.0.filter.name=attention_rank"]``.
+            ``["layers=[0,1]"]``, ``["steps.0.filter.name=attention_rank"]``; or one string
+            of them separated by spaces or ``;`` (``"k=3;ratio=0.25"``). ``plugins=[FILE]``
+            is the same as ``plugins``.
         registry: components to resolve names against (default: built-ins + entry points).
+        plugins: local plugin files (paths relative to the working directory) whose
+            components the recipe and the overrides may name, besides the recipe's own
+            ``plugins:`` (relative to the recipe file).
 
     Raises:
         RecipeError: naming the source and key, for any invalid content.
+
+    >>> load_recipe("fastv", "k=3;ratio=0.25").knobs
+    {'k': 3, 'ratio': 0.25}
     """
+    overrides = override_list(overrides)
     path = _resolve_path(recipe)
     source = str(path)
-    config = _read_config(path, source, seen=())
-    config = _apply_overrides(config, overrides or [], source)
+    config, described = _read_config(path, source, seen=())
+    original = copy.deepcopy(config)
+    overrides, extra_plugins = _take_plugin_overrides(overrides, source)
+    extra_plugins += [Path(p) for p in plugins or ()]
+    config = _apply_overrides(config, overrides, source)
+    _check_overridden_knobs_are_used(original, config, overrides, source)
     solution = None
     if config.get("budget") is not None:
         from .budget import solve_budget
 
-        config, solution = solve_budget(config, source, overrides or [],
-                                        lambda candidate: _build(candidate, path, source, registry))
-    built = _build(config, path, source, registry)
+        config, solution = solve_budget(config, source, overrides,
+                                        lambda candidate: _build(candidate, path, source, registry, extra_plugins))
+    built = _build(config, path, source, registry, extra_plugins)
     built.budget = solution
+    built.changes = _changes(described, config, source)
+    if built.changes:
+        built.description = _describe_modified(described.name, built)
     return built
 
 
-def _read_config(path: Path, source: str, seen: tuple) -> DictConfig:
+def override_list(overrides: Any) -> list[str]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return split_overrides(overrides)
+    if isinstance(overrides, (list, tuple)) and all(isinstance(o, str) for o in overrides):
+        return list(overrides)
+    raise RecipeError(f"overrides: expected a list of 'key=value' strings (or one string of them separated by "
+                      f"spaces or ';'), got {overrides!r}")
+
+
+def _take_plugin_overrides(overrides: list[str], source: str) -> tuple[list[str], list[Path]]:
+    """``plugins=[a.py, b.py]`` overrides, as plugin files relative to the working directory."""
+    rest, files = [], []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if key.strip() != "plugins" or not sep:
+            rest.append(item)
+            continue
+        value = _parse_override_value(key.strip(), text, source)
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{source}: override 'plugins': expected a list of plugin file paths, got {text!r}")
+        files += [Path(v) for v in value]
+    return rest, files
+
+
+def _read_config(path: Path, source: str, seen: tuple) -> tuple[DictConfig, _Described]:
     """The YAML at ``path``, on top of its ``base:`` recipe (a bundled name or a relative path)."""
     try:
-        config = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as error:  # YAML errors subclass ValueError
+        data = load_yaml(path.read_text())
+    except OSError as error:
         raise RecipeError(f"{source}: cannot read recipe: {error}") from error
-    if not isinstance(config, DictConfig):
-        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(config).__name__}")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(part) for part in (getattr(error, "context", None), getattr(error, "problem", None))
+                           if part) or str(error).splitlines()[0]
+        raise RecipeError(f"{source}{where}: YAML syntax error: {problem}") from error
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(data).__name__}")
+    try:
+        config = OmegaConf.create(data)
+    except OmegaConfBaseException as error:
+        raise RecipeError(f"{source}: cannot read recipe: {str(error).splitlines()[0]}") from error
     base = config.get("base")
     if base is None:
-        return config
+        return config, _Described(str(config.get("name") or path.stem), _raw(config, "steps"))
     relative = path.parent / str(base)
     base_path = relative if relative.suffix in (".yaml", ".yml") and relative.is_file() else None
     try:
@@ -184,12 +252,21 @@ def _read_config(path: Path, source: str, seen: tuple) -> DictConfig:
         raise RecipeError(f"{source}: base: {error}") from error
     if base_path.resolve() in seen:
         raise RecipeError(f"{source}: base: recipes inherit from each other in a cycle")
-    parent = _read_config(base_path, str(base_path), seen + (path.resolve(),))
+    parent, described = _read_config(base_path, str(base_path), seen + (path.resolve(),))
     own = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "base"])
-    return OmegaConf.merge(parent, own)
+    merged = OmegaConf.merge(parent, own)
+    if "description" in own:
+        described = _Described(str(own.get("name") or path.stem), _raw(merged, "steps"))
+    return merged, described
 
 
-def _build(config: DictConfig, path: Path, source: str, registry: Registry | None) -> Recipe:
+def _raw(config: DictConfig, key: str) -> Any:
+    node = config.get(key)
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _build(config: DictConfig, path: Path, source: str, registry: Registry | None,
+           extra_plugins: list[Path] = ()) -> Recipe:
     """Resolve and validate an (overridden) config into a :class:`Recipe`."""
     raw = OmegaConf.to_container(config, resolve=False)
     try:
@@ -201,9 +278,10 @@ def _build(config: DictConfig, path: Path, source: str, registry: Registry | Non
     plugins = resolved.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise RecipeError(f"{source}: plugins: must be a list of plugin file paths")
-    if plugins:
+    files = [path.parent / p for p in plugins] + list(extra_plugins)
+    if files:
         try:
-            registry = registry.with_plugin_files([(path.parent / p) for p in plugins])
+            registry = registry.with_plugin_files(files)
             registry.components  # collect now, so a broken plugin is reported against this recipe
         except RecipeError as error:
             raise RecipeError(f"{source}: {error}") from error
@@ -219,6 +297,7 @@ def _build(config: DictConfig, path: Path, source: str, registry: Registry | Non
         steps=steps,
         registry=registry,
         description=str(resolved.get("description") or ""),
+        plugin_files=[Path(f).resolve() for f in files],
     )
 
 
@@ -226,6 +305,15 @@ def _resolve_path(recipe: str | Path) -> Path:
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
+            hints = []
+            other = path.with_suffix(".yaml" if path.suffix == ".yml" else ".yml")
+            if other.is_file():
+                hints.append(f"did you mean {str(other)!r}?")
+            name = f"budgets/{path.stem}" if path.parent.name == "budgets" else path.stem
+            if name in bundled_recipes():
+                hints.append(f"the bundled recipe is named {name!r} (no folder, no suffix)")
+            if hints:
+                raise RecipeError(f"{path}: no such recipe file; {'; '.join(hints)}")
             raise RecipeError(f"{path}: no such recipe file")
         return path
     bundled = RECIPE_DIR / f"{recipe}.yaml"
@@ -235,6 +323,22 @@ def _resolve_path(recipe: str | Path) -> Path:
     close = difflib.get_close_matches(str(recipe), names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise RecipeError(f"{recipe}: no bundled recipe or file of that name; bundled: {', '.join(names)}{hint}")
+
+
+def knob_paths(config: DictConfig | dict) -> list[str]:
+    """The recipe's knobs as dotted paths (nested knobs such as FiCoCo-VL's ``v.r`` included)."""
+    from .overrides import flatten_knobs
+
+    data = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else config
+    return list(flatten_knobs({k: v for k, v in data.items() if k not in RESERVED}))
+
+
+def _parse_override_value(key: str, text: str, source: str) -> Any:
+    try:
+        return parse_value(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{source}: override {key!r}: cannot parse value {text!r}: {problem}") from error
 
 
 def _apply_overrides(config: DictConfig, overrides: list[str], source: str) -> DictConfig:
@@ -248,20 +352,159 @@ def _apply_overrides(config: DictConfig, overrides: list[str], source: str) -> D
         key = key.strip()
         if not sep or not key:
             raise RecipeError(f"{source}: override {item!r} is not of the form key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as error:
-            raise RecipeError(f"{source}: override {key!r}: cannot parse value {text!r}: {error}") from error
+        value = _parse_override_value(key, text, source)
+        top = key.split(".")[0].lstrip("+")
+        if top not in RESERVED and OmegaConf.select(config, key.lstrip("+"), default=_MISSING) is _MISSING:
+            knobs = knob_paths(config)
+            close = difflib.get_close_matches(key, knobs, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{source}: override {key!r}: the recipe has no knob {key!r}; its knobs: "
+                              f"{', '.join(knobs) or 'none'}{hint}")
         try:
             # A mapping value replaces the node (a stage swap must not keep the old parameters).
             OmegaConf.update(config, key, value, merge=not isinstance(value, dict))
-        except (OmegaConfBaseException, TypeError, ValueError, IndexError) as error:
-            knobs = [str(k) for k in config.keys() if k not in RESERVED]
-            close = difflib.get_close_matches(key.split(".")[-1], [str(k) for k in config.keys()], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+        except IndexError as error:
+            count = len(config.steps) if isinstance(config.get("steps"), ListConfig) else 0
+            raise RecipeError(f"{source}: override {key!r}: the recipe has {count} step(s), "
+                              f"steps.0 to steps.{count - 1}") from error
+        except (OmegaConfBaseException, TypeError, ValueError) as error:
             reason = str(error).splitlines()[0]
-            raise RecipeError(f"{source}: override {key!r}: {reason}; recipe knobs: {', '.join(knobs)}{hint}") from error
+            raise RecipeError(f"{source}: override {key!r}: {reason}") from error
     return config
+
+
+_MISSING = object()
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def _references(node: Any) -> set[str]:
+    """Keys that ``${...}`` interpolations anywhere in ``node`` read."""
+    if isinstance(node, str):
+        return set(_REFERENCE.findall(node))
+    if isinstance(node, dict):
+        return set().union(*(_references(v) for v in node.values())) if node else set()
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_references(v) for v in node)) if node else set()
+    return set()
+
+
+def _select(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        elif isinstance(data, dict) and part in data:
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _used_knobs(raw: dict) -> set[str]:
+    """Knob paths the steps read, directly or through other knobs (and the budget's solved knob)."""
+    frontier = set().union(*(_references(v) for k, v in raw.items() if k in RESERVED))
+    budget = raw.get("budget")
+    if isinstance(budget, dict) and isinstance(budget.get("solve"), str):
+        frontier.add(budget["solve"])
+    used: set[str] = set()
+    while frontier:
+        key = frontier.pop()
+        if key not in used:
+            used.add(key)
+            frontier |= _references(_select(raw, key))
+    return used
+
+
+def _readers(raw: dict, knob: str, prefix: str = "") -> list[str]:
+    """Paths in ``raw`` whose value interpolates ``knob``."""
+    found = []
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for key, value in items:
+        path = f"{prefix}{key}" if not isinstance(raw, list) else f"{prefix.rstrip('.')}[{key}]"
+        if isinstance(value, str) and knob in _REFERENCE.findall(value):
+            found.append(path)
+        elif isinstance(value, (dict, list)):
+            found += _readers(value, knob, f"{path}.")
+    return found
+
+
+def _check_overridden_knobs_are_used(original: DictConfig, config: DictConfig, overrides: list[str],
+                                     source: str) -> None:
+    """An override that changes a knob nothing reads any more is a mistake, not a no-op."""
+    raw = OmegaConf.to_container(config, resolve=False)
+    used = _used_knobs(raw)
+    before = OmegaConf.to_container(original, resolve=False)
+    for item in overrides:
+        key = item.partition("=")[0].strip().lstrip("+")
+        if key.split(".")[0] in RESERVED:
+            continue
+        if any(u == key or u.startswith(key + ".") or key.startswith(u + ".") for u in used):
+            continue
+        if _select(before, key) == _select(raw, key):
+            continue  # setting a knob to the value it has changes nothing either way
+        readers = [r for r in _readers(before, key) if _select(raw, r.replace("[", ".").replace("]", ""))
+                   != _select(before, r.replace("[", ".").replace("]", ""))]
+        why = (f"what read it ({', '.join(readers)}) is overridden with an explicit value" if readers
+               else "no step reads it")
+        raise RecipeError(f"{source}: override {key!r}: the recipe no longer uses knob {key!r}: {why}; "
+                          f"drop the override or set the value that reads it")
+
+
+def _component_name(node: Any) -> Any:
+    return node.get("name") if isinstance(node, dict) else node
+
+
+def _params(node: Any) -> dict:
+    return {k: v for k, v in node.items() if k != "name"} if isinstance(node, dict) else {}
+
+
+def _changes(described: _Described, config: DictConfig, source: str) -> list[str]:
+    """How the steps that run differ from those the description was written for."""
+    now, then = _raw(config, "steps"), described.steps
+    if now == then:
+        return []
+    if not isinstance(now, list) or not isinstance(then, list):
+        return ["steps replaced"]
+    changes = [] if len(now) == len(then) else [f"{len(now)} steps instead of {len(then)}"]
+    try:  # component names as they resolve against the knobs in force
+        resolved_now = OmegaConf.to_container(config, resolve=True)["steps"]
+        resolved_then = OmegaConf.to_container(OmegaConf.merge(config, {"steps": then}), resolve=True)["steps"]
+    except (OmegaConfBaseException, RecipeError):
+        resolved_now, resolved_then = now, then
+    for index, (step, old) in enumerate(zip(now, then)):
+        if step == old or not isinstance(step, dict) or not isinstance(old, dict):
+            if step != old:
+                changes.append(f"steps[{index}] replaced")
+            continue
+        for key in list(dict.fromkeys([*old, *step])):
+            if step.get(key) == old.get(key):
+                continue
+            where = f"steps[{index}].{key}"
+            if key in STAGE_KEYS:
+                name = _component_name(resolved_now[index].get(key))
+                was = _component_name(resolved_then[index].get(key))
+                if name != was:
+                    changes.append(f"{where}: {name} instead of {was}")
+                else:
+                    now_params, then_params = (_params(r[index].get(key)) for r in (resolved_now, resolved_then))
+                    differ = [p for p in dict.fromkeys([*then_params, *now_params])
+                              if now_params.get(p, _MISSING) != then_params.get(p, _MISSING)]
+                    shown = lambda params: ", ".join(f"{p}={format_value(params[p])}" for p in differ if p in params)
+                    changes.append(f"{where}: {name} with {shown(now_params) or 'defaults'} instead of "
+                                   f"{shown(then_params) or 'defaults'}")
+            else:
+                changes.append(f"{where}: {format_value(step.get(key))} instead of {format_value(old.get(key))}")
+    return changes
+
+
+def _describe_modified(described_name: str, recipe: "Recipe") -> str:
+    """A description of what runs, for a recipe whose steps no longer match its description."""
+    steps = []
+    for step in recipe.steps:
+        layers = step.layers if isinstance(step.layers, str) else format_value(step.layers)
+        steps.append(f"steps[{step.index}] at {step.site} layers {layers}, {step.schedule.kind} "
+                     f"{format_value(step.schedule.value)}: filter {step.filter.name}, correlate "
+                     f"{step.correlator.name}, compress {step.compressor.name}")
+    return f"{described_name} modified ({'; '.join(recipe.changes)}). What runs: {'; '.join(steps)}."
 
 
 def _key_of(error: OmegaConfBaseException) -> str:
@@ -309,15 +552,16 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
 def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:
     if value == "all":
         return "all"
-    if isinstance(value, str) and LAYER_RANGE.fullmatch(value.replace(" ", "")):
+    if isinstance(value, str) and ":" in value and LAYER_RANGE.fullmatch(value):
         start, _, stop = value.replace(" ", "").partition(":")
+        start = start or "0"
         if int(start) < 0 or (stop and int(stop) < 0):
             raise RecipeError(f"{where}: layer indices are 0-based and non-negative, got {_shown(raw, value)}")
-        return value.replace(" ", "")
+        return f"{int(start)}:{int(stop) if stop else ''}"
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise RecipeError(f"{where}: must be 'all', 'START:STOP' (STOP optional, exclusive), a layer index or a list "
+        raise RecipeError(f"{where}: must be 'all', 'START:STOP' (either optional, STOP exclusive), a layer index or a list "
                           f"of layer indices, got {_shown(raw, value)}")
     if any(v < 0 for v in value):
         raise RecipeError(f"{where}: layer indices are 0-based and non-negative, got {_shown(raw, value)}")
@@ -348,6 +592,16 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
     return Schedule(kind, value)
 
 
+def python_name(key: str) -> str:
+    """A recipe parameter's keyword-argument name (``lambda`` -> ``lambda_``)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def recipe_name(name: str) -> str:
+    """A keyword argument's name as recipes spell it (``lambda_`` -> ``lambda``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def build_component(registry: Registry, stage: str, cfg: Any, raw: Any, where: str) -> Component:
     """Instantiate ``{name: ..., **params}`` (or a bare name) as a registered ``stage`` component."""
     if isinstance(cfg, str):
@@ -356,9 +610,10 @@ def build_component(registry: Registry, stage: str, cfg: Any, raw: Any, where: s
         raise RecipeError(f"{where}: must be a component name or a mapping with a 'name' key, got {cfg!r}")
     raw = raw if isinstance(raw, dict) else {}
     cls = registry.get(stage, cfg["name"], where=f"{where}.name")
-    # A parameter named like a Python keyword (FiCoCo's `lambda`) maps to `lambda_`.
-    params = {(f"{k}_" if keyword.iskeyword(k) else k): v for k, v in cfg.items() if k != "name"}
-    raw = {(f"{k}_" if keyword.iskeyword(k) else k): v for k, v in raw.items()}
+    # A parameter named like a Python keyword (FiCoCo's `lambda`) is `lambda_` in Python;
+    # messages use the recipe's spelling.
+    params = {python_name(k): v for k, v in cfg.items() if k != "name"}
+    raw = {python_name(k): v for k, v in raw.items()}
     signature = inspect.signature(cls.__init__)
     accepted = {n: p for n, p in signature.parameters.items()
                 if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
@@ -367,15 +622,17 @@ def build_component(registry: Registry, stage: str, cfg: Any, raw: Any, where: s
     except Exception:  # unresolvable annotations: skip type checks rather than fail
         hints = {}
     for key, value in params.items():
+        shown = recipe_name(key)
         if key not in accepted:
-            close = difflib.get_close_matches(key, list(accepted), n=1)
+            names = [recipe_name(n) for n in accepted]
+            close = difflib.get_close_matches(shown, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            known = ", ".join(accepted) or "none"
-            raise RecipeError(f"{where}.{key}: {cls.name!r} has no parameter {key!r}; its parameters: {known}{hint}")
+            raise RecipeError(f"{where}.{shown}: {cls.name!r} has no parameter {shown!r}; its parameters: "
+                              f"{', '.join(names) or 'none'}{hint}")
         expected = hints.get(key)
         if expected is not None and not _matches(value, expected):
             raise RecipeError(
-                f"{where}.{key}: expected {getattr(expected, '__name__', expected)}, got {_shown(raw.get(key), value)}"
+                f"{where}.{shown}: expected {getattr(expected, '__name__', expected)}, got {_shown(raw.get(key), value)}"
             )
     try:
         return cls(**params)

@@ -63,7 +63,14 @@ def test_recipe_errors_name_source_and_key(tmp_path, text, match):
 
 
 @pytest.mark.parametrize("name,overrides,match", [
-    ("tome", ["rr=3"], r"override 'rr'.*recipe knobs: r, layers.*did you mean 'r'"),
+    ("tome", ["rr=3"], r"override 'rr': the recipe has no knob 'rr'; its knobs: r, layers; did you mean 'r'\?$"),
+    ("ficoco_vl", ["v.rr=3"], r"no knob 'v.rr'; its knobs: v.r, v.layers, .*did you mean 'v.r'\?$"),
+    ("ficoco_v", ["lambda=abc"], r"steps\[0\]\.filter\.lambda: expected float, got 'abc' \(from \$\{lambda\}\)"),
+    ("ficoco_l", ["layers=[2,3]", "k=99"], r"override 'k': the recipe no longer uses knob 'k': what read it "
+                                           r"\(layers\) is overridden"),
+    ("ficoco_vl", ["l.layers=[2]", "l.k=3"], r"override 'l.k': the recipe no longer uses knob 'l.k'"),
+    ("fastv", ["steps.2.filter=none"], r"override 'steps.2.filter': the recipe has 1 step\(s\), steps.0 to steps.0"),
+    ("fastv", ["k=["], r"override 'k': cannot parse value '\['"),
     ("tome", ["r"], r"override 'r' is not of the form key=value"),
     ("tome", ["r=-1"], r"steps\[0\]\.remove: must be a non-negative integer, got -1 \(from \$\{r\}\)"),
     ("tome", ["r=1.5"], r"steps\[0\]\.remove: must be a non-negative integer"),
@@ -77,6 +84,51 @@ def test_recipe_errors_name_source_and_key(tmp_path, text, match):
 def test_override_errors(name, overrides, match):
     with pytest.raises(fico.RecipeError, match=match):
         fico.load_recipe(name, overrides=overrides)
+
+
+def test_each_suggestion_is_given_once(capsys):
+    from fico.cli import main
+
+    assert main(["run", "fastv", "kk=3"]) == 2
+    assert capsys.readouterr().err.lower().count("did you mean") == 1
+
+
+def test_an_override_to_the_value_a_knob_has_is_accepted():
+    """Pasting back every printed knob must work, also where an explicit value replaced a knob's reader."""
+    recipe = fico.load_recipe("ficoco_l", ["layers=[2,3]", "k=4"])
+    assert recipe.steps[0].layers == [2, 3]
+
+
+@pytest.mark.parametrize("overrides", ["k=3", "k=3 ratio=0.25", "k=3;ratio=0.25", ["k=3", "ratio=0.25"]])
+def test_overrides_as_one_string_or_a_list(overrides):
+    recipe = fico.load_recipe("fastv", overrides=overrides)
+    assert recipe.knobs["k"] == 3 and recipe.steps[0].layers == [3]
+
+
+def test_overrides_of_another_type_are_a_clear_error():
+    with pytest.raises(fico.RecipeError, match=r"overrides: expected a list of 'key=value' strings"):
+        fico.load_recipe("fastv", overrides=3)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "name: broken\nsteps:\n  - site: vision\n    layers: [1, 2\n    remove: 2\n")
+    with pytest.raises(fico.RecipeError, match=r"bad\.yaml:\d+:\d+: YAML syntax error: ") as info:
+        fico.load_recipe(path)
+    assert "\n" not in str(info.value)
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    path = write(tmp_path, recipe_text().replace("name: custom", "name: custom\nname: again"))
+    with pytest.raises(fico.RecipeError, match=r"the key 'name' appears twice"):
+        fico.load_recipe(path)
+
+
+def test_yml_suffix_gets_a_suggestion(tmp_path):
+    with pytest.raises(fico.RecipeError, match=r"fastv\.yml: no such recipe file; .*the bundled recipe is named 'fastv'"):
+        fico.load_recipe(tmp_path / "recipes" / "fastv.yml")
+    write(tmp_path, recipe_text(), name="mine.yaml")
+    with pytest.raises(fico.RecipeError, match=r"did you mean '.*mine\.yaml'"):
+        fico.load_recipe(tmp_path / "mine.yml")
 
 
 def test_unknown_recipe_name_suggests():
