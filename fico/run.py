@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .contract import Boundary
 from .plan import PlannedStep, SitePlan
 from .recipe import Recipe
 from .state import TokenState
@@ -84,15 +85,19 @@ def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[Toke
     step = planned.step
     if state.hidden.is_meta:
         return _shape_only_step(state, remove, step.compressor.appends if remove else 0), 0.0
-    split = step.filter.split(state, remove)
-    correlation = step.correlator.correlate(state, split)
+    boundary = Boundary(f"{step.where} at {state.site} layer {state.layer}")
+    split = boundary.split(step.filter, boundary.call(step.filter, step.filter.split, state, remove), state, remove)
+    correlation = boundary.correlation(
+        step.correlator, boundary.call(step.correlator, step.correlator.correlate, state, split), split)
     if state.sources is None:
-        return step.compressor.compress(state, split, correlation), time.perf_counter() - start
+        new_state = boundary.call(step.compressor, step.compressor.compress, state, split, correlation)
+        return boundary.state(step.compressor, new_state, state, remove), time.perf_counter() - start
     # Provenance rides along as extra channels: every compressor is linear in the tokens, so
     # it moves the original tokens' weights exactly as it moves their information.
     width = state.hidden.shape[-1]
     carried = replace(state, hidden=torch.cat([state.hidden, state.sources.to(state.hidden.dtype)], -1), sources=None)
-    new_state = step.compressor.compress(carried, split, correlation)
+    new_state = boundary.call(step.compressor, step.compressor.compress, carried, split, correlation)
+    boundary.state(step.compressor, new_state, carried, remove)
     new_state.sources = new_state.hidden[..., width:].float()
     new_state.hidden = new_state.hidden[..., :width]
     return new_state, time.perf_counter() - start

@@ -4,6 +4,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import fico
@@ -65,3 +66,116 @@ def test_a_non_component_from_a_plugin_is_reported(tmp_path):
         assert "not a fico.Filter subclass" in str(error) and str(path) in str(error)
     else:
         raise AssertionError("expected a RecipeError")
+
+
+CENTROID = '''
+import fico
+from fico.selection import mask_scores, split_by_scores
+
+
+class Centroid(fico.Filter):
+    r"""Discard the candidates closest to the candidates' mean.
+
+    .. math:: s_i = -\\lVert x_i - \\bar x \\rVert_2
+    """
+
+    name = "centroid"
+
+    def split(self, state, r):
+        mean = state.hidden.mean(1, keepdim=True)
+        scores = -(state.hidden - mean).norm(dim=-1)
+        return split_by_scores(mask_scores(scores, state.candidate), r, targets=state.candidate)
+
+
+class WrongShapes(fico.Filter):
+    "Returns a split that discards one token fewer than asked."
+
+    name = "wrong_shapes"
+
+    def split(self, state, r):
+        split = split_by_scores(mask_scores(-state.hidden.norm(dim=-1), state.candidate), r)
+        split.discarded = split.discarded[:, 1:]
+        return split
+
+
+class BareTensor(fico.Filter):
+    "Returns the scores instead of a Split."
+
+    name = "bare_tensor"
+
+    def split(self, state, r):
+        return -state.hidden.norm(dim=-1)
+
+
+class Raises(fico.Filter):
+    "Reads a signal it never asked for."
+
+    name = "raises"
+
+    def split(self, state, r):
+        return state.signals["keys"]
+
+
+@fico.hookimpl
+def fico_filters():
+    return [Centroid, WrongShapes, BareTensor, Raises]
+'''
+
+
+def _plugin(tmp_path):
+    path = tmp_path / "centroid_filter.py"
+    path.write_text(CENTROID)
+    return path
+
+
+def test_a_plugin_file_swaps_into_a_bundled_recipe_from_the_command_line(tmp_path, capsys):
+    from fico.cli import main
+
+    plugin = _plugin(tmp_path)
+    swap = "steps.0.filter={name: centroid}"
+    assert main(["run", "fastv", swap, "--plugin", str(plugin), "--model", "embedded", "--repeats", "1",
+                 "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "steps[0].filter: centroid instead of attention_rank" in out
+    assert main(["explain", "fastv", swap, "--plugin", str(plugin)]) == 0
+    out = capsys.readouterr().out
+    assert "fastv modified (steps[0].filter: centroid instead of attention_rank)" in out
+    assert "last input token" not in out  # the unmodified recipe's description is not shown as what runs
+    # the same through an override, and through the Python API
+    recipe = fico.load_recipe("fastv", [swap, f"plugins=[{plugin}]"])
+    assert recipe.steps[0].filter.name == "centroid" and recipe.plugin_files == [plugin.resolve()]
+    assert fico.load_recipe("fastv", [swap], plugins=[plugin]).steps[0].filter.name == "centroid"
+
+
+def test_without_the_plugin_the_swap_names_the_missing_component():
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.filter\.name: unknown filter 'centroid'"):
+        fico.load_recipe("fastv", ["steps.0.filter={name: centroid}"])
+
+
+@pytest.mark.parametrize("name,match", [
+    ("wrong_shapes", r"filter 'wrong_shapes' \(centroid_filter\.py\), steps\[0\] at llm layer 2: Split\.discarded "
+                     r"has shape \(2, 287\), expected \(2, 288\)"),
+    ("bare_tensor", r"filter 'bare_tensor' \(centroid_filter\.py\), steps\[0\] at llm layer 2: split\(\) must "
+                    r"return a fico\.Split, got Tensor"),
+    ("raises", r"filter 'raises' \(centroid_filter\.py\), steps\[0\] at llm layer 2: raised KeyError at "
+               r"centroid_filter\.py:\d+: 'keys'"),
+])
+def test_a_component_breaking_its_contract_is_named(tiny_model, batch_inputs, tmp_path, name, match):
+    from test_integration import snapshot
+
+    model = tiny_model(dtype=torch.float32)
+    before = snapshot(model)
+    recipe = fico.load_recipe("fastv", [f"steps.0.filter={{name: {name}}}"], plugins=[_plugin(tmp_path)])
+    with torch.no_grad(), pytest.raises(fico.ComponentError, match=match):
+        with fico.apply(model, recipe):
+            model(**batch_inputs(torch.float32))
+    assert snapshot(model)[:3] == before[:3]
+
+
+def test_a_broken_component_is_one_line_on_the_command_line(tmp_path, capsys):
+    from fico.cli import main
+
+    assert main(["run", "fastv", "steps.0.filter={name: wrong_shapes}", "--plugin", str(_plugin(tmp_path)),
+                 "--model", "embedded", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: filter 'wrong_shapes'") and "Traceback" not in err
