@@ -5,23 +5,27 @@
 Cells are the cross product of the grids (OmegaConf overrides; ``filter``, ``correlate``
 and ``compress`` swap that stage of step 0 for a component with default parameters), or
 the paper's named ablation variants. Each finished cell is appended to ``--out`` as one
-JSON line and skipped when the command runs again.
+JSON line with the conditions it was measured under (model and its files, images, dtype,
+threads, versions) and the hash of the recipe it ran; a rerun skips a cell only when both
+match, and refuses a results file written under other conditions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from .cost import recipe_cost
-from .errors import RecipeError
-from .recipe import load_recipe
+from .errors import RecipeError, ResultsFileError
+from .recipe import override_list, load_recipe
 
 STAGE_KEYS = {"filter", "correlate", "compress"}
 
@@ -98,13 +102,79 @@ def fidelity_logprobs(bm, recipe, images: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def recipe_digest(recipe) -> str:
+    """What a cell ran, as a hash: the resolved recipe and the plugin files it loaded."""
+    text = OmegaConf.to_yaml(recipe.config)
+    for path in recipe.plugin_files:
+        text += f"\n# {path.name}\n" + Path(path).read_text()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def measurement_conditions(model: str, images: int, dtype: str, threads: int) -> dict:
+    """Everything besides the recipe that changes a cell's numbers."""
+    import transformers
+
+    from . import __version__
+    from .models import describe_checkpoint
+
+    return {"fico": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            **describe_checkpoint(model), "images": images, "dtype": dtype, "attn": "sdpa", "threads": threads}
+
+
+def conditions_key(conditions: dict) -> str:
+    return hashlib.sha256(json.dumps(conditions, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_results_path(recipe_name: str, conditions: dict) -> Path:
+    model = Path(str(conditions["model"])).name or "model"
+    return Path(f"ablate-{recipe_name.replace('/', '_')}-{model}-{conditions_key(conditions)}.jsonl")
+
+
+def read_results(path: Path, conditions: dict) -> dict[tuple[str, str], dict]:
+    """Cells already measured under ``conditions`` in ``path``, by (cell, recipe digest).
+
+    Raises ResultsFileError if the file holds cells measured under other conditions: resuming
+    from them would mix numbers of different models, sizes or versions.
+    """
+    done = {}
+    if not path.exists():
+        return done
+    key = conditions_key(conditions)
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ResultsFileError(f"{path}:{number}: not a JSON line ({error.msg}); is it an ablation results "
+                                   f"file?") from error
+        if record.get("conditions_key") != key:
+            theirs = record.get("conditions") or {}
+            differ = [f"{k}: {conditions.get(k)!r} now, {theirs.get(k)!r} in the file"
+                      for k in dict.fromkeys([*conditions, *theirs]) if conditions.get(k) != theirs.get(k)]
+            raise ResultsFileError(
+                f"{path}:{number}: this results file holds cells measured under other conditions "
+                f"({'; '.join(differ) or 'written by an older fico'}); resuming would mix them with these. "
+                f"Give another --out, or leave --out out to get a file named after these conditions")
+        done[(record["cell"], record.get("recipe_digest"))] = record
+    return done
+
+
 def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str = "toy", images: int = 50,
-           out: Path | None = None, console: Console | None = None) -> list[dict]:
+           out: Path | None = None, console: Console | None = None, overrides: list[str] | str | None = None,
+           plugins: list[str] | None = None, dtype: str = "float32", threads: int | None = None) -> list[dict]:
+    """Measure every cell (resuming those ``out`` holds under the same conditions); the records in order.
+
+    Args:
+        overrides: applied to every cell before the cell's own overrides.
+        plugins: local plugin files the recipe, the overrides and the grids may name.
+    """
     from .ablations import paper_table
     from .bench import BenchModel
-    from .cli import load_model
+    from .models import load_model, model_source
 
     console = console or Console()
+    model_source(model)  # a bad --model is reported before anything runs
     if variants:
         if variants != "paper":
             raise RecipeError(f"--variants: only 'paper' (the paper's ablation table) is bundled, got {variants!r}")
@@ -114,38 +184,47 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
             raise RecipeError(str(error.args[0])) from error
     else:
         cells = grid_cells(grids) if grids else [("recipe as is", [])]
-    recipes = {label: load_recipe(recipe_name, overrides) for label, overrides in cells}  # fail before running
-    out = Path(out or f"ablate-{recipe_name.replace('/', '_')}.jsonl")
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[record["cell"]] = record
-    model_obj, processor = load_model(model, torch.float32, "sdpa")
+    base_overrides = override_list(overrides)
+    recipes = {label: load_recipe(recipe_name, base_overrides + cell, plugins=plugins)
+               for label, cell in cells}  # fail before running
+    if threads is not None:
+        torch.set_num_threads(threads)
+    conditions = measurement_conditions(model, images, dtype, torch.get_num_threads())
+    out = Path(out) if out else default_results_path(recipe_name, conditions)
+    done = read_results(out, conditions)
+    model_obj, processor = load_model(model, dtype, "sdpa")
     bm = BenchModel(model, model_obj, processor, {})
+    records = []
     with torch.inference_mode(), Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"ablating {recipe_name}", total=len(cells) + 1)
         base = measure(None, model, bm, images)
         progress.advance(task)
-        for label, overrides in cells:
-            if label in done:
+        for label, cell in cells:
+            digest = recipe_digest(recipes[label])
+            if (label, digest) in done:
+                records.append(done[(label, digest)])
                 progress.advance(task)
                 continue
             result = measure(recipes[label], model, bm, images)
             logprobs = result.pop("_logprobs")
-            record = {"cell": label, "recipe": recipe_name, "overrides": overrides, "model": model,
+            record = {"cell": label, "recipe": recipe_name, "overrides": base_overrides + cell, "model": model,
                       "images": images, **result,
                       "answer_agreement": (logprobs.argmax(-1) == base["_logprobs"].argmax(-1)).float().mean().item(),
                       "kl": torch.nn.functional.kl_div(logprobs, base["_logprobs"], log_target=True,
-                                                       reduction="batchmean").item()}
+                                                       reduction="batchmean").item(),
+                      "recipe_digest": digest, "conditions_key": conditions_key(conditions),
+                      "conditions": conditions}
             if "accuracy" in result:
                 record["accuracy_retention"] = result["accuracy"]["overall"] / base["accuracy"]["overall"]
+                record["baseline_accuracy"] = base["accuracy"]["overall"]
+            else:
+                record["baseline_accuracy"] = None
             with out.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            done[label] = record
+            records.append(record)
             progress.advance(task)
-    return [done[label] for label, _ in cells]
+    console.print(f"results: {out}", highlight=False)
+    return records
 
 
 def summary(records: list[dict]) -> Table:

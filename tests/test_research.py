@@ -99,6 +99,35 @@ def test_ablate_grid_is_resumable_and_plots(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 4
 
 
+def test_ablate_resumes_only_cells_measured_under_the_same_conditions(tmp_path, capsys, monkeypatch):
+    from fico.errors import ResultsFileError
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "grid.jsonl"
+    grid = ["--grid", "k=1,3"]
+    assert main(["ablate", "fastv", *grid, "--model", "embedded", "--images", "1", "--out", str(out)]) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["conditions"]["images"] for r in first} == {1} and first[0]["conditions"]["model"] == "embedded"
+    # other conditions: refused with the difference named, nothing appended
+    assert main(["ablate", "fastv", *grid, "--model", "embedded", "--images", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds cells measured under other conditions (images: 2 now, 1 in the file)" in err
+    assert len(out.read_text().splitlines()) == 2
+    with pytest.raises(ResultsFileError, match=r"dtype: 'bfloat16' now, 'float32' in the file"):
+        from fico.ablate import ablate
+
+        ablate("fastv", ["k=1,3"], None, "embedded", 1, out, dtype="bfloat16")
+    # a changed recipe (a base override here) is a different cell: measured again, not served
+    assert main(["ablate", "fastv", "ratio=0.75", *grid, "--model", "embedded", "--images", "1",
+                 "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 4 and lines[2]["overrides"] == ["ratio=0.75", "k=1"]
+    # without --out, each set of conditions gets its own file
+    for images in ("1", "2"):
+        assert main(["ablate", "fastv", "--grid", "k=1", "--model", "embedded", "--images", images]) == 0
+    assert len(list(tmp_path.glob("ablate-fastv-embedded-*.jsonl"))) == 2
+
+
 def test_ablate_paper_variants_load():
     from fico.ablations import PAPER_TABLES
 
