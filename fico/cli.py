@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
 import sys
 import time
 
@@ -19,14 +18,21 @@ from rich.console import Console
 from rich.table import Table
 
 from . import embedded
-from .cost import BYTES, CONVENTIONS, TokenCounts, model_spec, prefill_cost, recipe_cost
-from .explain import formulas
-from .errors import ApplyError, RecipeError, UnsupportedModelError
-from .recipe import bundled_recipes, load_recipe
+from .cost import CONVENTIONS, TokenCounts, model_spec, prefill_cost, recipe_cost
+from .explain import formulas, knob_text, summary
+from .overrides import format_value
+from .errors import FicoError
+from .models import dtype_argument, load_model, torch_dtype
+from .recipe import bundled_recipes, load_recipe, recipe_name
 from .registry import default_registry
+from .timing import Spread, ratio_text
 
 DEFAULT_RECIPE = "fastv"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _plugin_option(parser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                        help="a local plugin file whose components the recipe or overrides may name (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,31 +48,44 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seed", type=int, default=0, help="which generated test image")
     run.add_argument("--prompt", default=None, help="a question (default: the toy image's six questions)")
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: 1 on the toy (one-word answers), 3 on the embedded model, else 8")
-    run.add_argument("--repeats", type=int, default=5, help="timed prefill repetitions per configuration")
-    run.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    run.add_argument("--repeats", type=int, default=7, help="timed prefill repetitions per configuration")
+    run.add_argument("--dtype", type=dtype_argument(), default="float32",
+                     help="float32 (default), float16, bfloat16, float64; aliases fp32, fp16, bf16, ...")
     run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    run.add_argument("--all-layers", action="store_true", help="list every layer, not only those that change")
+    _plugin_option(run)
     sub.add_parser("list", help="list registered components and bundled recipes")
     cost = sub.add_parser("cost", help="analytic prefill cost (FLOPs, KV cache, memory) of a recipe on a model")
-    cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, embedded, or a local checkpoint directory")
+    cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, embedded, toy, or a local checkpoint directory")
     cost.add_argument("recipe", nargs="?", default=None, help="bundled name or YAML path (default: unreduced)")
     cost.add_argument("overrides", nargs="*", help="knob overrides, key=value")
     cost.add_argument("--text-tokens", type=int, default=60)
     cost.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer")
-    cost.add_argument("--dtype", choices=sorted(BYTES), default="fp16", help="weight and KV-cache precision")
+    cost.add_argument("--dtype", type=dtype_argument(quantized=True), default="float16",
+                      help="weight and KV-cache precision: float16 (default), bfloat16, float32, float64, int8, int4; "
+                           "aliases fp16, bf16, ...")
     cost.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _plugin_option(cost)
     explain = sub.add_parser("explain", help="a recipe as filter/correlate/compress with formulas and BibTeX")
     explain.add_argument("recipe")
     explain.add_argument("overrides", nargs="*")
     explain.add_argument("--format", choices=["text", "md", "tex"], default="text")
     explain.add_argument("--model", default="llava-1.5-7b", help="whose layers and token counts to show")
+    _plugin_option(explain)
     ablate = sub.add_parser("ablate", help="a grid of knob values / stage swaps, each measured (resumable)")
     ablate.add_argument("recipe")
+    ablate.add_argument("overrides", nargs="*", help="knob overrides for every cell, key=value")
     ablate.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (filter/correlate/compress swap a stage)")
     ablate.add_argument("--variants", default=None, help="'paper': the paper's ablation table for the recipe")
     ablate.add_argument("--model", default="toy", help="toy (accuracy), embedded or a checkpoint (fidelity)")
     ablate.add_argument("--images", type=int, default=50)
-    ablate.add_argument("--out", default=None, help="JSON-lines results (default ablate-RECIPE.jsonl); reruns resume")
+    ablate.add_argument("--dtype", type=dtype_argument(), default="float32")
+    ablate.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ablate.add_argument("--out", default=None,
+                        help="JSON-lines results; reruns resume cells measured under the same conditions (default: "
+                             "a file named after the recipe, the model and those conditions)")
     ablate.add_argument("--plot", default=None, help="write a plot (bars, line or heat-map)")
+    _plugin_option(ablate)
     show = sub.add_parser("show", help="draw where discarded tokens' information went (PNG)")
     show.add_argument("recipe")
     show.add_argument("overrides", nargs="*")
@@ -75,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--model", default="toy", help="toy (default), embedded, or a local checkpoint directory")
     show.add_argument("--out", default="fico-show.png")
     show.add_argument("--panels", type=int, default=5, help="reducing layers to draw at most")
+    _plugin_option(show)
     bench = sub.add_parser("bench", help="recipes side by side with the unreduced model, measured")
     bench.add_argument("recipes", nargs="+", help="bundled names or YAML paths")
     bench.add_argument("--budgets", default=None, help="comma-separated TFLOPs budgets: use budgets/NAME_Bt variants")
@@ -88,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="also time the vanilla modules on each run's token counts: the speedup this machine "
                             "gives those counts without fico, and fico's efficiency against it")
     bench.add_argument("--markdown", default=None, help="update this markdown file's results block (docs/benchmarks.md)")
+    _plugin_option(bench)
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -98,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             from .explain import explanation, render
 
-            print(render(explanation(load_recipe(args.recipe, args.overrides), args.model), args.format))
+            recipe = load_recipe(args.recipe, args.overrides, plugins=args.plugin)
+            print(render(explanation(recipe, args.model), args.format))
             return 0
         if args.command == "ablate":
             from .ablate import ablate as run_ablation, plot as plot_ablation, summary
 
-            records = run_ablation(args.recipe, args.grid, args.variants, args.model, args.images, args.out, console)
+            records = run_ablation(args.recipe, args.grid, args.variants, args.model, args.images, args.out, console,
+                                   overrides=args.overrides, plugins=args.plugin, dtype=args.dtype,
+                                   threads=args.threads)
             console.print(summary(records))
             if args.plot:
                 plot_ablation(records, [] if args.variants else args.grid, args.plot)
@@ -112,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             from .show import show as draw_show
 
-            path = draw_show(load_recipe(args.recipe, args.overrides), args.model, args.image, args.seed, args.out,
-                             args.panels)
+            path = draw_show(load_recipe(args.recipe, args.overrides, plugins=args.plugin), args.model, args.image,
+                             args.seed, args.out, args.panels)
             console.print(f"wrote {path}")
             return 0
         if args.command == "bench":
@@ -121,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_bench(args, console)
         return run_recipe(args, console)
-    except (RecipeError, UnsupportedModelError, ApplyError, OSError) as error:
+    except (FicoError, OSError) as error:
         # stderr, unwrapped: the message names a file and a key path a user greps for or copies.
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
@@ -136,11 +160,10 @@ def list_components(console: Console) -> int:
     for stage in ("filter", "correlator", "compressor"):
         for name in registry.names(stage):
             cls = registry.components[stage][name]
-            params = [f"{p.name.rstrip('_')}={p.default!r}" for p in inspect.signature(cls.__init__).parameters.values()
+            params = [f"{recipe_name(p.name)}={format_value(p.default)}"
+                      for p in inspect.signature(cls.__init__).parameters.values()
                       if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            doc = inspect.getdoc(cls) or ""
-            summary = doc.split("\n\n")[0].replace("\n", " ")
-            table.add_row(stage, name, ", ".join(params), summary)
+            table.add_row(stage, name, ", ".join(params), summary(cls))
             formula_lines += [f"[bold]{stage} {name}[/]:  {formula}" for formula in formulas(cls.__new__(cls))]
     console.print(table)
     console.print("[bold]formulas[/] (LaTeX, from each component's docstring)")
@@ -151,14 +174,14 @@ def list_components(console: Console) -> int:
         recipes.add_column(column)
     for name in bundled_recipes():
         recipe = load_recipe(name)
-        knobs = ", ".join(f"{k}={v}" for k, v in recipe.knobs.items())
-        recipes.add_row(name, knobs, recipe.description)
+        solved = recipe.budget.knob if recipe.budget is not None else None
+        recipes.add_row(name, knob_text(recipe.knobs, solved), recipe.description)
     console.print(recipes)
     return 0
 
 
 def show_cost(args, console: Console) -> int:
-    recipe = load_recipe(args.recipe, overrides=args.overrides) if args.recipe else None
+    recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin) if args.recipe else None
     report = recipe_cost(args.model, recipe, args.text_tokens, args.convention, args.dtype)
     base = recipe_cost(args.model, None, args.text_tokens, args.convention, args.dtype)
     if recipe is not None and recipe.budget is not None:
@@ -185,6 +208,27 @@ def show_cost(args, console: Console) -> int:
     return 0
 
 
+def layer_table(trace, title: str, all_layers: bool = False) -> Table:
+    """Tokens per site and layer; unless ``all_layers``, runs of unchanged layers share one row."""
+    table = Table(title=title)
+    for column in ("site", "layer", "tokens in", "tokens out"):
+        table.add_column(column, justify="right")
+    rows = trace.rows()
+    index = 0
+    while index < len(rows):
+        site, layer, n_in, n_out = rows[index]
+        end = index
+        if not all_layers and n_in == n_out:
+            while end + 1 < len(rows) and rows[end + 1][0] == site and rows[end + 1][2] == n_in == rows[end + 1][3]:
+                end += 1
+        last = rows[end][1]
+        label = str(layer) if last == layer else f"{layer}-{last}"
+        table.add_row(site, label, str(n_in), str(n_out) + ("" if n_in != n_out or last == layer else " (unchanged)"),
+                      style="bold" if n_in != n_out else "")
+        index = end + 1
+    return table
+
+
 def _runs(values: list[int]) -> str:
     """``[636, 636, 348, 348]`` as ``636 x2, 348 x2``."""
     out, start = [], 0
@@ -193,23 +237,6 @@ def _runs(values: list[int]) -> str:
             out.append(f"{values[start]} x{index - start}" if index - start > 1 else str(values[start]))
             start = index
     return ", ".join(out)
-
-
-def load_model(which: str, dtype: torch.dtype, attn: str):
-    """The model and processor: the trained toy, the random embedded one, or a local checkpoint."""
-    if which == "toy":
-        from .toy.model import load
-
-        return load(dtype=dtype, attn_implementation=attn)
-    if which == "embedded":
-        return embedded.build_model(dtype=dtype, attn_implementation=attn), embedded.build_processor()
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(which, dtype=dtype, attn_implementation=attn,
-                                                          local_files_only=True).eval()
-    processor = AutoProcessor.from_pretrained(which, local_files_only=True)
-    processor.tokenizer.padding_side = "left"  # batched prompts: every last position is a real token
-    return model, processor
 
 
 def _questions(args):
@@ -236,13 +263,13 @@ def _questions(args):
 def run_recipe(args, console: Console) -> int:
     from . import apply
 
-    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin)
     if args.model is None:
         from .toy.model import WEIGHTS
 
         args.model = "toy" if (WEIGHTS / "config.json").is_file() else "embedded"
-    dtype = DTYPES[args.dtype]
-    model, processor = load_model(args.model, dtype, args.attn)
+    dtype = torch_dtype(args.dtype)
+    model, processor = load_model(args.model, args.dtype, args.attn)
     images, prompts, truths = _questions(args)
     max_new = args.max_new_tokens or {"toy": 1, "embedded": 3}.get(args.model, 8)
 
@@ -282,13 +309,7 @@ def run_recipe(args, console: Console) -> int:
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True,
                                     reduction="batchmean").item()
 
-    table = Table(title=f"{recipe.name}: tokens per site and layer (last prefill)")
-    for column in ("site", "layer", "tokens in", "tokens out"):
-        table.add_column(column, justify="right")
-    for site, layer, n_in, n_out in trace.rows():
-        style = "bold" if n_in != n_out else ""
-        table.add_row(site, str(layer), str(n_in), str(n_out), style=style)
-    console.print(table)
+    console.print(layer_table(trace, f"{recipe.name}: tokens per site and layer (last prefill)", args.all_layers))
 
     qa = Table(title="answers")
     for column in ("question", "truth", "unreduced", recipe.name):
@@ -299,12 +320,13 @@ def run_recipe(args, console: Console) -> int:
         qa.add_row(question, truth, base_answers[index], answers[index])
     console.print(qa)
 
-    vanilla_ms = statistics.median(times["vanilla"]) * 1e3
-    reduced_ms = statistics.median(times["reduced"]) * 1e3
+    vanilla, reduced = Spread.of(times["vanilla"]).scaled(1e3), Spread.of(times["reduced"]).scaled(1e3)
+    speedup = Spread.ratio(times["vanilla"], times["reduced"])
     summary = Table(title="reduced vs unreduced model", show_header=False)
     names = {"toy": "fico-toy (trained on synthetic VQA)", "embedded": "embedded tiny LLaVA-1.5-shaped (random)"}
     summary.add_row("model", names.get(args.model, args.model))
     summary.add_row("recipe", f"{recipe.source} {' '.join(args.overrides)}")
+    summary.add_row("what it does", recipe.description)
     if recipe.budget is not None:
         summary.add_row("budget", recipe.budget.describe())
     spec = model_spec(model)
@@ -312,10 +334,11 @@ def run_recipe(args, console: Console) -> int:
     unreduced = recipe_cost(spec, None, ran.text_tokens, "llm-viewer")
     summary.add_row("cost of what ran (llm-viewer)", f"{unreduced.tflops * 1e3:.2f} -> {ran.tflops * 1e3:.2f} GFLOPs "
                     f"({unreduced.tflops / ran.tflops:.2f}x), KV cache {unreduced.kv_cache_mb:.2f} -> "
-                    f"{ran.kv_cache_mb:.2f} MB (fp16)")
+                    f"{ran.kv_cache_mb:.2f} MB (float16)")
     summary.add_row("image features per image", str(trace.vision_features or "unchanged"))
-    summary.add_row("prefill (median of interleaved runs)",
-                    f"{vanilla_ms:.1f} ms -> {reduced_ms:.1f} ms ({vanilla_ms / reduced_ms:.2f}x)")
+    summary.add_row("prefill, unreduced", vanilla.show(" ms"))
+    summary.add_row("prefill, reduced", reduced.show(" ms"))
+    summary.add_row("prefill speedup (interleaved pairs)", ratio_text(speedup))
     summary.add_row("time in fico stages", f"{trace.stage_seconds * 1e3:.2f} ms")
     agree = sum(a == b for a, b in zip(answers, base_answers))
     summary.add_row("answers equal to the unreduced model's", f"{agree} of {len(answers)}")

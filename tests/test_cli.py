@@ -1,5 +1,10 @@
 """`fico run` and `fico list` on the embedded model."""
 
+import json
+import re
+
+import pytest
+
 from fico.cli import main
 
 
@@ -8,8 +13,65 @@ def test_run_prints_tokens_time_and_agreement(capsys):
     out = capsys.readouterr().out
     assert "tome: tokens per site and layer" in out
     assert "561" in out  # r=8: 577 -> 569 -> 561 ...
-    assert "prefill (median of interleaved runs)" in out
+    assert "prefill, unreduced" in out and "IQR" in out and "n=1" in out
+    assert "prefill speedup (interleaved pairs)" in out
     assert "next-token KL" in out
+
+
+def test_run_lists_only_the_layers_that_change(capsys):
+    assert main(["run", "fastv", "--model", "embedded", "--repeats", "1", "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"│ +(vision|llm) │", line)]
+    assert len(rows) == 4  # vision 0-23 unchanged, llm 0-1, llm 2 (reduced), llm 3-31
+    assert any("0-23" in row and "(unchanged)" in row for row in rows)
+    assert main(["run", "fastv", "--model", "embedded", "--repeats", "1", "--max-new-tokens", "1",
+                 "--all-layers"]) == 0
+    out = capsys.readouterr().out
+    assert sum(1 for line in out.splitlines() if re.match(r"│ +vision │", line)) == 24
+
+
+def test_a_wide_spread_is_flagged():
+    from fico.timing import Spread, ratio_text
+
+    steady = Spread.ratio([2.0, 2.02, 1.98, 2.01], [1.0, 1.0, 1.0, 1.0])
+    noisy = Spread.ratio([1.0, 3.0, 1.2, 2.5], [1.0, 1.0, 1.0, 1.0])
+    assert steady.readable and "too wide" not in ratio_text(steady)
+    assert not noisy.readable and "spread too wide to read a ratio" in ratio_text(noisy)
+
+
+@pytest.mark.parametrize("spelling", ["fp16", "float16", "half", "FP16"])
+def test_one_dtype_spelling_set_for_every_command(spelling, capsys):
+    assert main(["cost", "embedded", "fastv", "--dtype", spelling, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float16"
+    for command in (["run", "--dtype", spelling, "--help"], ["ablate", "fastv", "--dtype", spelling, "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(command)
+        assert info.value.code == 0
+
+
+def test_a_bad_dtype_lists_the_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--dtype", "fp8"])
+    assert "unknown dtype 'fp8'; use one of float32, float16, bfloat16, float64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,match", [
+    ("/path/that/does/not/exist", r"--model /path/that/does/not/exist: no such directory \(fico never downloads "
+                                  r"models\); built-in: toy .*embedded"),
+    ("embeded", r"--model embeded: no such built-in model or directory .*did you mean 'embedded'\?"),
+])
+def test_a_missing_model_is_named_and_the_hub_never_tried(model, match, capsys):
+    assert main(["run", "fastv", "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "huggingface" not in err.lower() and "Traceback" not in err
+
+
+def test_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["run", "fastv", "--model", str(tmp_path)]) == 2
+    assert "has no config.json, so it is not a checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    assert main(["run", "fastv", "--model", str(tmp_path)]) == 2
+    assert "a 'qwen2_5_vl' checkpoint; fico has adapters for llava" in capsys.readouterr().err
 
 
 def test_list_shows_components_and_recipes(capsys):
