@@ -1,6 +1,6 @@
 """Straightforward reference implementations of ToMe, EViT and FastV for equality tests.
 
-Written from the algorithms as published (see ``shared/reference/peer-methods.md`` §3), as
+Written from the algorithms as published (the papers and their official code), as
 plain loops over the model's own modules: no hooks, no fico code. They follow each
 original's own token layout (ToMe: [unmerged A, B]; EViT: [CLS, kept by score, fused]) and
 FastV's keep-set construction.

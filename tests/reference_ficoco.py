@@ -1,4 +1,4 @@
-"""Straightforward FiCoCo-V / FiCoCo-L following shared/reference/ficoco-spec.md.
+"""Straightforward FiCoCo-V / FiCoCo-L following docs/ficoco-spec.md.
 
 One image or sample at a time, Python loops over windows, rows and targets; no fico code.
 """

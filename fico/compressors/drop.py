@@ -10,7 +10,7 @@ from ..state import TokenState
 class Drop(Compressor):
     r"""Pruning: the preserved tokens are unchanged and S is removed.
 
-    .. math::  X^T \leftarrow X^T
+    .. math::  X \leftarrow (x_j)_{j \in T}
 
     The compress stage of FastV (Chen et al., ECCV 2024) and of EViT without fusion
     (Liang et al., ICLR 2022).

@@ -8,7 +8,9 @@ from ..state import TokenState, gather_tokens
 
 
 class Fuse(Compressor):
-    r"""Convergent fusion (EViT, Liang et al., ICLR 2022): preserved tokens are unchanged and
+    r"""Convergent fusion (EViT, Liang et al., ICLR 2022): S becomes one new token appended after T.
+
+    The preserved tokens are unchanged, and
 
     .. math::  x_{\text{new}} = \sum_{i \in S} w_i\, x_i
 

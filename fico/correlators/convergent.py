@@ -13,7 +13,7 @@ class Convergent(Correlator):
 
     Every discarded token links to one new token, with weight
 
-    .. math::  w_i = \bar a_i, \qquad i \in S,
+    .. math::  w_i = \bar a_i \quad (i \in S)
 
     the head-mean attention it receives in ``signal`` (EViT: ``cls_attention``). The weights
     are not renormalised, as in the original (Liang et al., ICLR 2022, "Not All Patches

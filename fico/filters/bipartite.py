@@ -21,9 +21,11 @@ class BipartiteMatching(Filter):
     :math:`\mathbb{A}` (even) and :math:`\mathbb{B}` (odd):
 
     .. math::  s_i = \max_{j \in \mathbb{B}} \frac{k_i \cdot k_j}{\lVert k_i\rVert \lVert k_j\rVert}
-               \quad (i \in \mathbb{A}), \qquad s_j = -\infty \quad (j \in \mathbb{B}),
+               \quad (i \in \mathbb{A}), \qquad s_j = -\infty \quad (j \in \mathbb{B})
 
-    S = the ``r`` A-tokens with the highest :math:`s`; protected tokens ([CLS]) are never in
+    .. math::  S = \operatorname{top}_r(s)
+
+    S is the ``r`` A-tokens with the highest :math:`s`; protected tokens ([CLS]) are never in
     S and only B-side candidates may receive information.
 
     ``r`` is clipped to half the candidates, as in the original. The alternation follows the

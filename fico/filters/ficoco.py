@@ -74,9 +74,16 @@ class FiCoCoV(_RedundancyFilter):
     .. math::  s_i = \lambda\, \frac{1}{N}\sum_{q \in V} A_{qi} \;-\; (1-\lambda)\, A_{\mathrm{cls},i}
 
     (vision-aware redundancy minus semantic-aware redundancy; higher = more redundant),
-    then the local penalty (:func:`fico.filters.local_penalty.local_penalty`, window w,
-    coefficient c), and S = the r patches with the highest penalised score (ties: lower
-    original position). [CLS] is never discarded and never a target.
+    then the local penalty (:func:`fico.filters.local_penalty.local_penalty`): in each
+    non-overlapping w x w window W of the patch grid, the highest score is raised,
+
+    .. math::  \tilde s_i = \begin{cases} c\, s_i & i = i^*_W,\ s_i > 0 \\ s_i / c & i = i^*_W,\ s_i \le 0 \\
+               s_i & \text{otherwise} \end{cases} \qquad i^*_W = \arg\max_{i \in W} s_i
+
+    .. math::  S = \operatorname{top}_r(\tilde s)
+
+    S is the r patches with the highest penalised score (ties: lower original position);
+    ``c = 1`` switches the penalty off. [CLS] is never discarded and never a target.
 
     Second readings, off by default:
 
@@ -120,10 +127,14 @@ class FiCoCoL(_RedundancyFilter):
     .. math::  s_i = \beta\, \frac{1}{N}\sum_{q \in V} A_{qi} \;-\; (1-\beta)\, \frac{1}{M}\sum_{k \in Q} A_{ki}
 
     (vision-aware minus task-aware redundancy: text-to-visual attention, since a visual
-    query cannot attend to later text in a causal LLM). S = the r visual tokens with the
-    highest score (ties: lower original position). Text tokens are never candidates. No
-    local penalty by default (``c: 1``); ``c > 1`` applies it on the image's patch grid
-    (the paper's "w/ local penalty" ablation).
+    query cannot attend to later text in a causal LLM), then the local penalty
+    :math:`\tilde s` of the ``ficoco_v`` filter on the image's patch grid, which is the
+    identity at the default ``c = 1`` (``c > 1`` is the paper's "w/ local penalty" ablation):
+
+    .. math::  S = \operatorname{top}_r(\tilde s)
+
+    S is the r visual tokens with the highest score (ties: lower original position). Text
+    tokens are never candidates.
 
     Second readings, off by default: ``vision_aware: given`` (row mean over visual keys);
     ``scores: logits``: the official code's unmasked pre-softmax logits :math:`L`, with
