@@ -102,7 +102,7 @@ def write(tmp_path, text):
     ("{tflops: -1, solve: r}", r"budget\.tflops: must be a positive number"),
     ("{tflops: 2, solve: q}", r"budget\.solve: must name a knob"),
     ("{tflops: 2, solve: r, modle: x}", r"budget\.modle: unknown key"),
-    ("{tflops: 2, solve: r, model: llava-9b}", r"budget\.model: unknown model 'llava-9b'"),
+    ("{tflops: 2, solve: r, model: llava-9b}", r"budget\.model: model llava-9b: no such built-in model"),
     ("{tflops: 2, solve: r, convention: flops}", r"budget\.convention: must be one of"),
 ])
 def test_budget_errors(tmp_path, budget, match):
