@@ -15,7 +15,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from .cost import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError
 from .models import RUNNABLE, load_model, model_source, torch_dtype
 from .recipe import Recipe, load_recipe
+from .timing import READABLE_SPREAD, Spread
 
 BUDGETS = ("4.2", "3.3", "2.4", "1.5")
 
@@ -103,7 +104,7 @@ def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int,
 
 
 def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int = 16,
-                   reps: int = 3) -> dict[str, float]:
+                   reps: int = 5) -> dict[str, list[float]]:
     """Seconds per decoded token for each configuration: (generate(1 + tokens) - generate(1))
     / tokens, medians of ``reps`` rounds that interleave the configurations (measured one
     after another, the first configuration ran consistently faster on a shared VM)."""
@@ -123,7 +124,7 @@ def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int
                 seconds = (generate(1 + tokens) - generate(1)) / tokens
             if rep:  # the first round warms up
                 per_token[name].append(max(seconds, 0.0))
-    return {name: statistics.median(values) for name, values in per_token.items()}
+    return per_token
 
 
 def peak_memory_mb(model, inputs, recipe: Recipe | None) -> float | None:
@@ -167,7 +168,7 @@ def answer_distribution(bm: BenchModel, recipe: Recipe | None, images: int) -> t
     return accuracy, logits.log_softmax(-1), kinds
 
 
-def measure_replay(model, counts: dict[str, TokenCounts], reps: int) -> dict[str, float]:
+def measure_replay(model, counts: dict[str, TokenCounts], reps: int) -> dict[str, list[float]]:
     """Median seconds of the vanilla modules on each configuration's token counts, in
     interleaved rounds (see ``fico.benchmarks.replay``)."""
     from .benchmarks.replay import replay_seconds
@@ -178,24 +179,28 @@ def measure_replay(model, counts: dict[str, TokenCounts], reps: int) -> dict[str
             elapsed = replay_seconds(model, configuration)
             if rep:
                 seconds[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return seconds
 
 
 def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = None, images: int = 100,
-          reps: int = 7, threads: int = 2, console: Console | None = None, replay: bool = False) -> dict:
+          reps: int = 7, threads: int = 2, console: Console | None = None, replay: bool = False,
+          plugins: list[str] | None = None) -> dict:
     """Run the benchmark and return the JSON-ready result."""
     console = console or Console()
     torch.set_num_threads(threads)
     names = expand(recipes, budgets)
-    loaded = {name: load_recipe(name) for name in names}
+    for name in names:
+        load_recipe(name, plugins=plugins)  # a bad recipe fails before the model loads
     bm = load_bench_model(model)
-    spec = model_spec(bm.model)
+    spec = replace(model_spec(bm.model), name=bm.name)
     text_tokens = bm.inputs["input_ids"].shape[1] - spec.patches
+    # a budget names a model; on another one it is solved for the same fraction of the unreduced cost
+    loaded = {name: load_recipe(name, plugins=plugins, budget_for=(spec, text_tokens)) for name in names}
     configs = {"unreduced": None, **loaded}
     results = {}
     with torch.inference_mode(), Progress(console=console, transient=True) as progress:
         timings = measure_latency(bm.model, bm.inputs, configs, reps, progress)
-        decode = measure_decode(bm.model, bm.inputs, configs)
+        decode = measure_decode(bm.model, bm.inputs, configs, reps=reps)
         counts = {name: TokenCounts.from_trace(timings[name]["trace"], spec) if recipe is not None
                   else TokenCounts.unreduced(spec, text_tokens) for name, recipe in configs.items()}
         replayed = measure_replay(bm.model, counts, reps) if replay else {}
@@ -208,9 +213,13 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
             entry.update(tflops=full.tflops, tflops_llm_viewer=viewer.tflops, kv_cache_mb=viewer.kv_cache_mb,
                          image_features=full.tokens["features"])
             prefill = statistics.median(timings[name]["prefill"])
-            entry.update(prefill_ms=prefill * 1e3,
+            entry.update(prefill_ms=prefill * 1e3, prefill_spread_ms=Spread.of(timings[name]["prefill"]).scaled(1e3).as_dict(),
                          stage_share=statistics.median(timings[name]["stage"]) / prefill,
-                         decode_ms_per_token=decode[name] * 1e3)
+                         decode_ms_per_token=statistics.median(decode[name]) * 1e3,
+                         decode_spread_ms=Spread.of(decode[name]).scaled(1e3).as_dict(),
+                         measured_speedup_spread=Spread.ratio(timings["unreduced"]["prefill"],
+                                                              timings[name]["prefill"]).as_dict(),
+                         decode_speedup_spread=Spread.ratio(decode["unreduced"], decode[name]).as_dict())
             memory = peak_memory_mb(bm.model, bm.inputs, recipe)
             if memory is None:
                 entry["memory_mb_estimate"] = (full.activations_gb * 1e3 + full.kv_cache_mb)
@@ -219,6 +228,7 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
             if bm.name == "toy":
                 accuracy, logprobs, _ = answer_distribution(bm, recipe, images)
                 entry["accuracy"] = accuracy
+                entry["questions"] = logprobs.shape[0]
                 if base_logprobs is None:
                     base_logprobs = logprobs
                 entry["answer_agreement"] = (logprobs.argmax(-1) == base_logprobs.argmax(-1)).float().mean().item()
@@ -231,12 +241,12 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     base = results["unreduced"]
     for entry in results.values():
         entry["flops_speedup"] = base["tflops"] / entry["tflops"]
-        entry["measured_speedup"] = base["prefill_ms"] / entry["prefill_ms"]
+        entry["measured_speedup"] = entry["measured_speedup_spread"]["median"]  # of interleaved pairs
         entry["speedup_ratio"] = entry["measured_speedup"] / entry["flops_speedup"]
         if replayed:
             # what the machine gives these token counts without any fico code, and fico's share of the gap
-            entry["replay_ms"] = replayed[entry["recipe"]] * 1e3
-            entry["replay_speedup"] = base["replay_ms"] / entry["replay_ms"]
+            entry["replay_ms"] = statistics.median(replayed[entry["recipe"]]) * 1e3
+            entry["replay_speedup"] = statistics.median(replayed["unreduced"]) * 1e3 / entry["replay_ms"]
             entry["machine_ratio"] = entry["replay_speedup"] / entry["flops_speedup"]
             entry["fico_efficiency"] = entry["measured_speedup"] / entry["replay_speedup"]
         if "accuracy" in entry:
@@ -259,59 +269,134 @@ def architecture(model) -> str:
             f"Llama {text.num_hidden_layers} x {text.hidden_size}")
 
 
-def table(report: dict) -> Table:
-    out = Table(title=f"fico bench on {report['model']} ({report['machine']}, {report['date']})")
-    columns = ["recipe", "GFLOPs", "FLOPs x", "measured x", "ratio", "prefill ms", "decode ms/tok", "stages %"]
+UNREADABLE = "*"
+
+
+def _with_spread(spread: dict, digits: int) -> str:
+    """``12.3 (11.9-12.8)``, marked when the spread is too wide to read the median."""
+    mark = "" if Spread(**spread).readable else UNREADABLE
+    return f"{spread['median']:.{digits}f} ({spread['q1']:.{digits}f}-{spread['q3']:.{digits}f}){mark}"
+
+
+def budget_label(entry: dict) -> str:
+    """What a budget variant's cost means on the model that ran."""
+    budget = entry.get("budget")
+    if not budget:
+        return "-"
+    if budget["solved_for"] in ("", budget["model"]):
+        return f"{budget['budget_tflops']} TFLOPs"
+    if budget["equal_cost"]:
+        return f"{budget['solved_fraction']:.3f} x unreduced"
+    return f"{budget['solved_fraction']:.3f} x unreduced, NOT equal-cost"
+
+
+def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """The columns, rows and footnotes every rendering of a report shares."""
     toy = "accuracy" in report["baseline"]
     replayed = "replay_ms" in report["baseline"]
+    budgets = any("budget" in e for e in report["results"])
+    gflops = report["baseline"]["tflops"] < 1
+    columns = ["recipe", "GFLOPs (full)" if gflops else "TFLOPs (full)", "FLOPs speedup",
+               "measured speedup (IQR)", "measured / FLOPs", "prefill ms (IQR)", "decode ms/token (IQR)",
+               "decode speedup (IQR)", "fico stages (% of prefill)"]
+    if budgets:
+        columns.insert(1, "budget")
     if replayed:
-        columns += ["replay x", "replay/FLOPs", "measured/replay"]
+        columns += ["vanilla-module replay speedup", "replay / FLOPs", "measured / replay"]
     if toy:
-        columns += ["accuracy", "retention", "agree", "KL"]
+        columns += ["accuracy (±1 SE)", "retention", "agreement", "KL"]
+    rows, unreadable = [], False
+    base = dict(report["baseline"], flops_speedup=1.0, speedup_ratio=1.0)
+    for e in [base] + report["results"]:
+        unit = 1e3 if gflops else 1
+        row = [e["recipe"], f"{e['tflops'] * unit:.{1 if gflops else 3}f}", f"{e['flops_speedup']:.2f}"]
+        if e is base:
+            row += ["1.00", "1.00"]
+        else:
+            row += [_with_spread(e["measured_speedup_spread"], 2), f"{e['speedup_ratio']:.2f}"]
+        row += [_with_spread(e["prefill_spread_ms"], 1), _with_spread(e["decode_spread_ms"], 2),
+                "1.00" if e is base else _with_spread(e["decode_speedup_spread"], 2),
+                f"{100 * e['stage_share']:.1f}"]
+        unreadable |= any(cell.endswith(UNREADABLE) for cell in row)
+        if budgets:
+            row.insert(1, budget_label(e))
+        if replayed:
+            row += [f"{e['replay_speedup']:.2f}", f"{e['machine_ratio']:.2f}", f"{e['fico_efficiency']:.2f}"]
+        if toy:
+            p, n = e["accuracy"]["overall"], e.get("questions", 0)
+            se = (p * (1 - p) / n) ** 0.5 if n else float("nan")
+            row += [f"{p:.3f} ± {se:.3f}", f"{e.get('accuracy_retention', 1.0):.3f}",
+                    f"{e.get('answer_agreement', 1.0):.3f}", f"{e.get('kl', 0.0):.4f}"]
+        rows.append(row)
+    notes = []
+    if unreadable:
+        notes.append(f"{UNREADABLE} the interquartile range is wider than {100 * READABLE_SPREAD:.0f}% of the "
+                     "median: too wide to read that number or ratio; rerun with more --reps on a quieter machine.")
+    return columns, rows, notes
+
+
+def table(report: dict) -> Table:
+    out = Table(title=f"fico bench on {report['model']} ({report['machine']}, {report['date']})")
+    columns, rows, notes = report_rows(report)
     for column in columns:
         out.add_column(column, justify="right")
-    for entry in [dict(report["baseline"], flops_speedup=1.0, measured_speedup=1.0, speedup_ratio=1.0)] + report["results"]:
-        row = [entry["recipe"], f"{entry['tflops'] * 1e3:.1f}", f"{entry['flops_speedup']:.2f}",
-               f"{entry['measured_speedup']:.2f}", f"{entry['speedup_ratio']:.2f}", f"{entry['prefill_ms']:.1f}",
-               f"{entry['decode_ms_per_token']:.2f}", f"{100 * entry['stage_share']:.1f}"]
-        if replayed:
-            row += [f"{entry['replay_speedup']:.2f}", f"{entry['machine_ratio']:.2f}", f"{entry['fico_efficiency']:.2f}"]
-        if toy:
-            row += [f"{entry['accuracy']['overall']:.3f}", f"{entry.get('accuracy_retention', 1.0):.3f}",
-                    f"{entry.get('answer_agreement', 1.0):.3f}", f"{entry.get('kl', 0.0):.4f}"]
+    for row in rows:
         out.add_row(*row)
+    if notes:
+        out.caption = " ".join(notes)
     return out
 
 
+def _axis_unit(report: dict) -> tuple[float, str]:
+    """TFLOPs for real models, GFLOPs for small ones (so the axis does not read 0.002)."""
+    return (1e3, "GFLOPs") if report["baseline"]["tflops"] < 1 else (1.0, "TFLOPs")
+
+
 def plot(report: dict, path: Path) -> None:
-    """Accuracy against TFLOPs per method (the paper's Fig. 1 shape) and latency against TFLOPs."""
+    """Accuracy against FLOPs per method (the paper's Fig. 1 shape, ±1 standard error) and
+    prefill latency (median, interquartile bars) against FLOPs; the unreduced model is a
+    reference line on both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     toy = "accuracy" in report["baseline"]
-    figure, axes = plt.subplots(1, 2 if toy else 1, figsize=(11 if toy else 6, 4.2), squeeze=False)
+    scale, unit = _axis_unit(report)
+    figure, axes = plt.subplots(1, 2 if toy else 1, figsize=(12 if toy else 6.5, 4.6), squeeze=False)
     methods: dict[str, list[dict]] = {}
     for entry in report["results"]:
         method = entry["recipe"].split("/")[-1].rsplit("_", 1)[0] if "budget" in entry else entry["recipe"]
         methods.setdefault(method, []).append(entry)
     base = report["baseline"]
-    panels = [("prefill_ms", "prefill latency (ms)")]
+
+    def accuracy(e):
+        p, n = e["accuracy"]["overall"], max(e.get("questions", 0), 1)
+        return p, (p * (1 - p) / n) ** 0.5
+
+    def latency(e):
+        spread = e["prefill_spread_ms"]
+        return spread["median"], (spread["median"] - spread["q1"], spread["q3"] - spread["median"])
+
+    panels = [(latency, "prefill latency (ms; median, IQR bars)")]
     if toy:
-        panels.insert(0, ("accuracy", "toy test accuracy"))
-    for ax, (key, label) in zip(axes[0], panels):
+        panels.insert(0, (accuracy, f"toy test accuracy (±1 SE, {base.get('questions', '?')} questions)"))
+    for ax, (measure, label) in zip(axes[0], panels):
         for method, entries in methods.items():
             entries = sorted(entries, key=lambda e: e["tflops"])
-            ys = [e[key]["overall"] if key == "accuracy" else e[key] for e in entries]
-            ax.plot([e["tflops"] for e in entries], ys, marker="o", label=method)
-        y0 = base[key]["overall"] if key == "accuracy" else base[key]
-        ax.scatter([base["tflops"]], [y0], marker="*", s=120, color="black", label="unreduced")
-        ax.set_xlabel("TFLOPs (full prefill, cost model)")
+            values = [measure(e) for e in entries]
+            errors = [v[1] for v in values]
+            yerr = list(zip(*errors)) if isinstance(errors[0], tuple) else errors
+            ax.errorbar([e["tflops"] * scale for e in entries], [v[0] for v in values], yerr=yerr, marker="o",
+                        capsize=3, label=method)
+        reference, _ = measure(base)
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="unreduced")
+        ax.axvline(base["tflops"] * scale, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(f"{unit} (full prefill, cost model)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"fico bench, {report['model']} model")
+    figure.suptitle(f"fico bench, {report['model']} model ({report['architecture']})", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -321,27 +406,16 @@ def markdown(report: dict, command: str) -> str:
     """A results block for docs/benchmarks.md, with the speed requirements checked."""
     toy = "accuracy" in report["baseline"]
     replayed = "replay_ms" in report["baseline"]
+    columns, rows, notes = report_rows(report)
     lines = [f"<!-- bench:{report['model']}:begin -->",
              f"Measured {report['date']} on {report['machine']}, model `{report['model']}` "
-             f"({report['architecture']}, fp32), "
-             f"{report['timing']['repeats']} interleaved repeats (medians), by:", "", f"    {command}", "",
-             "| recipe | GFLOPs (full) | FLOPs speedup | measured speedup | measured / FLOPs | prefill ms | "
-             "decode ms/token | fico stages (% of prefill) |"
-             + (" vanilla-module replay speedup | replay / FLOPs | measured / replay |" if replayed else "")
-             + (" accuracy | retention | agreement |" if toy else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if replayed else "")
-             + ("---:|---:|---:|" if toy else "")]
-    base = dict(report["baseline"], flops_speedup=1.0, measured_speedup=1.0, speedup_ratio=1.0)
-    for e in [base] + report["results"]:
-        row = (f"| {e['recipe']} | {e['tflops'] * 1e3:.1f} | {e['flops_speedup']:.2f} | {e['measured_speedup']:.2f} | "
-               f"{e['speedup_ratio']:.2f} | {e['prefill_ms']:.1f} | {e['decode_ms_per_token']:.2f} | "
-               f"{100 * e['stage_share']:.1f} |")
-        if replayed:
-            row += f" {e['replay_speedup']:.2f} | {e['machine_ratio']:.2f} | {e['fico_efficiency']:.2f} |"
-        if toy:
-            row += (f" {e['accuracy']['overall']:.3f} | {e.get('accuracy_retention', 1.0):.3f} | "
-                    f"{e.get('answer_agreement', 1.0):.3f} |")
-        lines.append(row)
+             f"({report['architecture']}, fp32), {report['timing']['repeats']} interleaved repeats: medians with "
+             f"interquartile ranges; speedups are medians of the ratios of interleaved pairs. By:", "",
+             f"    {command}", "",
+             "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if notes:
+        lines += [""] + notes
     if not toy:
         lines += ["", "Requirements (issue: measured speedup >= 0.9 x FLOPs speedup; fico's stages <= 5% of the "
                   "reduced prefill):", ""]
@@ -373,8 +447,15 @@ def main_bench(args, console: Console) -> int:
     for b in budgets or ():
         if b not in BUDGETS:
             raise RecipeError(f"--budgets: bundled budgets are {', '.join(BUDGETS)}, got {b}")
-    report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console, args.replay)
+    report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console, args.replay,
+                   plugins=args.plugin)
     console.print(table(report))
+    from .budget import BudgetSolution
+
+    for entry in report["results"]:
+        if entry.get("budget"):
+            console.print(f"{entry['recipe']}: {BudgetSolution(**entry['budget']).describe()}", highlight=False,
+                          soft_wrap=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         console.print(f"JSON: {args.json}")

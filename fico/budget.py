@@ -31,6 +31,11 @@ BUDGET_KEYS = {"tflops", "model", "text_tokens", "convention", "solve"}
 
 @dataclass
 class BudgetSolution:
+    """How a budget was met. ``model`` is the model the budget names; ``solved_for`` the one
+    the knob was solved on (the same, or the model that runs, at the same fraction of its
+    unreduced cost); ``equal_cost`` is False when that fraction could not be reached there
+    and the named model's schedule was kept."""
+
     budget_tflops: float
     model: str
     text_tokens: int
@@ -38,19 +43,38 @@ class BudgetSolution:
     knob: str
     value: Any
     tflops: float
+    fraction: float = 0.0  # budget / the named model's unreduced cost
+    solved_for: str = ""
+    solved_tflops: float = 0.0  # cost of the schedule on `solved_for`
+    solved_fraction: float = 0.0  # that cost / its unreduced cost
+    equal_cost: bool = True
 
     def describe(self) -> str:
         value = self.value if not isinstance(self.value, float) else round(self.value, 6)
-        return (f"budget {self.budget_tflops} TFLOPs ({self.model}, {self.text_tokens} text tokens, "
-                f"{self.convention}): {self.knob} = {value} -> {self.tflops:.3f} TFLOPs")
+        text = (f"budget {self.budget_tflops} TFLOPs ({self.model}, {self.text_tokens} text tokens, "
+                f"{self.convention}; {self.fraction:.3f} of its unreduced cost)")
+        if self.solved_for in ("", self.model):
+            return f"{text}: {self.knob} = {value} -> {self.tflops:.3f} TFLOPs"
+        if self.equal_cost:
+            return (f"{text}, solved for {self.solved_for} at the same fraction: {self.knob} = {value} -> "
+                    f"{self.solved_fraction:.3f} of its unreduced cost ({1e3 * self.solved_tflops:.3f} GFLOPs)")
+        return (f"{text}: NOT equal-cost on {self.solved_for}, where no {self.knob} reaches that fraction; "
+                f"{self.model}'s {self.knob} = {value} costs {self.solved_fraction:.3f} of its unreduced cost")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def solve_budget(config: DictConfig, source: str, overrides: list[str],
-                 build: Callable[[DictConfig], Any]) -> tuple[DictConfig, BudgetSolution]:
-    """Return ``config`` with its ``budget.solve`` knob set, and how the budget was met."""
+                 build: Callable[[DictConfig], Any], target: tuple[Any, int] | None = None
+                 ) -> tuple[DictConfig, BudgetSolution]:
+    """Return ``config`` with its ``budget.solve`` knob set, and how the budget was met.
+
+    Args:
+        target: ``(model, text_tokens)`` of the model that will run, when it is not the one
+            the budget names: the knob is then solved there for the same fraction of the
+            unreduced cost (a budget in TFLOPs of LLaVA-1.5-7B means nothing on another model).
+    """
     budget = OmegaConf.to_container(config.budget, resolve=True)
     if not isinstance(budget, dict):
         raise RecipeError(f"{source}: budget: must be a mapping with keys {', '.join(sorted(BUDGET_KEYS))}")
@@ -78,26 +102,45 @@ def solve_budget(config: DictConfig, source: str, overrides: list[str],
         OmegaConf.update(candidate, knob, value, merge=False)
         return candidate
 
-    costs: dict = {}
-
-    def cost(value) -> float | None:
-        key = tuple(value) if isinstance(value, list) else value
-        if key not in costs:  # the searches revisit values
-            try:
-                costs[key] = recipe_cost(spec, build(with_value(value)), text_tokens, convention).tflops
-            except RecipeError:
-                costs[key] = None  # this value cannot run (e.g. removes more tokens than exist)
-        return costs[key]
-
     current = OmegaConf.select(config, knob)
     if isinstance(current, bool):
         raise RecipeError(f"{source}: budget.solve: {knob} is a boolean; solve a count or a ratio")
-    if isinstance(current, (int, list, ListConfig)):
-        value = _solve_count(cost, tflops, source, knob, _layers_of(config, knob, build, spec))
-    else:
-        value = _solve_ratio(cost, tflops, source, knob)
-    achieved = cost(value)
-    return with_value(value), BudgetSolution(float(tflops), spec.name, text_tokens, convention, knob, value, achieved)
+
+    def solve(on, tokens: int, limit: float):
+        costs: dict = {}
+
+        def cost(value) -> float | None:
+            key = tuple(value) if isinstance(value, list) else value
+            if key not in costs:  # the searches revisit values
+                try:
+                    costs[key] = recipe_cost(on, build(with_value(value)), tokens, convention).tflops
+                except RecipeError:
+                    costs[key] = None  # this value cannot run (e.g. removes more tokens than exist)
+            return costs[key]
+
+        if isinstance(current, (int, list, ListConfig)):
+            value = _solve_count(cost, limit, source, knob, _layers_of(config, knob, build, on))
+        else:
+            value = _solve_ratio(cost, limit, source, knob)
+        return value, cost(value)
+
+    value, achieved = solve(spec, text_tokens, tflops)
+    fraction = tflops / recipe_cost(spec, None, text_tokens, convention).tflops
+    solution = BudgetSolution(float(tflops), spec.name, text_tokens, convention, knob, value, achieved, fraction,
+                              spec.name, achieved, achieved / recipe_cost(spec, None, text_tokens, convention).tflops)
+    if target is not None:
+        on, tokens = model_spec(target[0]), target[1]
+        if on.name != spec.name:
+            unreduced = recipe_cost(on, None, tokens, convention).tflops
+            solution.solved_for = on.name
+            try:
+                value, solution.solved_tflops = solve(on, tokens, fraction * unreduced)
+                solution.value = value
+            except RecipeError:  # that fraction is out of reach there: keep the named model's schedule
+                solution.equal_cost = False
+                solution.solved_tflops = recipe_cost(on, build(with_value(value)), tokens, convention).tflops
+            solution.solved_fraction = solution.solved_tflops / unreduced
+    return with_value(value), solution
 
 
 def _layers_of(config: DictConfig, knob: str, build, spec) -> int:

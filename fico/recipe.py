@@ -153,7 +153,7 @@ def bundled_recipes() -> list[str]:
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, registry: Registry | None = None,
-                plugins: list[str | Path] | None = None) -> Recipe:
+                plugins: list[str | Path] | None = None, budget_for: tuple[Any, int] | None = None) -> Recipe:
     """Load a bundled recipe by name, or a YAML file by path, and validate it.
 
     Args:
@@ -166,6 +166,9 @@ def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, re
         plugins: local plugin files (paths relative to the working directory) whose
             components the recipe and the overrides may name, besides the recipe's own
             ``plugins:`` (relative to the recipe file).
+        budget_for: ``(model, text_tokens)`` of the model that will run. A ``budget:`` naming
+            another model is then solved on this one for the same fraction of its unreduced
+            cost (``recipe.budget`` says so, or that the fraction is out of reach there).
 
     Raises:
         RecipeError: naming the source and key, for any invalid content.
@@ -187,7 +190,8 @@ def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, re
         from .budget import solve_budget
 
         config, solution = solve_budget(config, source, overrides,
-                                        lambda candidate: _build(candidate, path, source, registry, extra_plugins))
+                                        lambda candidate: _build(candidate, path, source, registry, extra_plugins),
+                                        target=budget_for)
     built = _build(config, path, source, registry, extra_plugins)
     built.budget = solution
     built.changes = _changes(described, config, source)

@@ -26,6 +26,25 @@ def test_bench_json_plot_and_markdown(tmp_path, tiny_model, processor):
     assert "| fastv |" in md.read_text()
 
 
+def test_budgets_on_another_model_are_solved_for_it_or_labelled(tmp_path, capsys):
+    """budgets/*_1.5t name LLaVA-1.5-7B; on the toy they are solved for the same fraction of
+    the toy's unreduced cost, or labelled as not equal-cost where that fraction is out of reach."""
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "tome", "fastv", "--budgets", "1.5", "--model", "toy", "--images", "1", "--reps", "1",
+                 "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    tome, fastv = report["results"]
+    assert tome["budget"]["solved_for"] == "toy" and tome["budget"]["equal_cost"]
+    assert abs(tome["budget"]["solved_fraction"] - tome["budget"]["fraction"]) < 0.01
+    assert fastv["budget"]["solved_for"] == "toy" and not fastv["budget"]["equal_cost"]
+    assert "solved for toy" in printed and "NOT equal-cost" in printed
+    for entry in report["results"]:
+        spread = entry["prefill_spread_ms"]
+        assert spread["q1"] <= spread["median"] <= spread["q3"] and "decode_speedup_spread" in entry
+    assert "GFLOPs" in printed and png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_budget_expansion():
     from fico.bench import expand
 
