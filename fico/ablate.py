@@ -208,7 +208,7 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
             result = measure(recipes[label], model, bm, images)
             logprobs = result.pop("_logprobs")
             record = {"cell": label, "recipe": recipe_name, "overrides": base_overrides + cell, "model": model,
-                      "images": images, **result,
+                      "images": images, "questions": logprobs.shape[0], **result,
                       "answer_agreement": (logprobs.argmax(-1) == base["_logprobs"].argmax(-1)).float().mean().item(),
                       "kl": torch.nn.functional.kl_div(logprobs, base["_logprobs"], log_target=True,
                                                        reduction="batchmean").item(),
@@ -228,26 +228,38 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
 
 
 def summary(records: list[dict]) -> Table:
-    table = Table(title=f"fico ablate {records[0]['recipe']} ({records[0]['model']}, {records[0]['images']} images)")
-    toy = "accuracy" in records[0]
-    columns = ["cell", "TFLOPs (7B)"] + (["accuracy", "retention"] if toy else []) + ["agreement", "KL"]
-    if toy:
-        kinds = [k for k in records[0]["accuracy"] if k != "overall"]
-        columns[4:4] = kinds
+    first = records[0]
+    table = Table(title=f"fico ablate {first['recipe']} ({first['model']}, {first['images']} images, "
+                        f"{first.get('questions', '?')} questions)")
+    toy = "accuracy" in first
+    columns = ["cell", "TFLOPs (7B)"] + (["accuracy (±1 SE)", "retention"] if toy else []) + ["agreement", "KL"]
+    kinds = [k for k in first["accuracy"] if k != "overall"] if toy else []
+    columns[4:4] = kinds
     for column in columns:
         table.add_column(column, justify="right" if column != "cell" else "left")
+    if toy and first.get("baseline_accuracy") is not None:
+        table.add_row("unreduced (reference)", "", f"{first['baseline_accuracy']:.3f}", "1.000", *[""] * len(kinds),
+                      "1.000", "0", style="dim")
     for r in records:
         row = [r["cell"], f"{r.get('tflops_llava_1_5_7b', 0):.2f}"]
         if toy:
-            row += [f"{r['accuracy']['overall']:.3f}", f"{r['accuracy_retention']:.3f}"]
+            row += [f"{r['accuracy']['overall']:.3f} ± {_standard_error(r, 'accuracy'):.3f}",
+                    f"{r['accuracy_retention']:.3f}"]
             row += [f"{r['accuracy'][k]:.2f}" for k in kinds]
         row += [f"{r['answer_agreement']:.3f}", f"{r['kl']:.4f}"]
         table.add_row(*row)
     return table
 
 
+def _standard_error(record: dict, metric: str) -> float:
+    value = record["accuracy"]["overall"] if metric == "accuracy" else record[metric]
+    n = record.get("questions") or record.get("images") or 1
+    return (value * (1 - value) / n) ** 0.5
+
+
 def plot(records: list[dict], grids: list[str], path: Path) -> None:
-    """Bars for named variants, a line for one grid axis, a heat-map for two."""
+    """Bars for named variants, a line for one grid axis, a heat-map for two; accuracies (or
+    agreement) carry one standard error, and the unreduced model is the reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,31 +267,53 @@ def plot(records: list[dict], grids: list[str], path: Path) -> None:
     import numpy as np
 
     metric = "accuracy" if "accuracy" in records[0] else "answer_agreement"
+    label = ("accuracy on the toy test questions" if metric == "accuracy"
+             else "answer agreement with the unreduced model")
     value = [r["accuracy"]["overall"] if metric == "accuracy" else r[metric] for r in records]
-    figure, ax = plt.subplots(figsize=(7, 0.4 * len(records) + 1.5) if len(grids) != 1 else (6, 4))
+    error = [_standard_error(r, metric) for r in records]
+    reference = records[0].get("baseline_accuracy") if metric == "accuracy" else 1.0
+    n = records[0].get("questions", "?")
+    figure, ax = plt.subplots(figsize=(7.5, 0.45 * len(records) + 1.8) if len(grids) != 1 else (6.5, 4.2))
     if len(grids) == 2:
         first = split_values(grids[0].partition("=")[2])
         second = split_values(grids[1].partition("=")[2])
         grid = np.array(value).reshape(len(first), len(second))
-        image = ax.imshow(grid, cmap="viridis")
-        ax.set_xticks(range(len(second)), second)
+        figure.set_size_inches(max(5.5, 1.3 * len(second) + 3), max(3.5, 0.8 * len(first) + 2))
+        image = ax.imshow(grid, cmap="viridis", vmin=min(grid.min(), reference or grid.min()),
+                          vmax=max(grid.max(), reference or grid.max()), aspect="auto")
+        ax.set_xticks(range(len(second)), second, rotation=30 if max(map(len, second)) > 6 else 0, ha="right"
+                      if max(map(len, second)) > 6 else "center")
         ax.set_yticks(range(len(first)), first)
         ax.set_xlabel(grids[1].partition("=")[0])
         ax.set_ylabel(grids[0].partition("=")[0])
         for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
-        figure.colorbar(image, label=metric)
+            red, green, blue, _ = image.cmap(image.norm(v))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            ax.text(j, i, f"{v:.3f}\n±{error[i * len(second) + j]:.3f}", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
+        bar = figure.colorbar(image, label=label)
+        if reference is not None:
+            bar.ax.axhline(reference, color="red", linewidth=2)
+            bar.ax.text(1.05, reference, " unreduced", transform=bar.ax.get_yaxis_transform(), va="center",
+                        fontsize=8, color="red")
     elif len(grids) == 1:
         labels = split_values(grids[0].partition("=")[2])
-        ax.plot(range(len(labels)), value, marker="o")
+        ax.errorbar(range(len(labels)), value, yerr=error, marker="o", capsize=3, label="reduced")
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(grids[0].partition("=")[0])
-        ax.set_ylabel(metric)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     else:
-        ax.barh([r["cell"] for r in records][::-1], value[::-1])
-        ax.set_xlabel(metric)
-    ax.set_title(f"fico ablate {records[0]['recipe']}")
+        cells = [r["cell"] for r in records][::-1]
+        ax.barh(cells, value[::-1], xerr=error[::-1], capsize=3, color="tab:blue")
+        ax.set_xlabel(label)
+    if reference is not None and len(grids) != 2:
+        line = ax.axvline if len(grids) == 0 else ax.axhline
+        line(reference, color="red", linestyle="--", linewidth=1, label=f"unreduced ({reference:.3f})")
+        ax.legend(fontsize=8, loc="lower right")
+    unreduced = f", unreduced {reference:.3f}" if reference is not None and len(grids) == 2 else ""
+    ax.set_title(f"fico ablate {records[0]['recipe']} on {records[0]['model']} ({n} questions; ±1 SE{unreduced})",
+                 fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
