@@ -98,7 +98,8 @@ class Registry:
         if name in known:
             return known[name]
         close = difflib.get_close_matches(str(name), list(known), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = (f"; did you mean {close[0]!r}?" if close
+                else "; a component from a local file needs --plugin FILE (or plugins: in the recipe)")
         prefix = f"{where}: " if where else ""
         raise RecipeError(f"{prefix}unknown {stage} {name!r}; known: {', '.join(sorted(known))}{hint}")
 

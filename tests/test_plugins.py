@@ -148,7 +148,8 @@ def test_a_plugin_file_swaps_into_a_bundled_recipe_from_the_command_line(tmp_pat
 
 
 def test_without_the_plugin_the_swap_names_the_missing_component():
-    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.filter\.name: unknown filter 'centroid'"):
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.filter\.name: unknown filter 'centroid'; known: .*; a "
+                                               r"component from a local file needs --plugin FILE"):
         fico.load_recipe("fastv", ["steps.0.filter={name: centroid}"])
 
 
