@@ -30,6 +30,17 @@ from .timing import Spread, ratio_text
 DEFAULT_RECIPE = "fastv"
 
 
+def _token_counts(text: str):
+    """``60`` or ``15,15,23`` (a list: costs are averaged over the lengths)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma list of integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
 def _plugin_option(parser) -> None:
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
                         help="a local plugin file whose components the recipe or overrides may name (repeatable)")
@@ -59,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, embedded, toy, or a local checkpoint directory")
     cost.add_argument("recipe", nargs="?", default=None, help="bundled name or YAML path (default: unreduced)")
     cost.add_argument("overrides", nargs="*", help="knob overrides, key=value")
-    cost.add_argument("--text-tokens", type=int, default=60)
+    cost.add_argument("--text-tokens", type=_token_counts, default=60,
+                      help="text tokens in the prompt (default 60); a comma list averages over the lengths")
     cost.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer")
     cost.add_argument("--dtype", type=dtype_argument(quantized=True), default="float16",
                       help="weight and KV-cache precision: float16 (default), bfloat16, float32, float64, int8, int4; "
@@ -191,11 +203,13 @@ def show_cost(args, console: Console) -> int:
         return 0
     if recipe is not None and recipe.budget is not None:
         console.print(recipe.budget.describe(), highlight=False)
+    texts = (f"{report.text_tokens} text tokens" if isinstance(report.text_tokens, int)
+             else f"averaged over {len(report.text_tokens)} text lengths {report.text_tokens}")
     table = Table(title=f"prefill cost of {report.recipe or 'the unreduced model'} on {report.model} "
-                        f"({report.convention}, {report.text_tokens} text tokens, {report.dtype})")
+                        f"({report.convention}, {texts}, {report.dtype})")
     for column in ("", "reduced" if recipe else "value", "unreduced" if recipe else ""):
         table.add_column(column, justify="right")
-    rows = [("TFLOPs", f"{report.tflops:.3f}", f"{base.tflops:.3f}"),
+    rows = [("TFLOPs", f"{report.tflops:.4f}", f"{base.tflops:.4f}"),
             ("KV cache (MB)", f"{report.kv_cache_mb:.1f}", f"{base.kv_cache_mb:.1f}"),
             ("weights (GB)", f"{report.weights_gb:.2f}", f"{base.weights_gb:.2f}"),
             ("activations (GB)", f"{report.activations_gb:.3f}", f"{base.activations_gb:.3f}"),

@@ -16,6 +16,13 @@ counts a recipe's plan produces (or that a run recorded). Two named conventions:
     (q/k/v/o and scores on the tokens entering it, MLP on the tokens leaving its step; all
     layers run, including those after the feature layer), the projector on the features,
     each decoder layer (as above without softmax/norm terms) and the last position's lm_head.
+``mac2``, ``mac3`` (FastV's and DivPrune's; PyramidDrop's and SparseVLM's)
+    One per multiply-accumulate, decoder layers only, no lm_head: ``2PD^2 + 2PD D_kv`` (q, o;
+    k, v: the papers' ``4PD^2`` without GQA) ``+ 2P^2 D`` (scores and weighted sum) ``+ 2PDH``
+    (a 2-matrix FFN, ``mac2``) or ``+ 3PDH`` (SwiGLU, ``mac3``). ``llm-viewer`` is twice
+    ``mac3`` plus its small softmax/norm terms and the lm_head row.
+``mac2-image``, ``mac3-image`` (PyramidDrop's tables)
+    The same, counting the image tokens of each layer only (text not counted).
 
 KV cache: ``2 (K and V) x sum over layers of (tokens x D_kv) x bytes``.
 """
@@ -31,7 +38,9 @@ from .errors import ModelNotFoundError, RecipeError
 from .models import DTYPE_BYTES, parse_dtype
 from .plan import Geometry, RecipePlan, plan_recipe
 
-CONVENTIONS = ("llm-viewer", "full")
+CONVENTIONS = ("llm-viewer", "full", "mac2", "mac3", "mac2-image", "mac3-image")
+#: the multiply-accumulate conventions: (FFN matrices, image tokens only)
+MAC_CONVENTIONS = {"mac2": (2, False), "mac3": (3, False), "mac2-image": (2, True), "mac3-image": (3, True)}
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,7 @@ class CostReport:
     model: str
     convention: str
     dtype: str
-    text_tokens: int
+    text_tokens: int | list[int]
     tflops: float
     kv_cache_mb: float
     weights_gb: float
@@ -203,6 +212,9 @@ class CostReport:
 
 def llm_layer_flops(spec: ModelSpec, p: int, convention: str) -> float:
     d, h, kv = spec.llm_hidden, spec.llm_ffn, spec.kv_width
+    if convention in MAC_CONVENTIONS:
+        matrices = MAC_CONVENTIONS[convention][0]
+        return float(2 * p * d * d + 2 * p * d * kv + 2 * p * p * d + matrices * p * d * h)
     flops = 2 * p * d * d * 2 + 2 * 2 * p * d * kv + 2 * 3 * p * d * h + 2 * 2 * p * p * d
     if convention == "llm-viewer":
         flops += 5 * spec.llm_heads * p * p + 18 * p * d
@@ -237,13 +249,16 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
         projector = 2.0 * counts.features * spec.llm_hidden * (spec.vision_hidden + spec.llm_hidden)
         per_layer.append({"site": "projector", "layer": 0, "tokens": counts.features, "flops": projector})
         total += projector
+    image_only = MAC_CONVENTIONS.get(convention, (0, False))[1]
     for layer, p in enumerate(counts.llm):
-        flops = llm_layer_flops(spec, p, convention)
-        per_layer.append({"site": "llm", "layer": layer, "tokens": p, "flops": flops})
+        counted = p - counts.text_tokens if image_only else p
+        flops = llm_layer_flops(spec, counted, convention)
+        per_layer.append({"site": "llm", "layer": layer, "tokens": counted, "flops": flops})
         total += flops
-    head = 2.0 * spec.llm_hidden * spec.vocab
-    per_layer.append({"site": "lm_head", "layer": 0, "tokens": 1, "flops": head})
-    total += head
+    if convention not in MAC_CONVENTIONS:
+        head = 2.0 * spec.llm_hidden * spec.vocab
+        per_layer.append({"site": "lm_head", "layer": 0, "tokens": 1, "flops": head})
+        total += head
 
     bytes_per = DTYPE_BYTES[dtype]
     kv_bytes = 2 * sum(counts.llm) * spec.kv_width * bytes_per
@@ -264,16 +279,31 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
     )
 
 
-def recipe_cost(model, recipe=None, text_tokens: int = 60, convention: str = "llm-viewer",
+def recipe_cost(model, recipe=None, text_tokens: int | list[int] = 60, convention: str = "llm-viewer",
                 dtype: str = "float16") -> CostReport:
     """Cost of ``recipe`` (None: the unreduced model) on ``model`` (see :func:`model_spec`).
 
+    ``text_tokens`` may be a list (DivPrune's per-benchmark text lengths): the report then
+    averages FLOPs, KV cache and memory over those lengths.
+
     >>> round(recipe_cost("llava-1.5-7b", text_tokens=60).tflops, 2)
     8.45
+    >>> round(recipe_cost("llava-1.5-7b", text_tokens=60, convention="mac3-image").tflops, 2)
+    3.82
     """
     spec = model_spec(model)
-    if text_tokens < 1:
-        raise RecipeError(f"text_tokens must be >= 1, got {text_tokens}")
+    if isinstance(text_tokens, (list, tuple)):
+        if not text_tokens:
+            raise RecipeError("text_tokens: an empty list")
+        reports = [recipe_cost(spec, recipe, t, convention, dtype) for t in text_tokens]
+        mean = lambda key: sum(getattr(r, key) for r in reports) / len(reports)
+        first = reports[0]
+        return CostReport(model=first.model, convention=convention, dtype=first.dtype, text_tokens=list(text_tokens),
+                          tflops=mean("tflops"), kv_cache_mb=mean("kv_cache_mb"), weights_gb=first.weights_gb,
+                          activations_gb=mean("activations_gb"), memory_gb=mean("memory_gb"), tokens=first.tokens,
+                          per_layer=[], recipe=first.recipe, schedule=first.schedule)
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
+        raise RecipeError(f"text_tokens must be an integer >= 1 (or a list of them), got {text_tokens!r}")
     if recipe is None:
         return prefill_cost(spec, TokenCounts.unreduced(spec, text_tokens), convention, dtype)
     plan = plan_recipe(recipe, spec.geometry())
