@@ -2,7 +2,7 @@
 
 A recipe may state::
 
-    budget:
+    budget_tflops:
       tflops: 1.5              # the budget
       model: llava-1.5-7b      # whose cost (fico.cost.model_spec)
       text_tokens: 60
@@ -68,34 +68,34 @@ class BudgetSolution:
 def solve_budget(config: DictConfig, source: str, overrides: list[str],
                  build: Callable[[DictConfig], Any], target: tuple[Any, int] | None = None
                  ) -> tuple[DictConfig, BudgetSolution]:
-    """Return ``config`` with its ``budget.solve`` knob set, and how the budget was met.
+    """Return ``config`` with its ``budget_tflops.solve`` knob set, and how the budget was met.
 
     Args:
         target: ``(model, text_tokens)`` of the model that will run, when it is not the one
             the budget names: the knob is then solved there for the same fraction of the
             unreduced cost (a budget in TFLOPs of LLaVA-1.5-7B means nothing on another model).
     """
-    budget = OmegaConf.to_container(config.budget, resolve=True)
+    budget = OmegaConf.to_container(config.budget_tflops, resolve=True)
     if not isinstance(budget, dict):
-        raise RecipeError(f"{source}: budget: must be a mapping with keys {', '.join(sorted(BUDGET_KEYS))}")
+        raise RecipeError(f"{source}: budget_tflops: must be a mapping with keys {', '.join(sorted(BUDGET_KEYS))}")
     unknown = set(budget) - BUDGET_KEYS
     if unknown:
-        raise RecipeError(f"{source}: budget.{sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(BUDGET_KEYS))}")
+        raise RecipeError(f"{source}: budget_tflops.{sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(BUDGET_KEYS))}")
     tflops, knob = budget.get("tflops"), budget.get("solve")
     if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or tflops <= 0:
-        raise RecipeError(f"{source}: budget.tflops: must be a positive number, got {tflops!r}")
+        raise RecipeError(f"{source}: budget_tflops.tflops: must be a positive number, got {tflops!r}")
     if not isinstance(knob, str) or OmegaConf.select(config, knob, default=None) is None:
-        raise RecipeError(f"{source}: budget.solve: must name a knob of the recipe, got {knob!r}")
+        raise RecipeError(f"{source}: budget_tflops.solve: must name a knob of the recipe, got {knob!r}")
     if any(item.partition("=")[0].strip() == knob for item in overrides):
-        raise RecipeError(f"{source}: {knob} is solved from budget.tflops; override the budget, not the knob")
+        raise RecipeError(f"{source}: {knob} is solved from budget_tflops.tflops; override budget_tflops.tflops, not the knob")
     convention = budget.get("convention", "llm-viewer")
     if convention not in CONVENTIONS:
-        raise RecipeError(f"{source}: budget.convention: must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+        raise RecipeError(f"{source}: budget_tflops.convention: must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     text_tokens = budget.get("text_tokens", 60)
     try:
         spec = model_spec(budget.get("model", "llava-1.5-7b"))
     except FicoError as error:
-        raise RecipeError(f"{source}: budget.model: {error}") from error
+        raise RecipeError(f"{source}: budget_tflops.model: {error}") from error
 
     def with_value(value) -> DictConfig:
         candidate = copy.deepcopy(config)
@@ -104,7 +104,7 @@ def solve_budget(config: DictConfig, source: str, overrides: list[str],
 
     current = OmegaConf.select(config, knob)
     if isinstance(current, bool):
-        raise RecipeError(f"{source}: budget.solve: {knob} is a boolean; solve a count or a ratio")
+        raise RecipeError(f"{source}: budget_tflops.solve: {knob} is a boolean; solve a count or a ratio")
 
     def solve(on, tokens: int, limit: float):
         costs: dict = {}
@@ -156,16 +156,15 @@ def _layers_of(config: DictConfig, knob: str, build, spec) -> int:
     except RecipeError:
         return 0
     counts = {i: 0 for i in users}
-    for site_plan in (plan.vision, plan.llm):
-        for planned in site_plan.steps.values():
-            if planned.step.index in users:
-                counts[planned.step.index] += 1
+    for planned in plan.planned_steps():
+        if planned.step.index in users:
+            counts[planned.step.index] += 1
     return counts.popitem()[1] if len(set(counts.values())) == 1 else 0
 
 
 def _infeasible(source: str, knob: str, budget: float, best: float | None) -> RecipeError:
     reach = f"the least it reaches is {best:.3f} TFLOPs" if best is not None else "no value of it runs"
-    return RecipeError(f"{source}: budget.tflops: {budget} cannot be met by solving {knob}: {reach}")
+    return RecipeError(f"{source}: budget_tflops.tflops: {budget} cannot be met by solving {knob}: {reach}")
 
 
 def _solve_count(cost, budget: float, source: str, knob: str, layers: int):

@@ -109,12 +109,12 @@ class Boundary:
         if not isinstance(new, TokenState):
             raise self.fail(component, f"compress() must return a fico.TokenState, got {type(new).__name__}")
         b, n, d = state.hidden.shape
-        count = n - r + (type(component).appends if r else 0)
+        appended = component.appended(r)
+        count = n - r + appended
         if tuple(new.hidden.shape) != (b, count, d):
             raise self.fail(component, f"the new state's hidden has shape {tuple(new.hidden.shape)}, expected "
                                        f"{(b, count, d)} ({n} tokens - {r} discarded"
-                                       + (f" + {type(component).appends} appended)" if type(component).appends
-                                          else ")"))
+                                       + (f" + {appended} appended)" if appended else ")"))
         for field in ("positions", "candidate", "visual", "text", "patch", "size", "sources"):
             value = getattr(new, field)
             if value is not None and tuple(value.shape[:2]) != (b, count):

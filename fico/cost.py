@@ -155,7 +155,9 @@ class TokenCounts:
     """Per-layer token counts of one prefill (one sample, one image).
 
     ``vision_in[i]`` enters CLIP layer i (its attention), ``vision_out[i]`` leaves its step
-    (its MLP); ``llm[i]`` is what decoder layer i runs on (also its KV-cache length).
+    (its MLP); ``projected`` enters the projector and ``features`` the language model;
+    ``llm[i]`` is what decoder layer i's attention runs on (also its KV-cache length) and
+    ``llm_mlp[i]`` what its MLP runs on (fewer after an ``llm_mid`` step).
     """
 
     vision_in: list[int]
@@ -163,6 +165,14 @@ class TokenCounts:
     features: int
     llm: list[int]
     text_tokens: int
+    llm_mlp: list[int] | None = None
+    projected: int | None = None
+
+    def __post_init__(self):
+        if self.llm_mlp is None:
+            self.llm_mlp = list(self.llm)
+        if self.projected is None:
+            self.projected = self.features
 
     @classmethod
     def unreduced(cls, spec: "ModelSpec", text_tokens: int) -> "TokenCounts":
@@ -172,22 +182,30 @@ class TokenCounts:
 
     @classmethod
     def from_plan(cls, plan: RecipePlan, text_tokens: int) -> "TokenCounts":
-        vision_in = plan.vision.tokens[:-1]
-        vision_out = plan.vision.tokens[1:]
-        llm = [text_tokens + n for n in plan.llm.tokens[1:]]
-        return cls(vision_in, vision_out, plan.features, llm, text_tokens)
+        if plan.features is None:
+            raise RecipeError("the recipe chooses its token count per image (an adaptive step), so its cost "
+                              "depends on the image: `fico run` prints the cost of what ran on one")
+        llm = [text_tokens + n for n in plan.llm.attention]
+        llm_mlp = [text_tokens + n for n in plan.llm.mlp]
+        projected = plan.pre_llm.tokens_in if plan.pre_llm is not None else plan.features
+        return cls(plan.vision.attention, plan.vision.mlp, plan.features, llm, text_tokens, llm_mlp, projected)
 
     @classmethod
     def from_trace(cls, trace, spec: ModelSpec) -> "TokenCounts":
-        """What a run recorded (``run.trace``), for the cost of what actually ran."""
+        """What a run recorded (``run.trace``), for the cost of what actually ran (first image)."""
         steps = {s.layer: s for s in trace.steps if s.site == "vision"}
         vision_in = list(trace.vision) or [spec.patches + 1] * spec.vision_layers
         vision_out = [steps[i].tokens_out if i in steps else n for i, n in enumerate(vision_in)]
         features = trace.vision_features if trace.vision_features is not None else spec.patches
+        features = features[0] if isinstance(features, list) else features
+        pre = [s for s in trace.steps if s.site == "pre_llm"]
+        projected = pre[0].tokens_in if pre else features
         llm_first = trace.llm[0] if trace.llm else features
         llm_steps = {s.layer: s for s in trace.steps if s.site == "llm"}
+        mid_steps = {s.layer: s for s in trace.steps if s.site == "llm_mid"}
         first_in = llm_steps[0].tokens_in if 0 in llm_steps else llm_first
-        return cls(vision_in, vision_out, features, list(trace.llm), first_in - features)
+        llm_mlp = [mid_steps[i].tokens_out if i in mid_steps else n for i, n in enumerate(trace.llm)]
+        return cls(vision_in, vision_out, features, list(trace.llm), first_in - features, llm_mlp, projected)
 
 
 @dataclass
@@ -210,14 +228,16 @@ class CostReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def llm_layer_flops(spec: ModelSpec, p: int, convention: str) -> float:
+def llm_layer_flops(spec: ModelSpec, p: int, convention: str, mlp: int | None = None) -> float:
+    """One decoder layer whose attention runs on ``p`` tokens and its MLP on ``mlp`` (default p)."""
     d, h, kv = spec.llm_hidden, spec.llm_ffn, spec.kv_width
+    m = p if mlp is None else mlp
     if convention in MAC_CONVENTIONS:
         matrices = MAC_CONVENTIONS[convention][0]
-        return float(2 * p * d * d + 2 * p * d * kv + 2 * p * p * d + matrices * p * d * h)
-    flops = 2 * p * d * d * 2 + 2 * 2 * p * d * kv + 2 * 3 * p * d * h + 2 * 2 * p * p * d
+        return float(p * d * d + m * d * d + 2 * p * d * kv + 2 * p * p * d + matrices * m * d * h)
+    flops = 2 * p * d * d + 2 * m * d * d + 2 * 2 * p * d * kv + 2 * 3 * m * d * h + 2 * 2 * p * p * d
     if convention == "llm-viewer":
-        flops += 5 * spec.llm_heads * p * p + 18 * p * d
+        flops += 5 * spec.llm_heads * p * p + 8 * p * d + 10 * m * d  # norm + add before the MLP, norm + add + act after
     return float(flops)
 
 
@@ -246,14 +266,17 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
             per_layer.append({"site": "vision", "layer": layer, "tokens": n_in, "tokens_after_step": n_out,
                               "flops": flops})
             total += flops
-        projector = 2.0 * counts.features * spec.llm_hidden * (spec.vision_hidden + spec.llm_hidden)
-        per_layer.append({"site": "projector", "layer": 0, "tokens": counts.features, "flops": projector})
+        projector = 2.0 * counts.projected * spec.llm_hidden * (spec.vision_hidden + spec.llm_hidden)
+        per_layer.append({"site": "projector", "layer": 0, "tokens": counts.projected, "flops": projector})
         total += projector
     image_only = MAC_CONVENTIONS.get(convention, (0, False))[1]
-    for layer, p in enumerate(counts.llm):
-        counted = p - counts.text_tokens if image_only else p
-        flops = llm_layer_flops(spec, counted, convention)
-        per_layer.append({"site": "llm", "layer": layer, "tokens": counted, "flops": flops})
+    for layer, (p, m) in enumerate(zip(counts.llm, counts.llm_mlp)):
+        text = counts.text_tokens if image_only else 0
+        flops = llm_layer_flops(spec, p - text, convention, m - text)
+        entry = {"site": "llm", "layer": layer, "tokens": p - text, "flops": flops}
+        if m != p:
+            entry["tokens_after_step"] = m - text
+        per_layer.append(entry)
         total += flops
     if convention not in MAC_CONVENTIONS:
         head = 2.0 * spec.llm_hidden * spec.vocab

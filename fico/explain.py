@@ -8,7 +8,7 @@ import re
 from .citations import BIBTEX
 from .cost import model_spec
 from .overrides import flatten_knobs, format_override, format_value
-from .plan import plan_recipe
+from .plan import equivalent_tokens, plan_recipe
 from .recipe import Recipe, recipe_name
 
 #: What a ``--format tex`` snippet needs in the preamble (nothing beyond these).
@@ -92,13 +92,48 @@ def _parameters(component) -> dict:
     return {recipe_name(k): v for k, v in vars(component).items() if not k.startswith("_")}
 
 
+SITE_WHERE = {
+    "vision": "inside CLIP layers, after the attention residual, before the MLP",
+    "vision_output": "on the tokens leaving the feature layer ([CLS] included), before the projector",
+    "pre_llm": "on the projector's outputs, per image, before the language model",
+    "llm": "at the input of decoder layers (prefill)",
+    "llm_mid": "inside decoder layers (prefill), after the attention residual, before the MLP, from that "
+               "layer's own attention",
+}
+
+
+def where(step) -> str:
+    """Where a step acts, in words."""
+    text = SITE_WHERE[step.site]
+    if step.site == "llm":
+        text += (", from this layer's own q/k of its input" if step.signal_layer == "current"
+                 else ", from the previous layer's attention")
+    return text
+
+
+def policies(step) -> list[str]:
+    """The step's position, order and feature policies, in words."""
+    out = []
+    if step.site in ("llm", "llm_mid"):
+        out.append("kept tokens keep their RoPE positions; decode continues the original numbering"
+                   if step.positions == "keep" else
+                   "positions are renumbered contiguously after the step; each decode step takes, in every layer, "
+                   "the next position of that layer's own frame")
+    if step.site in ("vision_output", "pre_llm"):
+        out.append("the language model sees a shorter sequence, its positions contiguous")
+        out.append("tokens reach it in their original order" if step.order == "original"
+                   else "tokens reach it in the order the method emits them")
+    if step.site == "vision_output" and step.cls_feature:
+        out.append("[CLS] reaches the projector as an image feature")
+    return out
+
+
 def explanation(recipe: Recipe, model: str = "llava-1.5-7b") -> dict:
     """The recipe as data: steps with their stages, schedule and token counts, and citations."""
     plan = plan_recipe(recipe, model_spec(model).geometry())
     steps, keys = [], list(recipe.config.get("cite") or [])
     for step in recipe.steps:
-        site_plan = plan.vision if step.site == "vision" else plan.llm
-        planned = [p for p in site_plan.steps.values() if p.step is step]
+        planned = plan.of(step)
         stages = []
         for component in (step.filter, step.correlator, step.compressor):
             keys += [k for k in component.cite if k not in keys]
@@ -106,16 +141,16 @@ def explanation(recipe: Recipe, model: str = "llava-1.5-7b") -> dict:
                            "parameters": _parameters(component), "latex": formulas(component),
                            "text": [latex_to_text(f) for f in formulas(component)], "cite": list(component.cite)})
         steps.append({
-            "step": step.index, "site": step.site,
-            "where": ("inside CLIP layers, after the attention residual, before the MLP" if step.site == "vision"
-                      else "at the input of decoder layers (prefill), from the previous layer's attention"),
+            "step": step.index, "site": step.site, "where": where(step), "policies": policies(step),
             "layers": [p.layer for p in planned],
             "schedule": {"rule": step.schedule.kind, "value": step.schedule.value,
                          "removed": [p.remove for p in planned], "tokens_in": [p.tokens_in for p in planned]},
             "proportional_attention": step.proportional_attention, "stages": stages,
         })
     keys = list(dict.fromkeys(keys))
-    return {"recipe": recipe.name, "source": recipe.source, "description": recipe.description,
+    visual = [n for n in plan.llm.attention] if plan.features is not None else []
+    equivalent = equivalent_tokens(visual, plan.llm.mlp[-1]) if visual else None
+    return {"recipe": recipe.name, "equivalent_tokens": equivalent, "source": recipe.source, "description": recipe.description,
             "changes": list(recipe.changes), "knobs": recipe.knobs, "model": model,
             "solved": recipe.budget.knob if recipe.budget is not None else None,
             "budget": recipe.budget.describe() if recipe.budget is not None else None, "image_features": plan.features, "steps": steps,
@@ -175,7 +210,8 @@ def _tex(data: dict) -> str:
         layers = ", ".join(map(str, step["layers"])) or "none"
         out.append(f"\\subparagraph{{Step {step['step']} ({tex_escape(step['site'])}, layers {layers})}} "
                    f"{tex_escape(step['where'])}; schedule {code(step['schedule']['rule'])} = "
-                   f"{code(format_value(step['schedule']['value']))}.")
+                   f"{code(format_value(step['schedule']['value']))}."
+                   + "".join(f" {tex_escape(p[0].upper() + p[1:])}." for p in step["policies"]))
         for stage in step["stages"]:
             cites = f"~\\cite{{{','.join(stage['cite'])}}}" if stage["cite"] else ""
             out.append(f"\\textbf{{{tex_escape(STAGE_TITLES[stage['stage']])}}} ({code(stage['name'])}, "
@@ -196,12 +232,21 @@ def render(data: dict, fmt: str) -> str:
     out.append(("**knobs**: " if md else "knobs: ") + (knob_text(data["knobs"], data["solved"]) or "none"))
     if data["budget"]:
         out.append(("**budget**: " if md else "budget: ") + data["budget"])
-    out.append(f"image features reaching the LLM on {data['model']}: {data['image_features']}")
+    features = data["image_features"]
+    out.append(f"image features reaching the LLM on {data['model']}: "
+               f"{features if features is not None else 'chosen per image (adaptive)'}")
+    if data["equivalent_tokens"] and any(s["site"] in ("llm", "llm_mid") for s in data["steps"]):
+        e = data["equivalent_tokens"]
+        out.append(f"visual tokens averaged over decoder layers: {e['at_input']:.1f} at each layer's input "
+                   f"(PyramidDrop's count), {e['after_reduction']:.1f} after each layer's reduction (SparseVLM's); "
+                   f"{e['at_output']:.0f} reach the output")
     for step in data["steps"]:
         head = (f"step {step['step']}: {step['site']} site, {step['where']}; layers {step['layers']}; "
                 f"{step['schedule']['rule']} = {format_value(step['schedule']['value'])} "
                 f"(removes {step['schedule']['removed']})")
         out.append(f"### {head}" if md else f"\n{head}")
+        for policy in step["policies"]:
+            out.append(f"- {policy}" if md else f"  {policy}")
         for stage in step["stages"]:
             params = parameter_text(stage["parameters"])
             cites = f" [{', '.join(stage['cite'])}]" if stage["cite"] else ""

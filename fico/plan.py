@@ -1,14 +1,28 @@
 """Schedules made concrete: which step runs at which layer, and how many tokens it removes.
 
 Token counts do not depend on data (each sample of a batch discards the same number), so
-a recipe is checked against a model's geometry before anything is modified.
+a recipe is checked against a model's geometry before anything is modified. The one
+exception is an ``adaptive`` schedule (PruMerge's outlier count): the filter chooses the
+count per image, and the plan records it as unknown (None).
+
+The sites, in the order a forward pass meets them:
+
+* ``vision``: inside vision-tower layers, after the attention residual, before the MLP;
+* ``vision_output``: the tokens leaving the feature layer (LLaVA's ``vision_feature_layer``),
+  before the projector;
+* ``pre_llm``: the projector's outputs, before the language model;
+* ``llm``: at the input of decoder layers (prefill);
+* ``llm_mid``: inside decoder layers, after the attention residual, before the MLP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .recipe import Recipe, Step
+
+#: sites that act at one point of the forward pass, not at layers
+POINT_SITES = ("vision_output", "pre_llm")
 
 
 @dataclass(frozen=True)
@@ -24,35 +38,61 @@ class Geometry:
 
 @dataclass(frozen=True)
 class PlannedStep:
-    """A step at one layer: tokens and candidates entering it, and tokens it removes.
+    """A step at one layer (or point): tokens and candidates entering it, and tokens it removes.
 
-    ``position`` is the layer's index within the step's own layer list (for per-layer
-    ``remove`` lists).
+    ``position`` is the layer's index within the step's own layer list (per-layer counts);
+    ``remove`` is None for an adaptive schedule (the filter decides per image).
     """
 
     step: Step
     layer: int
     tokens_in: int
     candidates_in: int
-    remove: int
+    remove: int | None
     position: int = 0
+    appended: int = 0
 
     @property
-    def tokens_out(self) -> int:
-        return self.tokens_in - self.remove + (self.step.compressor.appends if self.remove else 0)
+    def tokens_out(self) -> int | None:
+        return None if self.remove is None else self.tokens_in - self.remove + self.appended
 
 
 @dataclass(frozen=True)
 class SitePlan:
-    """Steps by layer for one site, and tokens entering each layer (plus the output count)."""
+    """Steps by layer for one layered site and the tokens each layer's parts run on.
+
+    ``steps`` act at the input of a layer (``llm``), ``mid_steps`` after its attention and
+    before its MLP (``vision``, ``llm_mid``). ``attention[i]`` is what layer i's attention
+    (and, in the LLM, its KV cache) holds; ``mlp[i]`` what its MLP runs on; ``mlp[-1]`` leaves
+    the site.
+    """
 
     site: str
     steps: dict[int, PlannedStep]
-    tokens: list[int]
+    mid_steps: dict[int, PlannedStep]
+    attention: list[int]
+    mlp: list[int]
 
-    def tokens_after(self, layer: int) -> int:
-        """Tokens leaving layer ``layer`` (entering ``layer + 1``)."""
-        return self.tokens[layer + 1]
+    def all_steps(self) -> list[PlannedStep]:
+        """Every planned step in the order a forward pass runs them."""
+        ordered = [(p.layer, 0, p) for p in self.steps.values()] + [(p.layer, 1, p) for p in self.mid_steps.values()]
+        return [p for _, _, p in sorted(ordered, key=lambda item: item[:2])]
+
+
+def equivalent_tokens(at_input: list[int], output: int) -> dict[str, float] | None:
+    """Visual tokens averaged over the decoder layers ("equivalent tokens" of progressive
+    schedules), from the visual tokens each layer's attention sees and those leaving the last:
+
+    * ``at_input``: the mean of what each layer runs on (PyramidDrop's "average tokens");
+    * ``after_reduction``: the mean of what is left after each layer's reductions, a step at
+      layer l's input counting for layer l - 1 (SparseVLM's log: pruning "after layer l");
+    * ``at_output``: what reaches the last layer's output.
+    """
+    if not at_input:
+        return None
+    after = at_input[1:] + [output]
+    return {"at_input": sum(at_input) / len(at_input), "after_reduction": sum(after) / len(after),
+            "at_output": float(output)}
 
 
 def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
@@ -75,15 +115,28 @@ def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
     return layers
 
 
-def plan_site(recipe: Recipe, site: str, num_layers: int, tokens: int, candidates: int,
-              first_layer: int = 0) -> SitePlan:
-    """Plan ``recipe``'s steps on ``site`` for a model with ``num_layers`` layers there.
+def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: int, position: int,
+              first_candidates: int, where: str) -> PlannedStep:
+    """How many of ``candidates`` the step removes here (a RecipeError if its schedule cannot run)."""
+    requested = step.schedule.tokens_to_remove(candidates, position, first_candidates)
+    key = f"{step.where}.{step.schedule.kind}"
+    if requested is None:
+        if not step.filter.adaptive:
+            raise recipe.error(key, f"'adaptive' needs a filter that chooses its own count (such as "
+                               f"iqr_outliers); {step.filter.name!r} does not")
+        return PlannedStep(step, layer, tokens, candidates, None, position, 0)
+    if requested < 0:
+        raise recipe.error(key, f"keeps {candidates - requested} tokens at {where}, where only {candidates} "
+                           f"reducible tokens are present")
+    if requested > candidates:
+        raise recipe.error(key, f"removes {requested} tokens at {where}, where only {candidates} reducible tokens "
+                           f"are left")
+    remove = step.filter.discard(requested, tokens, candidates)
+    return PlannedStep(step, layer, tokens, candidates, remove, position, step.compressor.appended(remove))
 
-    Args:
-        tokens, candidates: tokens (all / reducible) entering layer 0.
-        first_layer: the lowest layer a step may use (1 where signals come from the
-            previous layer).
-    """
+
+def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int
+                    ) -> tuple[dict[int, Step], dict[int, int]]:
     by_layer: dict[int, Step] = {}
     position: dict[int, int] = {}
     for step in recipe.steps:
@@ -92,8 +145,8 @@ def plan_site(recipe: Recipe, site: str, num_layers: int, tokens: int, candidate
         layers = expand_layers(step, num_layers, recipe)
         counts = step.schedule.value
         if isinstance(counts, tuple) and len(counts) != len(layers):
-            raise recipe.error(f"{step.where}.remove", f"a list needs one count per layer of the step "
-                               f"({len(layers)} layers), got {len(counts)}")
+            raise recipe.error(f"{step.where}.{step.schedule.kind}", f"a list needs one count per layer of the "
+                               f"step ({len(layers)} layers), got {len(counts)}")
         for index, layer in enumerate(layers):
             position[layer] = index
             if layer in by_layer:
@@ -103,38 +156,110 @@ def plan_site(recipe: Recipe, site: str, num_layers: int, tokens: int, candidate
                 raise recipe.error(f"{step.where}.layers", f"the {site} site cannot reduce at layer {layer}: its "
                                    f"signals come from the previous layer, so the first usable layer is {first_layer}")
             by_layer[layer] = step
-    planned: dict[int, PlannedStep] = {}
-    counts = [tokens]
+    return by_layer, position
+
+
+def plan_layers(recipe: Recipe, site: str, num_layers: int, tokens: int, candidates: int,
+                mid_site: str | None = None, input_site: str | None = None, first_layer: int = 0) -> SitePlan:
+    """Plan the steps of a layered site.
+
+    Args:
+        site: the plan's name (``vision`` or ``llm``).
+        mid_site, input_site: the recipe sites whose steps run after a layer's attention and at
+            a layer's input (``vision``: mid only; ``llm``: ``llm`` at the input, ``llm_mid`` mid).
+        tokens, candidates: tokens (all / reducible) entering layer 0.
+        first_layer: the lowest layer an input step may use (1 where signals come from the
+            previous layer).
+    """
+    inputs, input_position = (_steps_by_layer(recipe, input_site, num_layers, first_layer) if input_site
+                              else ({}, {}))
+    mids, mid_position = _steps_by_layer(recipe, mid_site, num_layers, 0) if mid_site else ({}, {})
+    first_seen: dict[int, int] = {}  # candidates entering the first layer of each step (keep_geometric)
+    steps, mid_steps, attention, mlp = {}, {}, [], []
     for layer in range(num_layers):
-        step = by_layer.get(layer)
-        if step is not None:
-            requested = step.schedule.tokens_to_remove(candidates, position[layer])
-            if requested > candidates:
-                raise recipe.error(
-                    f"{step.where}.{step.schedule.kind}",
-                    f"removes {requested} tokens at {site} layer {layer}, where only {candidates} reducible tokens are left",
-                )
-            remove = min(requested, step.filter.max_discard(tokens, candidates))
-            planned[layer] = PlannedStep(step, layer, tokens, candidates, remove, position[layer])
-            added = step.compressor.appends if remove else 0
-            tokens += added - remove
-            candidates += added - remove
-        counts.append(tokens)
-    return SitePlan(site, planned, counts)
+        for table, positions, planned_at, label in ((inputs, input_position, steps, "input"),
+                                                    (mids, mid_position, mid_steps, "mid")):
+            step = table.get(layer)
+            if step is not None:
+                first = first_seen.setdefault(step.index, candidates)
+                where = f"{step.site} layer {layer}"
+                planned = plan_step(recipe, step, layer, tokens, candidates, positions[layer], first, where)
+                if planned.remove is None:
+                    raise recipe.error(f"{step.where}.{step.schedule.kind}", f"'adaptive' counts are for the "
+                                       f"vision_output and pre_llm sites, not the {step.site} site")
+                planned_at[layer] = planned
+                delta = planned.appended - planned.remove
+                tokens += delta
+                candidates += delta
+            if label == "input":
+                attention.append(tokens)
+        mlp.append(tokens)
+    return SitePlan(site, steps, mid_steps, attention, mlp)
+
+
+def plan_point(recipe: Recipe, site: str, tokens: int, candidates: int) -> PlannedStep | None:
+    steps = [s for s in recipe.steps if s.site == site]
+    if len(steps) > 1:
+        raise recipe.error(f"{steps[1].where}.site", f"the {site} site takes one step; {steps[0].where} is "
+                           f"already there")
+    if not steps:
+        return None
+    return plan_step(recipe, steps[0], 0, tokens, candidates, 0, candidates, f"the {site} site")
 
 
 @dataclass(frozen=True)
 class RecipePlan:
-    """Both sites planned; ``features`` = image features per image reaching the LLM."""
+    """Every site planned; ``features`` = image features per image reaching the LLM (None:
+    chosen per image by an adaptive step)."""
 
     vision: SitePlan
+    vision_output: PlannedStep | None
+    pre_llm: PlannedStep | None
     llm: SitePlan
-    features: int
+    features: int | None
+    cls_feature: bool = False  # [CLS] is among the features (VisionZip)
+    notes: list[str] = field(default_factory=list)
+
+    def planned_steps(self) -> list[PlannedStep]:
+        """Every planned step, in the order a forward pass runs them."""
+        points = [p for p in (self.vision_output, self.pre_llm) if p is not None]
+        return [*self.vision.all_steps(), *points, *self.llm.all_steps()]
+
+    def of(self, step: Step) -> list[PlannedStep]:
+        """The layers (or point) ``step`` runs at."""
+        return [p for p in self.planned_steps() if p.step is step]
 
 
 def plan_recipe(recipe: Recipe, geometry: Geometry) -> RecipePlan:
     """Plan every step of ``recipe`` on a model of ``geometry`` (RecipeError if it cannot run)."""
-    vision = plan_site(recipe, "vision", geometry.vision_layers, geometry.vision_tokens, geometry.vision_tokens - 1)
-    features = vision.tokens[geometry.feature_index] - (1 if geometry.drops_cls else 0)
-    llm = plan_site(recipe, "llm", geometry.llm_layers, features, features, first_layer=1)
-    return RecipePlan(vision, llm, features)
+    vision = plan_layers(recipe, "vision", geometry.vision_layers, geometry.vision_tokens, geometry.vision_tokens - 1,
+                         mid_site="vision")
+    entering = [geometry.vision_tokens] + vision.mlp  # hidden_states[i] enters layer i
+    at_feature = entering[geometry.feature_index]
+    vision_output = plan_point(recipe, "vision_output", at_feature, at_feature - 1)
+    cls_feature = bool(vision_output is not None and vision_output.step.cls_feature)
+    if vision_output is None:
+        features = at_feature - (1 if geometry.drops_cls else 0)
+    elif vision_output.remove is None:
+        features = None
+    else:
+        features = vision_output.tokens_out - (1 if geometry.drops_cls and not cls_feature else 0)
+    pre_llm = None
+    if features is not None:
+        pre_llm = plan_point(recipe, "pre_llm", features, features)
+        if pre_llm is not None:
+            features = pre_llm.tokens_out
+    elif any(s.site == "pre_llm" for s in recipe.steps):
+        step = next(s for s in recipe.steps if s.site == "pre_llm")
+        raise recipe.error(f"{step.where}.site", "a pre_llm step cannot follow an adaptive vision_output step "
+                           "(its count differs per image)")
+    if features is None:
+        llm_steps = [s for s in recipe.steps if s.site in ("llm", "llm_mid")]
+        if llm_steps:
+            raise recipe.error(f"{llm_steps[0].where}.site", "decoder-layer steps cannot follow an adaptive count: "
+                               "they need the same number of visual tokens in every sample")
+        llm = SitePlan("llm", {}, {}, [], [])
+    else:
+        llm = plan_layers(recipe, "llm", geometry.llm_layers, features, features, mid_site="llm_mid",
+                          input_site="llm", first_layer=1)
+    return RecipePlan(vision, vision_output, pre_llm, llm, features, cls_feature)

@@ -52,11 +52,22 @@ def _recipe_dir() -> Path:
 
 
 RECIPE_DIR = _recipe_dir()
-SITES = ("vision", "llm")
-RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget"}
-STEP_KEYS = {"site", "layers", "remove", "keep_ratio", "remove_ratio", "filter", "correlate", "compress",
-             "proportional_attention"}
-SCHEDULE_KEYS = ("remove", "keep_ratio", "remove_ratio")
+SITES = ("vision", "vision_output", "pre_llm", "llm", "llm_mid")
+POINT_SITES = ("vision_output", "pre_llm")
+RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget_tflops", "equivalent_tokens"}
+STEP_KEYS = {"site", "layers", "remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric", "filter",
+             "correlate", "compress", "proportional_attention", "order", "positions", "signal_layer", "cls_feature"}
+SCHEDULE_KEYS = ("remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric")
+#: step keys that only some sites take, with their values
+SITE_OPTIONS = {
+    "order": (POINT_SITES, ("original", "method")),
+    "positions": (("llm", "llm_mid"), ("keep", "renumber")),
+    "signal_layer": (("llm",), ("previous", "current")),
+    "cls_feature": (("vision_output",), (True, False)),
+    "proportional_attention": (("vision",), (True, False)),
+}
+STEP_DEFAULTS = {"order": "original", "positions": "keep", "signal_layer": "previous", "cls_feature": False,
+                 "proportional_attention": False}
 STAGE_KEYS = {"filter": "filter", "correlate": "correlator", "compress": "compressor"}
 
 
@@ -64,20 +75,31 @@ STAGE_KEYS = {"filter": "filter", "correlate": "correlator", "compress": "compre
 class Schedule:
     """How many candidates one step discards, from the number ``n`` present.
 
-    ``remove``: a fixed count, or one count per layer of the step; ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
-    ``remove_ratio``: remove ``round(remove_ratio * n)`` (FastV; Python's round).
+    * ``remove``: a fixed count, or one count per layer of the step;
+    * ``keep``: keep a fixed count (or one per layer), or ``adaptive``: the filter chooses
+      per image (PruMerge's outlier count);
+    * ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
+    * ``remove_ratio``: remove ``round(remove_ratio * n)`` (FastV; Python's round);
+    * ``keep_geometric``: at the s-th layer of the step keep ``int(n0 * ratio ** (s + 1))`` of
+      the ``n0`` candidates that entered its first layer (PyramidDrop's stages).
     """
 
     kind: str
-    value: float | tuple[int, ...]
+    value: float | str | tuple[int, ...]
 
-    def tokens_to_remove(self, n: int, position: int = 0) -> int:
-        """Tokens to remove from ``n`` candidates at the ``position``-th layer of the step."""
+    def tokens_to_remove(self, n: int, position: int = 0, first: int | None = None) -> int | None:
+        """Tokens to remove from ``n`` candidates at the ``position``-th layer of the step
+        (``first``: candidates at its first layer); None when the filter decides."""
+        value = self.value[position] if isinstance(self.value, tuple) else self.value
         if self.kind == "remove":
-            return int(self.value[position]) if isinstance(self.value, tuple) else int(self.value)
+            return int(value)
+        if self.kind == "keep":
+            return None if value == "adaptive" else n - int(value)
         if self.kind == "keep_ratio":
-            return n - math.ceil(self.value * n)
-        return int(round(self.value * n))
+            return n - math.ceil(value * n)
+        if self.kind == "keep_geometric":
+            return n - int((n if first is None else first) * value ** (position + 1))
+        return int(round(value * n))
 
 
 @dataclass
@@ -92,6 +114,14 @@ class Step:
     correlator: Correlator
     compressor: Compressor
     proportional_attention: bool = False
+    #: point sites: ``original`` token order, or the order the method emits (``Split.order``)
+    order: str = "original"
+    #: llm sites: kept tokens ``keep`` their RoPE positions, or positions are ``renumber``-ed
+    positions: str = "keep"
+    #: llm site: signals from the ``previous`` layer (FastV) or this layer at its input (PyramidDrop)
+    signal_layer: str = "previous"
+    #: vision_output site: [CLS] reaches the projector as a feature (VisionZip)
+    cls_feature: bool = False
 
     def required_signals(self) -> set[str]:
         return self.filter.required_signals() | self.correlator.required_signals() | self.compressor.required_signals()
@@ -111,7 +141,7 @@ class Recipe:
     steps: list[Step]
     registry: Registry = field(repr=False)
     description: str = ""
-    #: How a ``budget:`` was met (:class:`fico.budget.BudgetSolution`), or None.
+    #: How a ``budget_tflops:`` was met (:class:`fico.budget.BudgetSolution`), or None.
     budget: Any = None
     #: What differs from the recipe the description was written for (overrides or a
     #: ``base:`` recipe's own steps), e.g. ``["steps[0].filter: centroid instead of attention_rank"]``.
@@ -166,7 +196,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, re
         plugins: local plugin files (paths relative to the working directory) whose
             components the recipe and the overrides may name, besides the recipe's own
             ``plugins:`` (relative to the recipe file).
-        budget_for: ``(model, text_tokens)`` of the model that will run. A ``budget:`` naming
+        budget_for: ``(model, text_tokens)`` of the model that will run. A ``budget_tflops:`` naming
             another model is then solved on this one for the same fraction of its unreduced
             cost (``recipe.budget`` says so, or that the fraction is out of reach there).
 
@@ -186,7 +216,10 @@ def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, re
     config = _apply_overrides(config, overrides, source)
     _check_overridden_knobs_are_used(original, config, overrides, source)
     solution = None
-    if config.get("budget") is not None:
+    if isinstance(config.get("budget"), DictConfig) and "budget_tflops" not in config:
+        raise RecipeError(f"{source}: budget: a FLOPs budget is now written 'budget_tflops:' (same keys: tflops, "
+                          f"model, text_tokens, convention, solve); 'budget' is a knob name of some methods")
+    if config.get("budget_tflops") is not None:
         from .budget import solve_budget
 
         config, solution = solve_budget(config, source, overrides,
@@ -406,7 +439,7 @@ def _select(data: Any, dotted: str) -> Any:
 def _used_knobs(raw: dict) -> set[str]:
     """Knob paths the steps read, directly or through other knobs (and the budget's solved knob)."""
     frontier = set().union(*(_references(v) for k, v in raw.items() if k in RESERVED))
-    budget = raw.get("budget")
+    budget = raw.get("budget_tflops")
     if isinstance(budget, dict) and isinstance(budget.get("solve"), str):
         frontier.add(budget["solve"])
     used: set[str] = set()
@@ -533,9 +566,22 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
             raise RecipeError(f"{where}.{key}: unknown step key; known: {', '.join(sorted(STEP_KEYS))}{hint}")
     site = cfg.get("site")
     if site not in SITES:
-        raise RecipeError(f"{where}.site: must be one of {', '.join(SITES)}, got {site!r}")
+        raise RecipeError(f"{where}.site: must be one of {', '.join(SITES)}, got {_shown(raw.get('site'), site)}")
     layers = _parse_layers(cfg.get("layers", "all"), raw.get("layers"), f"{where}.layers")
+    if site in POINT_SITES and layers != "all":
+        raise RecipeError(f"{where}.layers: the {site} site acts at one point, not at layers; leave layers out "
+                          f"(or 'all'), got {_shown(raw.get('layers'), layers)}")
     schedule = _parse_schedule(cfg, raw, where)
+    options = {}
+    for key, (sites, allowed) in SITE_OPTIONS.items():
+        value = cfg.get(key, STEP_DEFAULTS[key])
+        if key in cfg and site not in sites:
+            raise RecipeError(f"{where}.{key}: only the {' and '.join(sites)} site(s) take it; this step is at "
+                              f"{site}")
+        if value not in allowed or (isinstance(value, bool) != isinstance(allowed[0], bool)):
+            shown_allowed = "true or false" if isinstance(allowed[0], bool) else " or ".join(allowed)
+            raise RecipeError(f"{where}.{key}: must be {shown_allowed}, got {_shown(raw.get(key), value)}")
+        options[key] = value
     parts = {}
     for key, stage in STAGE_KEYS.items():
         if key not in cfg:
@@ -547,10 +593,7 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
             f"{where}.compress: {compressor.name!r} needs a correlator that gives {compressor.consumes}, "
             f"but {correlator.name!r} gives {correlator.produces}"
         )
-    prop = cfg.get("proportional_attention", False)
-    if not isinstance(prop, bool):
-        raise RecipeError(f"{where}.proportional_attention: must be true or false, got {_shown(raw.get('proportional_attention'), prop)}")
-    return Step(index, site, layers, schedule, parts["filter"], correlator, compressor, prop)
+    return Step(index, site, layers, schedule, parts["filter"], correlator, compressor, **options)
 
 
 def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:
@@ -581,14 +624,19 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
     kind = given[0]
     value = cfg[kind]
     shown = _shown(raw.get(kind), value)
-    if kind == "remove" and isinstance(value, list):
+    if kind in ("remove", "keep") and isinstance(value, list):
         if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-            raise RecipeError(f"{where}.remove: a list needs non-negative integers, one per layer, got {shown}")
+            raise RecipeError(f"{where}.{kind}: a list needs non-negative integers, one per layer, got {shown}")
         return Schedule(kind, tuple(value))
+    if kind == "keep" and value == "adaptive":
+        return Schedule(kind, value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"{where}.{kind}: must be a number, got {shown}")
-    if kind == "remove" and (not isinstance(value, int) or value < 0):
-        raise RecipeError(f"{where}.remove: must be a non-negative integer, got {shown}")
+        extra = ", a list of them (one per layer) or 'adaptive'" if kind == "keep" else ""
+        raise RecipeError(f"{where}.{kind}: must be a number{extra}, got {shown}")
+    if kind in ("remove", "keep") and (not isinstance(value, int) or value < 0):
+        raise RecipeError(f"{where}.{kind}: must be a non-negative integer, got {shown}")
+    if kind == "keep_geometric" and not 0 < value <= 1:
+        raise RecipeError(f"{where}.keep_geometric: must be in (0, 1], got {shown}")
     if kind == "keep_ratio" and not 0 < value <= 1:
         raise RecipeError(f"{where}.keep_ratio: must be in (0, 1], got {shown}")
     if kind == "remove_ratio" and not 0 <= value <= 1:

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .contract import Boundary
-from .plan import PlannedStep, SitePlan
+from .plan import PlannedStep, RecipePlan, equivalent_tokens
 from .recipe import Recipe
 from .state import TokenState
 
@@ -40,36 +40,55 @@ class Trace:
         vision: tokens entering each vision-encoder layer, per image ([CLS] included); a
             step inside layer i runs after its attention, so the layer's MLP sees the
             step's output.
-        vision_features: image features per image handed to the projector.
+        vision_features: image features per image reaching the language model (after any
+            vision_output and pre_llm step); a list when the images of the batch differ.
         llm: sequence length each decoder layer runs on during prefill, after any step at
             its input (text and padding included); this is also its KV-cache length.
+        llm_mlp: sequence length each decoder layer's MLP runs on (differs from ``llm`` at
+            layers with an ``llm_mid`` step).
+        visual: visual tokens entering each decoder layer's attention (first sample).
         steps: the reduction steps that ran, in order.
     """
 
     vision: list[int] = field(default_factory=list)
-    vision_features: int | None = None
+    vision_features: int | list[int] | None = None
     llm: list[int] = field(default_factory=list)
+    llm_mlp: list[int] = field(default_factory=list)
+    visual: list[int] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
 
     @property
     def stage_seconds(self) -> float:
         return sum(s.seconds for s in self.steps)
 
-    def rows(self) -> list[tuple[str, int, int, int]]:
-        """(site, layer, tokens in, tokens out) for every layer that ran."""
+    def equivalent_tokens(self) -> dict[str, float] | None:
+        """Visual tokens averaged over the decoder layers (see :func:`fico.plan.equivalent_tokens`)."""
+        mid = [s for s in self.steps if s.site == "llm_mid" and s.layer == len(self.visual) - 1]
+        output = self.visual[-1] - (mid[0].removed if mid else 0) if self.visual else 0
+        return equivalent_tokens(self.visual, output)
+
+    def rows(self) -> list[tuple[str, str, int, int]]:
+        """(site, layer, tokens in, tokens out) for every layer (or point) that ran."""
         out = []
+        points = {s.site: s for s in self.steps if s.site in ("vision_output", "pre_llm")}
         for site, counts in (("vision", self.vision), ("llm", self.llm)):
-            steps = {s.layer: s for s in self.steps if s.site == site}
+            if site == "llm":
+                out += [(p.site, "-", p.tokens_in, p.tokens_out) for p in points.values()]
+            steps = {}
+            for s in self.steps:
+                if s.site in (site, f"{site}_mid"):
+                    first = steps.get(s.layer)
+                    steps[s.layer] = (first[0] if first else s.tokens_in, s.tokens_out)
             for layer, n in enumerate(counts):
-                step = steps.get(layer)
-                out.append((site, layer, step.tokens_in if step else n, step.tokens_out if step else n))
+                n_in, n_out = steps.get(layer, (n, n))
+                out.append((site, str(layer), n_in, n_out))
         return out
 
     def __str__(self) -> str:
-        lines = [f"{'site':<7}{'layer':>6}{'tokens in':>11}{'tokens out':>12}"]
+        lines = [f"{'site':<14}{'layer':>6}{'tokens in':>11}{'tokens out':>12}"]
         for site, layer, n_in, n_out in self.rows():
             mark = "  <- reduced" if n_in != n_out else ""
-            lines.append(f"{site:<7}{layer:>6}{n_in:>11}{n_out:>12}{mark}")
+            lines.append(f"{site:<14}{layer:>6}{n_in:>11}{n_out:>12}{mark}")
         if self.vision_features is not None:
             lines.append(f"image features per image: {self.vision_features}")
         return "\n".join(lines)
@@ -84,14 +103,16 @@ def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[Toke
     start = time.perf_counter()
     step = planned.step
     if state.hidden.is_meta:
-        return _shape_only_step(state, remove, step.compressor.appends if remove else 0), 0.0
-    boundary = Boundary(f"{step.where} at {state.site} layer {state.layer}")
+        return _shape_only_step(state, remove, step.compressor.appended(remove)), 0.0
+    where = f"{state.site} layer {state.layer}" if state.site not in ("vision_output", "pre_llm") else state.site
+    boundary = Boundary(f"{step.where} at {where}")
     split = boundary.split(step.filter, boundary.call(step.filter, step.filter.split, state, remove), state, remove)
     correlation = boundary.correlation(
         step.correlator, boundary.call(step.correlator, step.correlator.correlate, state, split), split)
     if state.sources is None:
         new_state = boundary.call(step.compressor, step.compressor.compress, state, split, correlation)
-        return boundary.state(step.compressor, new_state, state, remove), time.perf_counter() - start
+        new_state = _emit_order(step, split, boundary.state(step.compressor, new_state, state, remove))
+        return new_state, time.perf_counter() - start
     # Provenance rides along as extra channels: every compressor is linear in the tokens, so
     # it moves the original tokens' weights exactly as it moves their information.
     width = state.hidden.shape[-1]
@@ -100,7 +121,18 @@ def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[Toke
     boundary.state(step.compressor, new_state, carried, remove)
     new_state.sources = new_state.hidden[..., width:].float()
     new_state.hidden = new_state.hidden[..., :width]
-    return new_state, time.perf_counter() - start
+    return _emit_order(step, split, new_state), time.perf_counter() - start
+
+
+def _emit_order(step, split, state: TokenState) -> TokenState:
+    """The preserved tokens in the order the method emits them (``order: method``); appended
+    tokens stay last."""
+    if step.order != "method" or split.order is None:
+        return state
+    b, kept = split.order.shape
+    order = torch.sort(split.order, dim=1, stable=True).indices
+    rest = torch.arange(kept, state.num_tokens, device=order.device).expand(b, -1)
+    return state.keep(torch.cat([order, rest], 1))
 
 
 class ReductionRun:
@@ -115,10 +147,10 @@ class ReductionRun:
     [587, 587, 299, 299]
     """
 
-    def __init__(self, model, recipe: Recipe, plans: dict[str, SitePlan], provenance: bool = False):
+    def __init__(self, model, recipe: Recipe, plan: RecipePlan, provenance: bool = False):
         self.model = model
         self.recipe = recipe
-        self.plans = plans
+        self.plan = plan
         #: record, for every step, which original tokens each surviving token absorbed
         self.provenance = provenance
         self.trace = Trace()
@@ -132,7 +164,7 @@ class ReductionRun:
         self.trace = Trace()
         if keep_vision:
             self.trace.vision, self.trace.vision_features = old.vision, old.vision_features
-            self.trace.steps = [s for s in old.steps if s.site == "vision"]
+            self.trace.steps = [s for s in old.steps if s.site in ("vision", "vision_output", "pre_llm")]
 
     def remove(self) -> None:
         """Detach everything fico attached; the model is the vanilla model again."""

@@ -36,6 +36,9 @@ class Split:
         targets: ``(B, N - r)`` bool, preserved tokens that may receive information
             (candidates, further restricted by the filter, e.g. ToMe's B side).
         extras: per-token attributes ``(B, N - r)`` to store on the preserved tokens.
+        order: ``(B, N - r)`` sort key of the order in which the method emits the preserved
+            tokens (ascending), or None for their original order. Used where the language
+            model sees the sequence (``order: method`` at the vision_output and pre_llm sites).
     """
 
     scores: Tensor
@@ -43,6 +46,7 @@ class Split:
     preserved: Tensor
     targets: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
+    order: Tensor | None = None
 
     @property
     def r(self) -> int:
@@ -51,21 +55,28 @@ class Split:
 
 @dataclass
 class Correlation:
-    """Output of a correlator. At most one of ``shares`` / ``fused`` is set.
+    """Output of a correlator.
 
     Attributes:
         matrix: ``(B, r, N - r)`` correlation ``C[i, j]`` between discarded token i and
             preserved token j (``-inf`` where j is not a target), or None.
         shares: ``(B, r, N - r)`` share ``alpha_ij`` of discarded token i sent to
-            preserved token j; each row sums to 1 over the targets it chose. None means
-            nothing is transferred (pruning, K = 0).
+            preserved token j (for most correlators each row sums to 1 over the targets it
+            chose). None means nothing is transferred (pruning, K = 0).
         fused: ``(B, r)`` weight of each discarded token in one new, appended token
-            (EViT's convergent correlation).
+            (EViT's convergent correlation, PruMerge's extra token).
+        preserved_shares: ``(B, N - r, N - r)`` weight ``w_jk`` with which preserved token j
+            takes in preserved token k's state as it was before the step (PruMerge: a
+            centre's neighbours may be other centres), or None.
+        clusters: ``(B, r)`` index of the new token each discarded token joins (-1: none),
+            for compressors that append one token per cluster (SparseVLM's recycling).
     """
 
     matrix: Tensor | None = None
     shares: Tensor | None = None
     fused: Tensor | None = None
+    preserved_shares: Tensor | None = None
+    clusters: Tensor | None = None
 
 
 class Component:
@@ -91,10 +102,24 @@ class Filter(Component):
     """Scores redundancy and splits the tokens into discarded S and preserved T."""
 
     stage: ClassVar[str] = "filter"
+    #: True for a filter that chooses its own count (a step with ``keep: adaptive``).
+    adaptive: ClassVar[bool] = False
 
     def max_discard(self, num_tokens: int, num_candidates: int) -> int:
         """Most tokens one step can discard; a larger schedule is clipped to it."""
         return num_candidates
+
+    def discard(self, requested: int, num_tokens: int, num_candidates: int) -> int:
+        """Tokens the step discards when its schedule asks for ``requested`` (the plan's count).
+
+        The default clips to :meth:`max_discard`; a method whose own rule gives another count
+        (DART's pivots add tokens on top of its budget) says so here, before anything runs.
+        """
+        return min(requested, self.max_discard(num_tokens, num_candidates))
+
+    def adaptive_keep(self, state: TokenState) -> int:  # pragma: no cover - interface
+        """For ``adaptive`` filters: how many candidates to keep in ``state`` (one image)."""
+        raise NotImplementedError
 
     def split(self, state: TokenState, r: int) -> Split:  # pragma: no cover - interface
         raise NotImplementedError
@@ -104,7 +129,7 @@ class Correlator(Component):
     """Relates each discarded token to the preserved ones."""
 
     stage: ClassVar[str] = "correlator"
-    #: What :meth:`correlate` fills in: "nothing", "shares" or "fused".
+    #: What :meth:`correlate` fills in: "nothing", "shares", "fused", "neighbours" or "clusters".
     produces: ClassVar[str] = "shares"
 
     def correlate(self, state: TokenState, split: Split) -> Correlation:  # pragma: no cover
@@ -115,10 +140,15 @@ class Compressor(Component):
     """Moves the discarded tokens' information into the preserved ones."""
 
     stage: ClassVar[str] = "compressor"
-    #: Tokens a step appends (EViT's fused token): 0 or more.
+    #: Tokens a step appends (EViT's fused token): 0 or more (see :meth:`appended`).
     appends: ClassVar[int] = 0
-    #: What the compressor needs from the correlator: "nothing", "shares" or "fused".
+    #: What the compressor needs from the correlator: "nothing", "shares", "fused",
+    #: "neighbours" (shares, preserved shares and a fused token) or "clusters".
     consumes: ClassVar[str] = "nothing"
+
+    def appended(self, removed: int) -> int:
+        """Tokens the step appends when it removes ``removed`` (0 when it removes none)."""
+        return self.appends if removed else 0
 
     def compress(self, state: TokenState, split: Split, correlation: Correlation) -> TokenState:  # pragma: no cover
         raise NotImplementedError

@@ -98,23 +98,23 @@ def write(tmp_path, text):
 
 
 @pytest.mark.parametrize("budget,match", [
-    ("{tflops: 0.5, model: llava-1.5-7b, solve: r}", r"budget\.tflops: 0\.5 cannot be met by solving r: the least it reaches is"),
-    ("{tflops: -1, solve: r}", r"budget\.tflops: must be a positive number"),
-    ("{tflops: 2, solve: q}", r"budget\.solve: must name a knob"),
-    ("{tflops: 2, solve: r, modle: x}", r"budget\.modle: unknown key"),
-    ("{tflops: 2, solve: r, model: llava-9b}", r"budget\.model: model llava-9b: no such built-in model"),
-    ("{tflops: 2, solve: r, convention: flops}", r"budget\.convention: must be one of"),
+    ("{tflops: 0.5, model: llava-1.5-7b, solve: r}", r"budget_tflops\.tflops: 0\.5 cannot be met by solving r: the least it reaches is"),
+    ("{tflops: -1, solve: r}", r"budget_tflops\.tflops: must be a positive number"),
+    ("{tflops: 2, solve: q}", r"budget_tflops\.solve: must name a knob"),
+    ("{tflops: 2, solve: r, modle: x}", r"budget_tflops\.modle: unknown key"),
+    ("{tflops: 2, solve: r, model: llava-9b}", r"budget_tflops\.model: model llava-9b: no such built-in model"),
+    ("{tflops: 2, solve: r, convention: flops}", r"budget_tflops\.convention: must be one of"),
 ])
 def test_budget_errors(tmp_path, budget, match):
-    path = write(tmp_path, f"base: ficoco_v\nbudget: {budget}\n")
+    path = write(tmp_path, f"base: ficoco_v\nbudget_tflops: {budget}\n")
     with pytest.raises(fico.RecipeError, match=match):
         fico.load_recipe(path)
 
 
 def test_overriding_a_solved_knob_is_an_error():
-    with pytest.raises(fico.RecipeError, match="r is solved from budget.tflops"):
+    with pytest.raises(fico.RecipeError, match="r is solved from budget_tflops.tflops"):
         fico.load_recipe("budgets/tome_3.3t", ["r=4"])
-    relaxed = fico.load_recipe("budgets/tome_3.3t", ["budget.tflops=5.0"])
+    relaxed = fico.load_recipe("budgets/tome_3.3t", ["budget_tflops.tflops=5.0"])
     assert 4.9 <= relaxed.budget.tflops <= 5.0
 
 

@@ -65,7 +65,7 @@ def test_evit_equals_original(tiny_model, batch_inputs, keep_rate, layers, fuse)
 def test_evit_keep_count_uses_ceil(tiny_model):
     model = tiny_model()
     with fico.apply(model, fico.load_recipe("evit", ["keep_rate=0.3", "layers=[0]"])) as run:
-        planned = run.plans["vision"].steps[0]
+        planned = run.plan.vision.mid_steps[0]
     assert planned.remove == 576 - math.ceil(0.3 * 576)
     assert planned.tokens_out == 577 - planned.remove + 1  # the fused token
 

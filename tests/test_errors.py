@@ -47,7 +47,7 @@ def recipe_text(site="vision", layers="all", schedule="remove: ${r}", filter="bi
     (recipe_text(schedule="remove_ratio: 1.5"), r"steps\[0\]\.remove_ratio: must be in \[0, 1\]"),
     (recipe_text(schedule="remove: 2\n    keep_ratio: 0.5"), r"give exactly one of"),
     (recipe_text(layers="[-1]"), r"steps\[0\]\.layers: layer indices are 0-based"),
-    (recipe_text(site="decoder"), r"steps\[0\]\.site: must be one of vision, llm"),
+    (recipe_text(site="decoder"), r"steps\[0\]\.site: must be one of vision, vision_output, pre_llm, llm, llm_mid"),
     (recipe_text(compress="fuse"), r"'fuse' needs a correlator that gives fused, but 'key_similarity' gives shares"),
     (recipe_text().replace("    compress: weighted_average\n", ""), r"steps\[0\]\.compress: missing"),
     (recipe_text().replace("site:", "sitee: vision\n    site:"), r"steps\[0\]\.sitee: unknown step key.*'site'"),

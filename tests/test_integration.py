@@ -217,26 +217,26 @@ def test_eager_equals_sdpa_on_real_tokens(tiny_model, batch_inputs, name):
 
 def test_last_query_signal_matches_eager_attentions(tiny_model, batch_inputs):
     """The row fico recomputes under SDPA equals eager's output_attentions row."""
-    from fico.adapters import llava
+    from fico.adapters import decoder
 
     model = tiny_model(dtype=torch.float32, attn="eager")
     inputs = batch_inputs(torch.float32)
     seen = {}
-    original = llava.llm_signals
+    original = decoder.attention_signals
 
-    def spy(names, capture, attn, last_row, text_queries):
-        out = original(names, capture, attn, last_row, text_queries)
+    def spy(names, source, last_row, text_queries):
+        out = original(names, source, last_row, text_queries)
         seen.update(out)
         return out
 
-    llava.llm_signals = spy
+    decoder.attention_signals = spy
     try:
         with torch.no_grad():
             eager = model(**inputs, output_attentions=True).attentions[1]  # layer k-1 = 1
             with fico.apply(model, fico.load_recipe("fastv", ["k=2"])):
                 model(**inputs)
     finally:
-        llava.llm_signals = original
+        decoder.attention_signals = original
     expected = eager[:, :, -1].mean(1)
     assert (seen["last_query_attention"] - expected).abs().max() < 1e-7
 
@@ -290,7 +290,7 @@ def test_text_signal_matches_eager_attentions(tiny_model, batch_inputs, tmp_path
     """Text-to-visual attention, formed from the text query rows only (and the last row,
     asked for together), equals the mean of eager's output_attentions rows over each
     sample's text tokens."""
-    from fico.adapters import llava
+    from fico.adapters import decoder
 
     path = tmp_path / "text_rows.yaml"
     path.write_text("""
@@ -306,21 +306,21 @@ steps:
     model = tiny_model(dtype=torch.float32, attn="eager")
     inputs = batch_inputs(torch.float32)
     calls = []
-    original = llava.llm_signals
+    original = decoder.attention_signals
 
-    def spy(names, capture, attn, last_row, text_queries):
-        out = original(names, capture, attn, last_row, text_queries)
-        calls.append((attn, out))
+    def spy(names, source, last_row, text_queries):
+        out = original(names, source, last_row, text_queries)
+        calls.append((source.attn, out))
         return out
 
-    llava.llm_signals = spy
+    decoder.attention_signals = spy
     try:
         with torch.no_grad():
             eager = model(**inputs, output_attentions=True).attentions
             with fico.apply(model, fico.load_recipe(path)):
                 model(**inputs)
     finally:
-        llava.llm_signals = original
+        decoder.attention_signals = original
     attn, first = calls[0]
     layer = [decoder.self_attn for decoder in model.model.language_model.layers].index(attn)
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()

@@ -1,20 +1,22 @@
 """Adapter for Hugging Face ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama LM).
 
-Two sites:
+Sites, in the order a forward pass meets them:
 
 * **vision**: inside each ``CLIPEncoderLayer``, after the attention residual and before
   the MLP (ToMe's slot). The layers are class-swapped to a subclass, so state-dict keys and
   ``isinstance`` checks (which LLaVA's hidden-state capture relies on) are unchanged.
   Proportional attention enters CLIP attention as an additive float mask ``log(size)``.
-* **llm**: at the input of a decoder layer during prefill, with signals measured on the
-  previous layer's post-RoPE queries/keys (only the rows a component needs; the model keeps
-  its SDPA attention). Kept tokens keep their RoPE positions (cos/sin are gathered), the 4D
-  mask is gathered in rows and columns, and each decode step gathers the mask columns of
-  the shorter per-layer KV cache.
+* **vision_output**: the tokens of ``hidden_states[vision_feature_layer]`` ([CLS] included),
+  with the feature layer's attention signals and those of the layer after it (PruMerge),
+  captured from their q/k projections while the tower runs under SDPA.
+* **pre_llm**: the projector's outputs, per image, before the language model.
+* **llm**, **llm_mid**: in the decoder (:mod:`fico.adapters.decoder`).
 
-Vision-side reduction changes the number of image features; the wrapped ``forward`` and
-``generate`` shrink the processor's placeholder run before the model sees it, so callers
-pass the processor's unchanged inputs.
+When a recipe changes the image features (their number, per image, or their order), the
+wrapped ``forward`` and ``generate`` encode the images first (tower, vision_output step,
+projector, pre_llm step), then rebuild each image's placeholder run in ``input_ids`` to its
+own count and pass the features as ``mm_encoder_outputs``: callers pass the processor's
+unchanged inputs, and images of one batch may keep different numbers of tokens.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ApplyError, InputError, RecipeError, UnsupportedModelError
-from ..plan import Geometry, SitePlan, plan_recipe
+from ..plan import Geometry, PlannedStep, RecipePlan, SitePlan, plan_recipe
 from ..recipe import Recipe
 from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
+from .decoder import LLM_SIGNALS, LLMSite, hook, record_provenance, softmax_heads
 
 SUPPORTED_MODELS = ("transformers.LlavaForConditionalGeneration with a CLIP vision tower and a Llama language model",)
 VISION_SIGNALS = {"keys", "cls_attention", "attention", "attention_logits"}
-LLM_SIGNALS = {"keys", "last_query_attention", "text_attention", "attention", "attention_logits"}
+VISION_OUTPUT_SIGNALS = {"keys", "cls_attention", "attention", "attention_logits", "next_cls_attention_fullwidth",
+                         "next_keys_fullwidth"}
+SITE_SIGNALS = {"vision": VISION_SIGNALS, "vision_output": VISION_OUTPUT_SIGNALS, "pre_llm": set(),
+                "llm": LLM_SIGNALS, "llm_mid": LLM_SIGNALS - {"final_normed_hidden"}}
 
 
 # --------------------------------------------------------------------------- geometry
@@ -100,24 +106,21 @@ def apply(model, recipe: Recipe, provenance: bool = False) -> ReductionRun:
     if getattr(model, "_fico_run", None) is not None:
         raise ApplyError("this model already has a fico recipe applied; call run.remove() first")
     geo = geometry(model)
-    has_vision = any(s.site == "vision" for s in recipe.steps)
-    if has_vision and not isinstance(model.config.vision_feature_layer, int):
-        raise RecipeError(f"{recipe.source}: vision steps need a single vision_feature_layer; this model "
-                          f"concatenates layers {model.config.vision_feature_layer}")
+    vision_side = [s for s in recipe.steps if s.site in ("vision", "vision_output")]
+    if vision_side and not isinstance(model.config.vision_feature_layer, int):
+        raise RecipeError(f"{recipe.source}: {vision_side[0].where}: {vision_side[0].site} steps need a single "
+                          f"vision_feature_layer; this model concatenates layers {model.config.vision_feature_layer}")
     plan = plan_recipe(recipe, geo.planning())
-    vision_plan, llm_plan, features = plan.vision, plan.llm, plan.features
-    for site_plan, provided in ((vision_plan, VISION_SIGNALS), (llm_plan, LLM_SIGNALS)):
-        for planned in site_plan.steps.values():
-            missing = planned.step.required_signals() - provided
-            if missing:
-                raise RecipeError(
-                    f"{recipe.source}: {planned.step.where}: the {site_plan.site} site cannot give the signal(s) "
-                    f"{', '.join(sorted(missing))}; it gives {', '.join(sorted(provided))}"
-                )
-    run = ReductionRun(model, recipe, {"vision": vision_plan, "llm": llm_plan}, provenance=provenance)
+    _check_signals(recipe, plan, geo)
+    run = ReductionRun(model, recipe, plan, provenance=provenance)
     try:
-        VisionSite(run, model, geo, vision_plan, features).attach()
-        LLMSite(run, model, geo, llm_plan).attach()
+        vision = VisionSite(run, model, geo, plan)
+        vision.attach()
+        encoder = VisualEncoder(run, model, geo, plan, vision)
+        encoder.attach()
+        LLMSite(run, plan.llm, model.model, model.model.language_model, geo.image_token_id,
+                lambda: getattr(run, "image_patches", None), geo.placeholders_per_image,
+                _patch_grid(geo.placeholders_per_image)).attach()
         model._fico_run = run
         run._undo.append(lambda: delattr(model, "_fico_run"))
     except BaseException:
@@ -127,8 +130,27 @@ def apply(model, recipe: Recipe, provenance: bool = False) -> ReductionRun:
     return run
 
 
-def _hook(run: ReductionRun, handle) -> None:
-    run._undo.append(handle.remove)
+def _check_signals(recipe: Recipe, plan: RecipePlan, geo: LlavaGeometry) -> None:
+    planned = [*plan.vision.all_steps(), plan.vision_output, plan.pre_llm, *plan.llm.all_steps()]
+    for p in planned:
+        if p is None:
+            continue
+        provided = SITE_SIGNALS[p.step.site]
+        missing = p.step.required_signals() - provided
+        if missing:
+            raise RecipeError(f"{recipe.source}: {p.step.where}: the {p.step.site} site cannot give the signal(s) "
+                              f"{', '.join(sorted(missing))}; it gives {', '.join(sorted(provided)) or 'none'}")
+    out = plan.vision_output
+    if out is not None:
+        names = out.step.required_signals()
+        feature_layer = geo.feature_index - 1  # its output is hidden_states[feature_index]
+        if names & {"next_cls_attention_fullwidth", "next_keys_fullwidth"} and geo.feature_index >= len(geo.vision_layers):
+            raise RecipeError(f"{recipe.source}: {out.step.where}: there is no layer after the feature layer to "
+                              f"read next_* signals from")
+        if names & VISION_SIGNALS and feature_layer in plan.vision.mid_steps and plan.vision.mid_steps[feature_layer].remove:
+            raise RecipeError(f"{recipe.source}: {out.step.where}: the vision_output signals come from the feature "
+                              f"layer's attention, which {plan.vision.mid_steps[feature_layer].step.where} reduces "
+                              f"after (vision layer {feature_layer}); move that step earlier")
 
 
 def _set_instance_attr(run: ReductionRun, obj, name: str, value) -> None:
@@ -146,14 +168,12 @@ def _set_instance_attr(run: ReductionRun, obj, name: str, value) -> None:
     run._undo.append(undo)
 
 
-# --------------------------------------------------------------------------- signals
+def _patch_grid(placeholders: int) -> tuple[int, int]:
+    side = int(round(placeholders ** 0.5))
+    return (side, side) if side * side == placeholders else (1, placeholders)
 
 
-def _softmax_mean_heads(logits: Tensor) -> Tensor:
-    """Head-mean softmax over the last axis; fp32 softmax for half dtypes, as HF's eager does."""
-    probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
-    # A fully masked query row (left padding) attends to nothing, not NaN.
-    return torch.nan_to_num(probs, nan=0.0).mean(dim=1)
+# --------------------------------------------------------------------------- vision signals
 
 
 def vision_signals(names: set[str], q: Tensor | None, k: Tensor, num_heads: int, scale: float,
@@ -176,96 +196,22 @@ def vision_signals(names: set[str], q: Tensor | None, k: Tensor, num_heads: int,
             out["attention_logits"] = logits.mean(dim=1)
         if bias is not None:
             logits = logits + bias
-        probs = _softmax_mean_heads(logits)
+        probs = softmax_heads(logits)
         out["attention"] = probs
         out["cls_attention"] = probs[:, 0]
     return {name: out[name] for name in names}
 
 
-def llm_signals(names: set[str], capture: dict, attn: nn.Module, last_row: Tensor,
-                text_queries: Tensor) -> dict[str, Tensor]:
-    """Signals from the previous decoder layer's captured q/k projections, mask and cos/sin.
-
-    Only the needed query rows are formed: each sample's last row for
-    ``last_query_attention``, its text rows (padded to the batch's longest) for
-    ``text_attention``, all rows only for the full matrix (``attention``, ``attention_logits``).
-
-    Args:
-        last_row: ``(B,)`` index of each sample's last input token.
-        text_queries: ``(B, N)`` bool, the text tokens after the first visual token.
-    """
-    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
-
-    q_proj, k_proj = capture.get("q"), capture["k"]
-    cos, sin = capture["position_embeddings"]
-    mask = capture["attention_mask"]
-    b, n, _ = k_proj.shape
-    head_dim = attn.head_dim
-    keys = k_proj.view(b, n, -1, head_dim).transpose(1, 2)
-    keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
+def fullwidth_signals(names: set[str], q: Tensor, k: Tensor) -> dict[str, Tensor]:
+    """PruMerge's quantities from the next CLIP layer's q/k projections ``(B, N, C)``, one
+    C-wide pseudo-head: ``softmax(q k^T / sqrt(C))`` of the [CLS] row, and the keys."""
     out = {}
-    if "keys" in names:
-        out["keys"] = keys.mean(dim=1)
-    if not names - {"keys"}:
-        return out
-    all_rows = bool(names & {"attention", "attention_logits"})
-    if all_rows:
-        rows, text_weights = torch.arange(n, device=k_proj.device).expand(b, n), text_queries
-    else:  # [text rows, padded ..., last row]
-        count = text_queries.sum(1)
-        longest = int(count.max()) if "text_attention" in names else 0
-        text_rows = torch.sort((~text_queries).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
-        valid = torch.arange(longest, device=k_proj.device) < count[:, None]
-        rows = torch.cat([text_rows, last_row[:, None]], 1)
-        text_weights = torch.cat([valid, valid.new_zeros(b, 1)], 1)
-    queries = gather_tokens(q_proj, rows).view(b, rows.shape[1], -1, head_dim).transpose(1, 2)
-    cos_q = gather_tokens(cos.expand(b, -1, -1), rows).unsqueeze(1)
-    sin_q = gather_tokens(sin.expand(b, -1, -1), rows).unsqueeze(1)
-    queries = queries * cos_q + rotate_half(queries) * sin_q
-    logits = (queries @ repeat_kv(keys, attn.num_key_value_groups).transpose(-1, -2)) * attn.scaling
-    if "attention_logits" in names:
-        out["attention_logits"] = logits.mean(dim=1)  # pre-softmax, before the causal mask
-    if mask is None:
-        allowed = torch.arange(n, device=rows.device)[None, None, :] <= rows[:, :, None]
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    else:
-        mask_rows = torch.gather(mask.expand(b, -1, -1, -1), 2,
-                                 rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
-        if mask_rows.dtype == torch.bool:
-            logits = logits.masked_fill(~mask_rows, float("-inf"))
-        else:
-            logits = logits + mask_rows
-    probs = _softmax_mean_heads(logits)
-    if all_rows:
-        out["attention"] = probs
-        out["last_query_attention"] = torch.gather(probs, 1, last_row[:, None, None].expand(b, 1, n))[:, 0]
-    else:
-        out["last_query_attention"] = probs[:, -1]
-    weights = text_weights.to(probs.dtype)
-    out["text_attention"] = (weights[:, :, None] * probs).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
-    return {name: out[name] for name in names}
-
-
-def _projection_hooks(run, attn: nn.Module, needs_q: bool, store) -> None:
-    """Forward hooks keeping the k (and q) projection outputs of ``attn`` via ``store``."""
-    _hook(run, attn.k_proj.register_forward_hook(lambda m, a, out: store("k", out)))
-    if needs_q:
-        _hook(run, attn.q_proj.register_forward_hook(lambda m, a, out: store("q", out)))
-
-
-def _patch_grid(placeholders: int) -> tuple[int, int]:
-    side = int(round(placeholders ** 0.5))
-    return (side, side) if side * side == placeholders else (1, placeholders)
-
-
-def _record_provenance(record: StepRecord, before: Tensor, after: Tensor, sources: Tensor) -> None:
-    """Store a step's provenance on its record (on the CPU)."""
-    gone = ~torch.isin(before, after) if before.shape[0] == 1 else torch.stack(
-        [~torch.isin(b, a) for b, a in zip(before, after)])
-    record.sources = sources.detach().float().cpu()
-    record.positions_in = before.detach().cpu()
-    record.positions_out = after.detach().cpu()
-    record.discarded = [row[mask].tolist() for row, mask in zip(before.cpu(), gone.cpu())]
+    if "next_cls_attention_fullwidth" in names:
+        logits = (q[:, :1] @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, 1, N)
+        out["next_cls_attention_fullwidth"] = softmax_heads(logits[:, None])[:, 0]
+    if "next_keys_fullwidth" in names:
+        out["next_keys_fullwidth"] = k
+    return out
 
 
 # --------------------------------------------------------------------------- vision site
@@ -280,7 +226,12 @@ class VisionPass:
     size: Tensor | None = None
     extras: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
-    feature_positions: Tensor | None = None  # positions of the tokens LLaVA takes as features
+    #: the tokens LLaVA takes as features (hidden_states[feature_index]): positions, sizes, provenance
+    feature_positions: Tensor | None = None
+    feature_size: Tensor | None = None
+    feature_sources: Tensor | None = None
+    #: q/k projections (and the mask) of the feature layer and the next, for vision_output signals
+    output_capture: dict = field(default_factory=dict)
     sources: Tensor | None = None  # provenance (B, N, N0), when the run records it
 
 
@@ -297,6 +248,8 @@ def _vision_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | 
     if site.proportional and vp.size is not None:
         bias = vp.size.log().to(hidden_states.dtype)[:, None, None, :, 0]
         mask = bias if mask is None else mask + bias
+    if layer in site.output_layers:
+        vp.output_capture[(layer, "mask")] = mask
     residual = hidden_states
     hidden_states = self.layer_norm1(hidden_states)
     if layer in site.explicit_attention_layers and not hidden_states.is_meta:
@@ -314,7 +267,11 @@ def _vision_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | 
 
 
 def _explicit_attention(attn: nn.Module, hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """CLIP attention computed explicitly (as HF's eager path): output and probabilities (B, H, N, N)."""
+    """CLIP attention computed explicitly: output and probabilities (B, H, N, N).
+
+    The softmax runs in float32 for half dtypes (as HF's eager path) and in the model's own
+    dtype otherwise, so a float64 model stays float64.
+    """
     b, n, c = hidden.shape
 
     def heads(x):
@@ -324,22 +281,32 @@ def _explicit_attention(attn: nn.Module, hidden: Tensor, mask: Tensor | None) ->
     logits = (q @ k.transpose(-1, -2)) * attn.scale
     if mask is not None:
         logits = logits + mask
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32 if half else q.dtype).to(q.dtype)
     out = (probs @ v).transpose(1, 2).reshape(b, n, c)
     return attn.out_proj(out), probs
 
 
 class VisionSite:
-    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: SitePlan, features: int):
-        self.run, self.model, self.geo, self.plan = run, model, geo, plan
-        self.features = features
+    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: RecipePlan):
+        self.run, self.model, self.geo = run, model, geo
+        self.plan = plan.vision
         self.tower = model.model.vision_tower
-        self.proportional = any(p.step.proportional_attention for p in plan.steps.values())
+        self.proportional = any(p.step.proportional_attention for p in self.plan.mid_steps.values())
         self.grid = _patch_grid(geo.vision_tokens - 1)
-        self.explicit_attention_layers = {layer for layer, p in plan.steps.items()
+        self.explicit_attention_layers = {layer for layer, p in self.plan.mid_steps.items()
                                           if p.remove and "attention" in p.step.required_signals()}
+        # the layers whose q/k the vision_output step reads: the feature layer, and the next
+        self.output_layers: dict[int, bool] = {}  # layer -> needs q
+        out = plan.vision_output
+        if out is not None:
+            names = out.step.required_signals()
+            if names & VISION_SIGNALS:
+                self.output_layers[geo.feature_index - 1] = bool(names - {"keys"})
+            if names & {"next_cls_attention_fullwidth", "next_keys_fullwidth"}:
+                self.output_layers[geo.feature_index] = "next_cls_attention_fullwidth" in names
         self.current: VisionPass | None = None
-        self.inside_generate = False
+        self.last: VisionPass | None = None
 
     # -- attach
     def attach(self) -> None:
@@ -350,19 +317,30 @@ class VisionSite:
             run._undo.append(functools.partial(setattr, layer, "__class__", original))
             _set_instance_attr(run, layer, "_fico_site", self)
             _set_instance_attr(run, layer, "_fico_layer", index)
-        for layer_index, planned in self.plan.steps.items():
+        for layer_index, planned in self.plan.mid_steps.items():
             names = planned.step.required_signals()
             if planned.remove and names:
-                _projection_hooks(run, self.geo.vision_layers[layer_index].self_attn,
-                                  bool(names & {"cls_attention", "attention"}), self._store)
-        _hook(run, self.tower.register_forward_pre_hook(self._begin_forward))
-        _hook(run, self.tower.register_forward_hook(self._end_forward))
-        if self.features != self.geo.placeholders_per_image:
-            self._wrap_entry_points()
+                attn = self.geo.vision_layers[layer_index].self_attn
+                hook(run, attn.k_proj.register_forward_hook(lambda m, a, out: self._store("k", out)))
+                if names & {"cls_attention", "attention", "attention_logits"}:
+                    hook(run, attn.q_proj.register_forward_hook(lambda m, a, out: self._store("q", out)))
+        for layer_index, needs_q in self.output_layers.items():
+            attn = self.geo.vision_layers[layer_index].self_attn
+            hook(run, attn.k_proj.register_forward_hook(
+                lambda m, a, out, i=layer_index: self._store_output(i, "k", out)))
+            if needs_q:
+                hook(run, attn.q_proj.register_forward_hook(
+                    lambda m, a, out, i=layer_index: self._store_output(i, "q", out)))
+        hook(run, self.tower.register_forward_pre_hook(self._begin_forward))
+        hook(run, self.tower.register_forward_hook(self._end_forward))
 
     def _store(self, name: str, value: Tensor) -> None:
         if self.current is not None:
             self.current.captured[name] = value
+
+    def _store_output(self, layer: int, name: str, value: Tensor) -> None:
+        if self.current is not None:
+            self.current.output_capture[(layer, name)] = value
 
     def _begin_forward(self, module, args):
         if not getattr(self.run, "_in_llava_forward", False):
@@ -372,8 +350,11 @@ class VisionSite:
 
     def _end_forward(self, module, args, output):
         vp, self.current = self.current, None
+        self.last = vp
         if vp is not None:
-            positions = vp.feature_positions if vp.feature_positions is not None else vp.positions
+            if vp.feature_positions is None:  # the feature layer is the tower's output
+                vp.feature_positions, vp.feature_size, vp.feature_sources = vp.positions, vp.size, vp.sources
+            positions = vp.feature_positions
             if self.geo.drops_cls:
                 positions = positions[:, 1:]
             # the LLM site places each image feature on the patch grid from these
@@ -381,7 +362,7 @@ class VisionSite:
         trace = self.run.trace
         if len(trace.vision) == len(self.geo.vision_layers):
             # hidden_states[i] enters layer i; the last index is the tower's output.
-            entering = trace.vision + [self.plan.tokens[-1]]
+            entering = trace.vision + [self.plan.mlp[-1]]
             trace.vision_features = entering[self.geo.feature_index] - (1 if self.geo.drops_cls else 0)
 
     # -- per layer
@@ -397,11 +378,11 @@ class VisionSite:
                 vp.sources = torch.eye(n, device=hidden.device).expand(b, n, n)
         self.run.trace.vision.append(hidden.shape[1])
         if layer == self.geo.feature_index:
-            vp.feature_positions = vp.positions
+            vp.feature_positions, vp.feature_size, vp.feature_sources = vp.positions, vp.size, vp.sources
         return vp
 
     def reduce(self, layer: int, hidden: Tensor, vp: VisionPass, mask: Tensor | None) -> Tensor:
-        planned = self.plan.steps.get(layer)
+        planned = self.plan.mid_steps.get(layer)
         if planned is None or planned.remove == 0:
             return hidden
         attn = self.geo.vision_layers[layer].self_attn
@@ -424,14 +405,34 @@ class VisionSite:
         new, seconds = run_step(planned, state, planned.remove)
         record = StepRecord("vision", layer, hidden.shape[1], new.hidden.shape[1], planned.remove, seconds)
         if vp.sources is not None:
-            _record_provenance(record, vp.positions, new.positions, new.sources)
+            record_provenance(record, vp.positions, new.positions, new.sources)
         vp.positions, vp.candidate, vp.size, vp.extras = new.positions, new.candidate, new.size, new.extras
         vp.sources = new.sources
         self.run.trace.steps.append(record)
         return new.hidden
 
-    # -- placeholders
-    def _wrap_entry_points(self) -> None:
+
+# --------------------------------------------------------------------------- encoding and placeholders
+
+
+class VisualEncoder:
+    """The vision_output and pre_llm sites, and the placeholder rebuild at the entry points.
+
+    Images are encoded before the model's own forward (tower, vision_output step, feature
+    selection, projector, pre_llm step), each image's placeholder run in ``input_ids`` is
+    rebuilt to its own feature count, and the features reach the model as
+    ``mm_encoder_outputs``.
+    """
+
+    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: RecipePlan, vision: VisionSite):
+        self.run, self.model, self.geo, self.plan, self.vision = run, model, geo, plan, vision
+        self.inside_generate = False
+        self.needed = (plan.vision_output is not None or plan.pre_llm is not None
+                       or plan.features != geo.placeholders_per_image)
+
+    def attach(self) -> None:
+        if not self.needed:
+            return
         model = self.model
         original_forward, original_generate = model.forward, model.generate
         forward_signature = inspect.signature(original_forward)
@@ -441,14 +442,14 @@ class VisionSite:
             call = dict(bound.arguments)
             call.update(call.pop("kwargs", {}))
             if not self.inside_generate:
-                call = self._shrink_inputs(call)
+                call = self.prepare(call)
             return original_forward(**call)
 
         def generate(inputs=None, **kwargs):
             if inputs is not None:
                 kwargs["input_ids"] = inputs
             original_ids = kwargs.get("input_ids")
-            call = self._shrink_inputs(dict(kwargs))
+            call = self.prepare(dict(kwargs))
             self.inside_generate = True
             try:
                 out = original_generate(**call)
@@ -463,36 +464,187 @@ class VisionSite:
         _set_instance_attr(self.run, model, "forward", forward)
         _set_instance_attr(self.run, model, "generate", generate)
 
-    def _shrink_inputs(self, call: dict) -> dict:
-        ids = call.get("input_ids")
-        if call.get("pixel_values") is None or ids is None or ids.shape[1] <= 1:
+    # -- the entry point
+    def prepare(self, call: dict) -> dict:
+        """``call`` with the images encoded and the placeholders matching their features."""
+        ids, pixels = call.get("input_ids"), call.get("pixel_values")
+        if pixels is None or ids is None or ids.shape[1] <= 1 or call.get("mm_encoder_outputs") is not None:
             return call
-        if ids.is_meta:  # no values to find placeholders in: pass ids with the reduced count
-            return call
-        per_image, keep_per_image = self.geo.placeholders_per_image, self.features
-        placeholder = ids == self.geo.image_token_id
-        counts = placeholder.sum(1)
-        if bool((counts % per_image != 0).any()):
-            raise InputError(
-                f"fico: each image needs {per_image} placeholder tokens in input_ids (as the processor writes); "
-                f"got {counts.tolist()} per sample"
-            )
-        rank = placeholder.cumsum(1) - 1
-        drop = placeholder & (rank % per_image >= keep_per_image)
-        dropped = drop.sum(1)
-        if bool((dropped != dropped[0]).any()):
-            raise InputError("fico: vision-side reduction needs the same number of images in every sample of a batch")
-        keep = ~drop
-        b = ids.shape[0]
-        new = dict(call)
-        for key in ("input_ids", "attention_mask", "labels", "token_type_ids"):
-            value = call.get(key)
-            if value is not None and value.dim() == 2 and value.shape == ids.shape:
-                new[key] = value[keep].view(b, -1)
         if call.get("position_ids") is not None:
             raise InputError("fico: explicit position_ids cannot be combined with vision-side reduction; "
                              "leave them to the model")
+        if not ids.is_meta:
+            placeholders = (ids == self.geo.image_token_id).sum(1)
+            per_image = self.geo.placeholders_per_image
+            if bool((placeholders % per_image != 0).any()):
+                raise InputError(f"fico: each image needs {per_image} placeholder tokens in input_ids (as the "
+                                 f"processor writes); got {placeholders.tolist()} per sample")
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features, patches = self.encode(pixels)
+        new = {k: v for k, v in call.items() if k != "pixel_values"}
+        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        counts = [f.shape[0] for f in features]
+        if not ids.is_meta:
+            new = rebuild_placeholders(new, counts, self.geo.image_token_id, self.geo.placeholders_per_image,
+                                       self.model.config.pad_token_id or 0)
+        self.run.image_patches = torch.cat(patches) if patches else None
+        self.run.trace.vision_features = counts[0] if len(set(counts)) == 1 else counts
         return new
+
+    # -- encoding
+    def encode(self, pixel_values: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: the features reaching the LLM, and each one's patch cell (-1: none)."""
+        llava = self.model.model
+        out = llava.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        vp = self.vision.last
+        hidden = out.hidden_states[self.geo.feature_index]
+        b, n = hidden.shape[:2]
+        positions = vp.feature_positions if vp is not None and vp.feature_positions is not None else \
+            torch.arange(n, device=hidden.device).expand(b, n)
+        size = vp.feature_size if vp is not None else None
+        sources = vp.feature_sources if vp is not None else None
+        images = [(hidden, positions, size, sources)]
+        if self.plan.vision_output is not None:
+            images = self._vision_output(hidden, positions, size, sources, vp)
+        # feature selection: [CLS] leaves unless the step made it a feature
+        selected = []
+        for tokens, pos, _, _ in images:
+            if self.geo.drops_cls and not self.plan.cls_feature:
+                keep = pos != 0
+                count = int(keep[0].sum()) if not pos.is_meta else tokens.shape[1] - 1
+                index = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :count] \
+                    if not pos.is_meta else torch.arange(1, tokens.shape[1], device=tokens.device).expand(
+                        tokens.shape[0], -1)
+                tokens, pos = gather_tokens(tokens, index), gather_tokens(pos, index)
+            selected.append((tokens, pos))
+        features, cells = [], []
+        for tokens, pos in selected:
+            projected = llava.multi_modal_projector(tokens)
+            patch = torch.where(pos > 0, pos - 1, -1)
+            if self.plan.pre_llm is not None:
+                for image, image_patch in self._pre_llm(projected, patch):
+                    features.append(image)
+                    cells.append(image_patch)
+            else:
+                features += list(projected)
+                cells += list(patch)
+        return features, cells
+
+    def _point_step(self, planned: PlannedStep, state: TokenState) -> list[TokenState]:
+        """Run a point-site step on ``state``: batched, or image by image for an adaptive count."""
+        step = planned.step
+        site = step.site
+        if planned.remove is not None:
+            new, seconds = run_step(planned, state, planned.remove)
+            self._record(site, state, new, planned.remove, seconds)
+            return [new]
+        results = []
+        for index in range(state.hidden.shape[0]):
+            one = _select_image(state, index)
+            if one.hidden.is_meta:
+                raise InputError(f"fico: {step.where} chooses its count from the image; it cannot run on the "
+                                 f"meta device")
+            keep = step.filter.adaptive_keep(one)
+            remove = int(one.candidate.sum()) - keep
+            if keep < 0 or remove < 0:
+                raise RecipeError(f"{self.run.recipe.source}: {step.where}: the filter {step.filter.name!r} "
+                                  f"chose to keep {keep} of {int(one.candidate.sum())} candidates")
+            new, seconds = run_step(planned, one, remove)
+            self._record(site, one, new, remove, seconds)
+            results.append(new)
+        return results
+
+    def _record(self, site: str, state: TokenState, new: TokenState, remove: int, seconds: float) -> None:
+        record = StepRecord(site, 0, state.num_tokens, new.num_tokens, remove, seconds)
+        if new.sources is not None:
+            record_provenance(record, state.positions, new.positions, new.sources)
+        self.run.trace.steps.append(record)
+
+    def _vision_output(self, hidden: Tensor, positions: Tensor, size: Tensor | None, sources: Tensor | None,
+                       vp: VisionPass | None) -> list[tuple]:
+        planned = self.plan.vision_output
+        names = planned.step.required_signals()
+        signals = {}
+        if names and not hidden.is_meta:
+            capture = vp.output_capture
+            feature_layer, next_layer = self.geo.feature_index - 1, self.geo.feature_index
+            attn = self.geo.vision_layers[feature_layer].self_attn if feature_layer >= 0 else None
+            if names & VISION_SIGNALS:
+                signals.update(vision_signals(names & VISION_SIGNALS, capture.get((feature_layer, "q")),
+                                              capture[(feature_layer, "k")], attn.num_heads, attn.scale,
+                                              capture.get((feature_layer, "mask"))))
+            if names - VISION_SIGNALS:
+                signals.update(fullwidth_signals(names - VISION_SIGNALS, capture.get((next_layer, "q")),
+                                                 capture[(next_layer, "k")]))
+        if vp is not None:
+            vp.output_capture.clear()
+        candidate = positions != 0
+        state = TokenState(hidden=hidden, positions=positions, candidate=candidate,
+                           visual=torch.ones_like(candidate), text=torch.zeros_like(candidate),
+                           patch=torch.where(positions > 0, positions - 1, -1), grid=self.vision.grid, size=size,
+                           signals=signals, sources=sources, site="vision_output",
+                           layer=self.geo.feature_index - 1)
+        return [(s.hidden, s.positions, s.size, s.sources) for s in self._point_step(planned, state)]
+
+    def _pre_llm(self, features: Tensor, patch: Tensor) -> list[tuple[Tensor, Tensor]]:
+        planned = self.plan.pre_llm
+        candidate = patch >= 0
+        state = TokenState(hidden=features, positions=patch, candidate=candidate, visual=torch.ones_like(candidate),
+                           text=torch.zeros_like(candidate), patch=patch, grid=self.vision.grid, site="pre_llm",
+                           layer=0)
+        out = []
+        for new in self._point_step(planned, state):
+            out += [(tokens, cells) for tokens, cells in zip(new.hidden, torch.where(new.positions >= 0,
+                                                                                     new.positions, -1))]
+        return out
+
+
+def _select_image(state: TokenState, index: int) -> TokenState:
+    """Image ``index`` of a batched state, as a batch of one."""
+    from dataclasses import replace
+
+    pick = lambda t: None if t is None else t[index:index + 1]
+    return replace(state, hidden=pick(state.hidden), positions=pick(state.positions), candidate=pick(state.candidate),
+                   visual=pick(state.visual), text=pick(state.text), patch=pick(state.patch),
+                   sources=pick(state.sources), size=pick(state.size),
+                   signals={k: v[index:index + 1] if torch.is_tensor(v) else v for k, v in state.signals.items()},
+                   extras={k: v[index:index + 1] for k, v in state.extras.items()})
+
+
+def rebuild_placeholders(call: dict, counts: list[int], image_token_id: int, per_image: int, pad_id: int) -> dict:
+    """``call`` with image i's run of ``per_image`` placeholders cut to ``counts[i]`` tokens
+    (images in the order the model fills them: by sample, then left to right), rows padded
+    back to one length on the side the batch was padded (left unless it is right-padded)."""
+    ids = call["input_ids"]
+    b, length = ids.shape
+    placeholder = ids == image_token_id
+    image_of = (placeholder.reshape(-1).long().cumsum(0) - 1).reshape(b, length) // per_image
+    rank = (placeholder.long().cumsum(1) - 1) % per_image
+    limit = torch.tensor(counts, device=ids.device, dtype=torch.long)
+    keep = ~placeholder | (rank < limit[image_of.clamp(0, len(counts) - 1)])
+    if bool(keep.all()):
+        return call
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    mask = call.get("attention_mask")
+    right = mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
+    offset = torch.zeros_like(lengths) if right else width - lengths
+    target = offset[:, None] + keep.long().cumsum(1) - 1
+    new = dict(call)
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100), ("token_type_ids", 0)):
+        value = call.get(key)
+        if value is None or value.dim() != 2 or value.shape != ids.shape:
+            continue
+        out = value.new_full((b, width), fill)
+        rows = torch.arange(b, device=ids.device)[:, None].expand(b, length)
+        out[rows[keep], target[keep]] = value[keep]
+        new[key] = out
+    if mask is None and bool((lengths != width).any()):
+        new["attention_mask"] = (torch.arange(width, device=ids.device)[None] >= offset[:, None]) if not right else \
+            (torch.arange(width, device=ids.device)[None] < lengths[:, None])
+        new["attention_mask"] = new["attention_mask"].long()
+    return new
 
 
 def _restore_prompt(out, original_ids: Tensor, shrunk_length: int):
@@ -505,227 +657,3 @@ def _restore_prompt(out, original_ids: Tensor, shrunk_length: int):
     if hasattr(out, "sequences"):
         out.sequences = fix(out.sequences)
     return out
-
-
-# --------------------------------------------------------------------------- llm site
-
-
-@dataclass
-class LLMPass:
-    """Token bookkeeping of one prefill and the decode steps that follow it.
-
-    ``keep`` holds, for each token present, the index of the original token whose RoPE
-    position and mask row/column it uses: itself for ordinary tokens, the last visual token
-    before it for a token a compressor appended (it is placed right after that token).
-    """
-
-    visual: Tensor
-    real: Tensor
-    last_index: Tensor
-    phase: str = "prefill"
-    patch: Tensor | None = None  # (B, L0) grid cell of each visual token, -1 elsewhere
-    keep: Tensor | None = None
-    created: Tensor | None = None  # (B, L) tokens appended by a compressor
-    extras: dict = field(default_factory=dict)
-    position_embeddings: tuple[Tensor, Tensor] | None = None
-    attention_mask: Tensor | None = None
-    full_position_embeddings: tuple[Tensor, Tensor] | None = None
-    full_attention_mask: Tensor | None = None
-    layer_keep: dict = field(default_factory=dict)
-    captured: dict = field(default_factory=dict)
-    sources: Tensor | None = None  # provenance (B, L, L0), when the run records it
-
-
-class LLMSite:
-    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: SitePlan):
-        self.run, self.model, self.geo, self.plan = run, model, geo, plan
-        self.current: LLMPass | None = None
-        self.capture_layers = {layer - 1: p for layer, p in plan.steps.items() if p.remove}
-        self.grid = _patch_grid(geo.placeholders_per_image)
-
-    def attach(self) -> None:
-        run = self.run
-        _hook(run, self.model.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
-        _hook(run, self.model.model.register_forward_hook(self._end_forward))
-        for index, layer in enumerate(self.geo.llm_layers):
-            _hook(run, layer.register_forward_pre_hook(functools.partial(self._layer_input, index), with_kwargs=True))
-        for index, planned in self.capture_layers.items():
-            attn = self.geo.llm_layers[index].self_attn
-            names = planned.step.required_signals()
-            if names:
-                store = functools.partial(self._store, index)
-                _projection_hooks(run, attn, bool(names - {"keys"}), store)
-                _hook(run, attn.register_forward_pre_hook(functools.partial(self._attention_input, index),
-                                                          with_kwargs=True))
-
-    # -- forward boundaries
-    def _begin_forward(self, module, args, kwargs):
-        self.run._in_llava_forward = True
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = cache is None or cache.get_seq_length() == 0
-        if not prefill:
-            if self.current is not None:
-                self.current.phase = "decode"
-            return None
-        self.run.begin_trace(keep_vision=kwargs.get("mm_encoder_outputs") is not None)
-        ids = kwargs.get("input_ids")
-        if ids is None:
-            if self.plan.steps:
-                raise InputError("fico: the llm site finds visual tokens through input_ids; pass input_ids, "
-                                 "not inputs_embeds")
-            self.current = None
-            return None
-        mask = kwargs.get("attention_mask")
-        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        n = ids.shape[1]
-        last = n - 1 - torch.flip(real, dims=[1]).to(torch.int8).argmax(1)
-        self.current = LLMPass(visual=ids == self.geo.image_token_id, real=real, last_index=last)
-        return None
-
-    def _end_forward(self, module, args, output):
-        self.run._in_llava_forward = False
-        self.run.image_patches = None
-        if self.current is not None:
-            self.current.captured.clear()
-
-    def _store(self, layer: int, name: str, value: Tensor) -> None:
-        lp = self.current
-        if lp is not None and lp.phase == "prefill":
-            lp.captured.setdefault(layer, {})[name] = value
-
-    def _attention_input(self, layer, module, args, kwargs):
-        lp = self.current
-        if lp is not None and lp.phase == "prefill":
-            slot = lp.captured.setdefault(layer, {})
-            slot["position_embeddings"] = kwargs.get("position_embeddings")
-            slot["attention_mask"] = kwargs.get("attention_mask")
-        return None
-
-    def _patch_cells(self, lp: LLMPass) -> Tensor:
-        """Grid cell of every visual token: from the vision site's kept positions if it
-        reduced, else the token's rank within its image."""
-        visual = lp.visual
-        image_patches = getattr(self.run, "image_patches", None)
-        patch = torch.full_like(visual, -1, dtype=torch.long)
-        if visual.is_meta:
-            return patch
-        if image_patches is not None and image_patches.numel() == int(visual.sum()):
-            return patch.masked_scatter(visual, image_patches.reshape(-1).to(visual.device))
-        rank = visual.long().cumsum(1) - 1
-        return torch.where(visual, rank % self.geo.placeholders_per_image, patch)
-
-    # -- per layer
-    def _layer_input(self, layer: int, module, args, kwargs):
-        lp = self.current
-        if lp is None:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if lp.phase == "decode":
-            return self._decode_mask(layer, lp, args, kwargs)
-        if layer == 0:
-            lp.full_position_embeddings = kwargs.get("position_embeddings")
-            lp.full_attention_mask = kwargs.get("attention_mask")
-            lp.patch = self._patch_cells(lp)
-            if self.run.provenance:
-                n0 = hidden.shape[1]
-                lp.sources = torch.eye(n0, device=hidden.device).expand(hidden.shape[0], n0, n0)
-        planned = self.plan.steps.get(layer)
-        if planned is not None and planned.remove:
-            hidden = self._reduce(layer, planned, lp, hidden)
-        self.run.trace.llm.append(hidden.shape[1])
-        if lp.keep is None:
-            return None
-        lp.layer_keep[layer] = lp.keep
-        kwargs["attention_mask"] = lp.attention_mask
-        kwargs["position_embeddings"] = lp.position_embeddings
-        kwargs["position_ids"] = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        if args:
-            return (hidden, *args[1:]), kwargs
-        kwargs["hidden_states"] = hidden
-        return args, kwargs
-
-    def _reduce(self, layer: int, planned, lp: LLMPass, hidden: Tensor) -> Tensor:
-        b, n = hidden.shape[:2]
-        keep = lp.keep if lp.keep is not None else torch.arange(n, device=hidden.device).expand(b, n)
-        created = lp.created if lp.created is not None else torch.zeros(b, n, dtype=torch.bool, device=keep.device)
-        visual, real = gather_tokens(lp.visual, keep), gather_tokens(lp.real, keep)
-        candidate = visual & real
-        step = planned.step
-        if hidden.is_meta:
-            available = planned.candidates_in
-        else:
-            counts = candidate.sum(1)
-            if bool((counts != counts[0]).any()):
-                raise InputError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
-                                 f"({counts.tolist()}); batch samples with the same number of images")
-            available = int(counts[0])
-        requested = step.schedule.tokens_to_remove(available, planned.position)
-        if requested > available:
-            raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
-                              f"tokens at llm layer {layer}, where only {available} visual tokens are left")
-        remove = min(requested, step.filter.max_discard(n, available))
-        text = real & ~visual
-        first_visual = torch.where(visual, keep, torch.iinfo(keep.dtype).max).min(1, keepdim=True).values
-        signals = {}
-        names = step.required_signals()
-        if names and not hidden.is_meta:
-            capture = lp.captured.pop(layer - 1)
-            last_row = (keep == lp.last_index[:, None]).to(torch.int8).argmax(1)
-            signals = llm_signals(names, capture, self.geo.llm_layers[layer - 1].self_attn, last_row,
-                                  text & (keep > first_visual))
-        patch = torch.where(created, -1, gather_tokens(lp.patch, keep))
-        # Created tokens (appended by a compressor) have no original position of their own.
-        state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
-                           visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
-                           extras=lp.extras, sources=lp.sources, site="llm", layer=layer)
-        new, seconds = run_step(planned, state, remove)
-        keep, hidden, extras, sources = new.positions, new.hidden, new.extras, new.sources
-        created = keep < 0
-        if step.compressor.appends and remove:
-            # Created tokens sit right after the last original visual token present and borrow
-            # its RoPE position and mask row/column.
-            anchor = torch.where(new.visual & ~created, keep, -1).max(1, keepdim=True).values
-            keep = torch.where(created, anchor, keep)
-            order = torch.sort(keep * 2 + created.long(), dim=1, stable=True).indices
-            keep, hidden, created = (gather_tokens(t, order) for t in (keep, hidden, created))
-            extras = {k: gather_tokens(v, order) for k, v in extras.items()}
-            sources = None if sources is None else gather_tokens(sources, order)
-        record = StepRecord("llm", layer, n, hidden.shape[1], remove, seconds)
-        if sources is not None:
-            _record_provenance(record, state.positions, torch.where(created, -1, keep), sources)
-        lp.keep, lp.created, lp.extras, lp.sources = keep, created, extras, sources
-        cos, sin = lp.full_position_embeddings
-        lp.position_embeddings = (gather_tokens(cos, keep), gather_tokens(sin, keep))
-        lp.attention_mask = _gather_square(lp.full_attention_mask, keep)
-        self.run.trace.steps.append(record)
-        return hidden
-
-    def _decode_mask(self, layer: int, lp: LLMPass, args, kwargs):
-        keep = lp.layer_keep.get(layer)
-        mask = kwargs.get("attention_mask")
-        if keep is None or mask is None:
-            return None  # no mask: one query attends to everything its (shorter) cache holds
-        b = keep.shape[0]
-        full = lp.real.shape[1]
-        new_columns = torch.arange(full, mask.shape[-1], device=keep.device).expand(b, -1)
-        columns = torch.cat([keep, new_columns], dim=1)
-        mask = mask.expand(b, *mask.shape[1:])
-        kwargs["attention_mask"] = torch.gather(
-            mask, 3, columns[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], columns.shape[1]))
-        return args, kwargs
-
-
-def _gather_square(mask: Tensor | None, keep: Tensor) -> Tensor | None:
-    """Rows and columns ``keep`` of a ``(B, 1, L, L)`` mask; None stays None (plain causal)."""
-    if mask is None:
-        return None
-    b, k = keep.shape
-    mask = mask.expand(b, *mask.shape[1:])
-    heads = mask.shape[1]
-    rows = torch.gather(mask, 2, keep[:, None, :, None].expand(b, heads, k, mask.shape[-1]))
-    square = torch.gather(rows, 3, keep[:, None, None, :].expand(b, heads, k, k))
-    # Causal in the new order too: a created token shares its anchor's index but comes after it.
-    causal = torch.ones(k, k, dtype=torch.bool, device=keep.device).tril()
-    if square.dtype == torch.bool:
-        return square & causal
-    return square.masked_fill(~causal, torch.finfo(square.dtype).min)

@@ -1,0 +1,550 @@
+"""The decoder sites of a causal language model with RoPE and a 4D mask (Llama and kin).
+
+``llm``: at the input of a decoder layer during prefill. Signals come from the previous
+layer's post-RoPE queries/keys (``signal_layer: previous``, FastV's slot) or from this
+layer's own projections of its input (``signal_layer: current``, PyramidDrop's), and only
+the query rows a component needs are formed; the model keeps its SDPA attention.
+
+``llm_mid``: inside a decoder layer, after the attention residual and before the MLP
+(FitPrune's slot), with that layer's own attention. The layer's KV cache keeps the tokens
+its attention saw; later layers run on the reduced set.
+
+Kept tokens keep their RoPE positions (``positions: keep``: cos/sin are gathered) or are
+renumbered contiguously (``positions: renumber``, PyramidDrop's and SparseVLM v1.5's code;
+each decode step then uses, in every layer, the position that layer's own frame gives it).
+The 4D mask is gathered in rows and columns, and each decode step gathers the mask columns
+of the shorter per-layer KV cache. Everything a forward needs across layers lives in one
+:class:`LLMPass`, created at each prefill and used by the decode steps that follow it.
+
+The site knows no method: it builds a :class:`fico.TokenState` and runs the planned step.
+A family adapter hands it the decoder layers, the language model (final norm, rotary
+embedding) and the module whose forward starts a pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError, RecipeError
+from ..plan import PlannedStep, SitePlan
+from ..run import ReductionRun, StepRecord, run_step
+from ..state import TokenState, gather_tokens
+
+#: signals the decoder sites give (see ``fico.signals``)
+LLM_SIGNALS = {"keys", "last_query_attention", "text_attention", "attention", "attention_logits", "attention_rows",
+               "key_norms", "final_normed_hidden", "input_embeddings"}
+
+
+def hook(run: ReductionRun, handle) -> None:
+    run._undo.append(handle.remove)
+
+
+def softmax_heads(logits: Tensor, heads: str = "mean") -> Tensor:
+    """Softmax over the last axis, reduced over the head axis (1): ``mean``, ``max`` or ``sum``.
+
+    float32 softmax for half dtypes (as HF's eager attention), the model's dtype otherwise;
+    a fully masked row (left padding) attends to nothing, not NaN.
+    """
+    probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    if heads == "mean":
+        return probs.mean(dim=1)
+    if heads == "max":
+        return probs.amax(dim=1)
+    if heads == "sum":
+        return probs.sum(dim=1)
+    raise ValueError(f"heads must be mean, max or sum, got {heads!r}")
+
+
+class DecoderAttention:
+    """One decoder layer's attention, re-formed only for the query rows asked for.
+
+    Args:
+        attn: the layer's attention module (``head_dim``, ``scaling``, ``num_key_value_groups``).
+        keys: ``(B, N, H_kv * d)`` the k projection of the tokens present.
+        queries: rows ``(B, R)`` -> ``(B, R, H * d)`` their q projection.
+        position_embeddings: ``(cos, sin)`` ``(B, N, d)`` of the tokens present.
+        mask: the layer's 4D mask over the tokens present, or None (plain causal).
+    """
+
+    def __init__(self, attn: nn.Module, keys: Tensor, queries: Callable[[Tensor], Tensor],
+                 position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None):
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        self.attn, self.mask, self._queries, self._rotate = attn, mask, queries, rotate_half
+        self.cos, self.sin = position_embeddings
+        b, n, _ = keys.shape
+        self.batch, self.tokens = b, n
+        heads = keys.view(b, n, -1, attn.head_dim).transpose(1, 2)
+        self.keys = heads * self.cos.unsqueeze(1) + rotate_half(heads) * self.sin.unsqueeze(1)  # (B, H_kv, N, d)
+
+    def logits(self, rows: Tensor) -> Tensor:
+        """``(B, H, R, N)`` scaled pre-softmax logits of query rows ``rows`` (no mask)."""
+        from transformers.models.llama.modeling_llama import repeat_kv
+
+        b, r = rows.shape
+        queries = self._queries(rows).view(b, r, -1, self.attn.head_dim).transpose(1, 2)
+        cos = gather_tokens(self.cos.expand(b, -1, -1), rows).unsqueeze(1)
+        sin = gather_tokens(self.sin.expand(b, -1, -1), rows).unsqueeze(1)
+        queries = queries * cos + self._rotate(queries) * sin
+        return (queries @ repeat_kv(self.keys, self.attn.num_key_value_groups).transpose(-1, -2)) * self.attn.scaling
+
+    def masked(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """``logits`` of ``rows`` with the layer's mask (causal, padding) applied."""
+        b = rows.shape[0]
+        if self.mask is None:
+            allowed = torch.arange(self.tokens, device=rows.device)[None, None, :] <= rows[:, :, None]
+            return logits.masked_fill(~allowed[:, None], float("-inf"))
+        mask = self.mask.expand(b, -1, -1, -1)
+        mask_rows = torch.gather(mask, 2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1],
+                                                                        mask.shape[-1]))
+        return logits.masked_fill(~mask_rows, float("-inf")) if mask_rows.dtype == torch.bool else logits + mask_rows
+
+    def rows(self, rows: Tensor, heads: str = "mean") -> Tensor:
+        """``(B, R, N)`` softmax attention of query rows ``rows`` over every key, heads reduced
+        by ``heads`` (``mean``, ``max``, ``sum``): the ``attention_rows`` signal."""
+        return softmax_heads(self.masked(self.logits(rows), rows), heads)
+
+    def key_norms(self) -> Tensor:
+        """``(B, N)`` L1 norm of each token's post-RoPE key, over the query heads' copies
+        (DART's pivot score: the keys after ``repeat_kv``, heads concatenated)."""
+        return self.keys.abs().sum(dim=(1, 3)) * self.attn.num_key_value_groups
+
+
+def attention_signals(names: set[str], source: DecoderAttention, last_row: Tensor,
+                      text_queries: Tensor) -> dict:
+    """The attention signals of ``names`` from ``source``.
+
+    Only the needed query rows are formed: each sample's last row for
+    ``last_query_attention``, its text rows (padded to the batch's longest) for
+    ``text_attention``, all rows only for the full matrix (``attention``, ``attention_logits``);
+    ``attention_rows`` is a function of the rows a component chooses.
+
+    Args:
+        last_row: ``(B,)`` index of each sample's last input token.
+        text_queries: ``(B, N)`` bool, the text tokens after the first visual token.
+    """
+    b, n = source.batch, source.tokens
+    device = source.keys.device
+    out = {}
+    if "keys" in names:
+        out["keys"] = source.keys.mean(dim=1)
+    if "attention_rows" in names:
+        out["attention_rows"] = source.rows
+    if "key_norms" in names:
+        out["key_norms"] = source.key_norms()
+    wanted = names & {"attention", "attention_logits", "last_query_attention", "text_attention"}
+    if not wanted:
+        return out
+    all_rows = bool(names & {"attention", "attention_logits"})
+    if all_rows:
+        rows, text_weights = torch.arange(n, device=device).expand(b, n), text_queries
+    else:  # [text rows, padded ..., last row]
+        count = text_queries.sum(1)
+        longest = int(count.max()) if "text_attention" in names else 0
+        text_rows = torch.sort((~text_queries).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
+        valid = torch.arange(longest, device=device) < count[:, None]
+        rows = torch.cat([text_rows, last_row[:, None]], 1)
+        text_weights = torch.cat([valid, valid.new_zeros(b, 1)], 1)
+    logits = source.logits(rows)
+    if "attention_logits" in names:
+        out["attention_logits"] = logits.mean(dim=1)  # pre-softmax, before the causal mask
+    probs = softmax_heads(source.masked(logits, rows))
+    if all_rows:
+        out["attention"] = probs
+        out["last_query_attention"] = torch.gather(probs, 1, last_row[:, None, None].expand(b, 1, n))[:, 0]
+    else:
+        out["last_query_attention"] = probs[:, -1]
+    weights = text_weights.to(probs.dtype)
+    out["text_attention"] = (weights[:, :, None] * probs).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+    return out
+
+
+def record_provenance(record: StepRecord, before: Tensor, after: Tensor, sources: Tensor) -> None:
+    """Store a step's provenance on its record (on the CPU)."""
+    gone = ~torch.isin(before, after) if before.shape[0] == 1 else torch.stack(
+        [~torch.isin(b, a) for b, a in zip(before, after)])
+    record.sources = sources.detach().float().cpu()
+    record.positions_in = before.detach().cpu()
+    record.positions_out = after.detach().cpu()
+    record.discarded = [row[mask].tolist() for row, mask in zip(before.cpu(), gone.cpu())]
+
+
+@dataclass
+class LLMPass:
+    """Token bookkeeping of one prefill and the decode steps that follow it.
+
+    ``keep`` holds, for each token present, the index of the original token whose mask row
+    and column it uses: itself for ordinary tokens, the last visual token before it for a
+    token a compressor appended (it is placed right after that token). ``rope`` is the
+    index into the full cos/sin table of each token's RoPE position (``keep`` while every
+    step keeps positions; contiguous ranks after a renumbering step).
+    """
+
+    visual: Tensor
+    real: Tensor
+    last_index: Tensor
+    phase: str = "prefill"
+    patch: Tensor | None = None  # (B, L0) grid cell of each visual token, -1 elsewhere
+    keep: Tensor | None = None
+    rope: Tensor | None = None
+    created: Tensor | None = None  # (B, L) tokens appended by a compressor
+    extras: dict = field(default_factory=dict)
+    position_embeddings: tuple[Tensor, Tensor] | None = None
+    attention_mask: Tensor | None = None
+    full_position_embeddings: tuple[Tensor, Tensor] | None = None
+    full_attention_mask: Tensor | None = None
+    input_hidden: Tensor | None = None  # (B, L0, D) the language model's input embeddings
+    layer_keep: dict = field(default_factory=dict)  # tokens each layer's KV cache holds
+    layer_shift: dict = field(default_factory=dict)  # decode position shift of renumbered layers
+    captured: dict = field(default_factory=dict)
+    sources: Tensor | None = None  # provenance (B, L, L0), when the run records it
+    shift: int = 0  # positions the current frame is shifted by (renumbering: tokens gone so far)
+    visual_count: int | None = None  # visual tokens present (first sample), for the trace
+
+
+@functools.cache
+def _mid_layer_class(base: type) -> type:
+    return type(f"Fico{base.__name__}", (base,), {"forward": _decoder_layer_forward, "__module__": __name__})
+
+
+def _decoder_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                           position_ids: Tensor | None = None, cache=None, use_cache: bool | None = False,
+                           position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs) -> Tensor:
+    """A Llama decoder layer with an ``llm_mid`` step between its attention and its MLP."""
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
+    hidden_states = residual + hidden_states
+    hidden_states = self._fico_site.mid(self._fico_layer, hidden_states)
+    residual = hidden_states
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
+
+
+class LLMSite:
+    """Both decoder sites of one applied recipe.
+
+    Args:
+        outer: the module whose forward receives ``input_ids``/``attention_mask``/``cache``
+            and runs the language model (LLaVA's ``LlavaModel``).
+        language_model: the decoder (``layers``, ``norm``, ``rotary_emb``).
+        visual_token_id: the placeholder id whose positions hold visual tokens.
+        image_patches: a function giving the grid cell of every visual token of the batch
+            (flattened in order) as the vision side left them, or None.
+        tokens_per_image, grid: the unreduced visual tokens of one image and their grid.
+    """
+
+    def __init__(self, run: ReductionRun, plan: SitePlan, outer: nn.Module, language_model: nn.Module,
+                 visual_token_id: int, image_patches: Callable[[], Tensor | None], tokens_per_image: int,
+                 grid: tuple[int, int]):
+        self.run, self.plan, self.outer, self.lm = run, plan, outer, language_model
+        self.layers = language_model.layers
+        self.visual_token_id, self.image_patches = visual_token_id, image_patches
+        self.tokens_per_image, self.grid = tokens_per_image, grid
+        self.current: LLMPass | None = None
+        # which layers' q/k to capture: the previous layer's for input steps (FastV's slot),
+        # the layer's own for mid-layer steps
+        self.capture: dict[int, set[str]] = {}
+        for layer, planned in plan.steps.items():
+            if planned.remove and planned.step.signal_layer == "previous":
+                self._need(layer - 1, planned.step.required_signals())
+        for layer, planned in plan.mid_steps.items():
+            if planned.remove:
+                self._need(layer, planned.step.required_signals())
+
+    def _need(self, layer: int, names: set[str]) -> None:
+        attention = names - {"final_normed_hidden", "input_embeddings"}
+        if attention:
+            self.capture.setdefault(layer, set()).update(attention)
+
+    def attach(self) -> None:
+        run = self.run
+        hook(run, self.outer.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        hook(run, self.outer.register_forward_hook(self._end_forward))
+        for index, layer in enumerate(self.layers):
+            hook(run, layer.register_forward_pre_hook(functools.partial(self._layer_input, index), with_kwargs=True))
+        for index, names in self.capture.items():
+            attn = self.layers[index].self_attn
+            store = functools.partial(self._store, index)
+            hook(run, attn.k_proj.register_forward_hook(lambda m, a, out, store=store: store("k", out)))
+            if names - {"keys", "key_norms"}:
+                hook(run, attn.q_proj.register_forward_hook(lambda m, a, out, store=store: store("q", out)))
+            hook(run, attn.register_forward_pre_hook(functools.partial(self._attention_input, index),
+                                                     with_kwargs=True))
+        for index in self.plan.mid_steps:
+            layer = self.layers[index]
+            original = type(layer)
+            layer.__class__ = _mid_layer_class(original)
+            run._undo.append(functools.partial(setattr, layer, "__class__", original))
+            for name, value in (("_fico_site", self), ("_fico_layer", index)):
+                object.__setattr__(layer, name, value)
+                run._undo.append(functools.partial(layer.__dict__.pop, name, None))
+
+    # -- forward boundaries
+    def _begin_forward(self, module, args, kwargs):
+        self.run._in_llava_forward = True
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
+        if not prefill:
+            if self.current is not None:
+                self.current.phase = "decode"
+            return None
+        self.run.begin_trace(keep_vision=kwargs.get("mm_encoder_outputs") is not None)
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if ids is None:
+            if self.plan.steps or self.plan.mid_steps:
+                raise InputError("fico: the llm site finds visual tokens through input_ids; pass input_ids, "
+                                 "not inputs_embeds")
+            self.current = None
+            return None
+        mask = kwargs.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        n = ids.shape[1]
+        last = n - 1 - torch.flip(real, dims=[1]).to(torch.int8).argmax(1)
+        self.current = LLMPass(visual=ids == self.visual_token_id, real=real, last_index=last)
+        return None
+
+    def _end_forward(self, module, args, output):
+        self.run._in_llava_forward = False
+        self.run.image_patches = None
+        if self.current is not None:
+            self.current.captured.clear()
+            self.current.input_hidden = None
+
+    def _store(self, layer: int, name: str, value: Tensor) -> None:
+        lp = self.current
+        if lp is not None and lp.phase == "prefill":
+            lp.captured.setdefault(layer, {})[name] = value
+
+    def _attention_input(self, layer, module, args, kwargs):
+        lp = self.current
+        if lp is not None and lp.phase == "prefill":
+            slot = lp.captured.setdefault(layer, {})
+            slot["position_embeddings"] = kwargs.get("position_embeddings")
+            slot["attention_mask"] = kwargs.get("attention_mask")
+        return None
+
+    def _patch_cells(self, lp: LLMPass) -> Tensor:
+        """Grid cell of every visual token: from the vision side's kept positions if it
+        reduced, else the token's rank within its image."""
+        visual = lp.visual
+        patches = self.image_patches()
+        patch = torch.full_like(visual, -1, dtype=torch.long)
+        if visual.is_meta:
+            return patch
+        if patches is not None and patches.numel() == int(visual.sum()):
+            return patch.masked_scatter(visual, patches.reshape(-1).to(visual.device))
+        rank = visual.long().cumsum(1) - 1
+        return torch.where(visual, rank % self.tokens_per_image, patch)
+
+    # -- per layer
+    def _layer_input(self, layer: int, module, args, kwargs):
+        lp = self.current
+        if lp is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if lp.phase == "decode":
+            return self._decode(layer, lp, args, kwargs)
+        if layer == 0:
+            lp.full_position_embeddings = kwargs.get("position_embeddings")
+            lp.full_attention_mask = kwargs.get("attention_mask")
+            lp.patch = self._patch_cells(lp)
+            lp.input_hidden = hidden
+            if self.run.provenance:
+                n0 = hidden.shape[1]
+                lp.sources = torch.eye(n0, device=hidden.device).expand(hidden.shape[0], n0, n0)
+            lp.visual_count = None if lp.visual.is_meta else int(lp.visual[0].sum())
+        planned = self.plan.steps.get(layer)
+        if planned is not None and planned.remove:
+            hidden = self._reduce(layer, planned, lp, hidden, self._input_source(layer, planned, lp, hidden))
+        self.run.trace.llm.append(hidden.shape[1])
+        if lp.visual_count is not None:
+            self.run.trace.visual.append(lp.visual_count)
+        if lp.keep is None:
+            return None
+        lp.layer_keep[layer] = lp.keep
+        if lp.shift:
+            lp.layer_shift[layer] = lp.shift
+        kwargs["attention_mask"] = lp.attention_mask
+        kwargs["position_embeddings"] = lp.position_embeddings
+        kwargs["position_ids"] = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def mid(self, layer: int, hidden: Tensor) -> Tensor:
+        """The ``llm_mid`` step of ``layer``, called by the class-swapped decoder layer."""
+        lp = self.current
+        planned = self.plan.mid_steps.get(layer)
+        if lp is None or lp.phase != "prefill" or planned is None or not planned.remove:
+            return hidden
+        return self._reduce(layer, planned, lp, hidden, self._captured_source(layer, planned, lp))
+
+    # -- signals
+    def _captured_source(self, layer: int, planned: PlannedStep, lp: LLMPass) -> DecoderAttention | None:
+        """The attention of ``layer`` from its captured projections (it has run)."""
+        if not planned.step.required_signals() - {"final_normed_hidden", "input_embeddings"}:
+            return None
+        capture = lp.captured.get(layer)
+        if capture is None or capture.get("k") is None:
+            return None
+        q = capture.get("q")
+        return DecoderAttention(self.layers[layer].self_attn, capture["k"],
+                                (lambda rows: gather_tokens(q, rows)) if q is not None else None,
+                                capture["position_embeddings"], capture["attention_mask"])
+
+    def _input_source(self, layer: int, planned: PlannedStep, lp: LLMPass, hidden: Tensor
+                      ) -> DecoderAttention | None:
+        step = planned.step
+        if step.signal_layer == "previous":
+            return self._captured_source(layer - 1, planned, lp)
+        names = step.required_signals() - {"final_normed_hidden", "input_embeddings"}
+        if not names or hidden.is_meta:
+            return None
+        # PyramidDrop ranks with this layer's own q/k of its (current) input
+        module = self.layers[layer]
+        attn = module.self_attn
+        normed = module.input_layernorm(hidden)
+        cos_sin = lp.position_embeddings or lp.full_position_embeddings
+        mask = lp.attention_mask if lp.keep is not None else lp.full_attention_mask
+        return DecoderAttention(attn, attn.k_proj(normed), lambda rows: attn.q_proj(gather_tokens(normed, rows)),
+                                cos_sin, mask)
+
+    def _signals(self, names: set[str], source: DecoderAttention | None, lp: LLMPass, keep: Tensor,
+                 hidden: Tensor, text: Tensor, first_visual: Tensor) -> dict:
+        signals = {}
+        if source is not None:
+            last_row = (keep == lp.last_index[:, None]).to(torch.int8).argmax(1)
+            signals = attention_signals(names, source, last_row, text & (keep > first_visual))
+        if "final_normed_hidden" in names:
+            signals["final_normed_hidden"] = self.lm.norm(hidden)
+        if "input_embeddings" in names:
+            signals["input_embeddings"] = gather_tokens(lp.input_hidden, keep)
+        return {name: signals[name] for name in names}
+
+    # -- the step
+    def _reduce(self, layer: int, planned: PlannedStep, lp: LLMPass, hidden: Tensor,
+                source: DecoderAttention | None) -> Tensor:
+        b, n = hidden.shape[:2]
+        keep = lp.keep if lp.keep is not None else torch.arange(n, device=hidden.device).expand(b, n)
+        created = lp.created if lp.created is not None else torch.zeros(b, n, dtype=torch.bool, device=keep.device)
+        visual = gather_tokens(lp.visual, keep) | created
+        real = gather_tokens(lp.real, keep) | created
+        candidate = visual & real
+        step = planned.step
+        if hidden.is_meta:
+            available = planned.candidates_in
+        else:
+            counts = candidate.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise InputError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
+                                 f"({counts.tolist()}); batch samples with the same number of images")
+            available = int(counts[0])
+        requested = step.schedule.tokens_to_remove(available, planned.position, planned.candidates_in)
+        if requested > available:
+            raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
+                              f"tokens at {step.site} layer {layer}, where only {available} visual tokens are left")
+        remove = step.filter.discard(requested, n, available)
+        text = real & ~visual
+        first_visual = torch.where(visual, keep, torch.iinfo(keep.dtype).max).min(1, keepdim=True).values
+        signals = {}
+        names = step.required_signals()
+        if names and not hidden.is_meta:
+            signals = self._signals(names, source, lp, keep, hidden, text, first_visual)
+        patch = torch.where(created, -1, gather_tokens(lp.patch, keep))
+        # the RoPE index of each token present travels with it through the step
+        extras = dict(lp.extras, _fico_rope=lp.rope if lp.rope is not None else keep)
+        # Created tokens (appended by a compressor) have no original position of their own.
+        state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
+                           visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
+                           extras=extras, sources=lp.sources, site=step.site, layer=layer)
+        new, seconds = run_step(planned, state, remove)
+        keep, hidden, extras, sources = new.positions, new.hidden, dict(new.extras), new.sources
+        created = keep < 0
+        if step.compressor.appended(remove):
+            # Created tokens sit right after the last original visual token present and borrow
+            # its mask row/column (and, while positions are kept, its RoPE position).
+            anchor = torch.where(new.visual & ~created, keep, -1).max(1, keepdim=True).values
+            keep = torch.where(created, anchor, keep)
+            order = torch.sort(keep * 2 + created.long(), dim=1, stable=True).indices
+            keep, hidden, created = (gather_tokens(t, order) for t in (keep, hidden, created))
+            extras = {k: gather_tokens(v, order) for k, v in extras.items()}
+            sources = None if sources is None else gather_tokens(sources, order)
+        rope = extras.pop("_fico_rope")
+        if step.compressor.appended(remove):
+            # a created token borrows its anchor's RoPE index, as it borrows its mask index;
+            # indices grow along the sequence, so the anchor's is the largest of the visual tokens'
+            anchor = torch.where(~created & gather_tokens(lp.visual, keep.clamp_min(0)), rope, -1).amax(1, keepdim=True)
+            rope = torch.where(created, anchor, rope)
+        record = StepRecord(step.site, layer, n, hidden.shape[1], remove, seconds)
+        if sources is not None:
+            record_provenance(record, state.positions, torch.where(created, -1, keep), sources)
+        lp.keep, lp.created, lp.extras, lp.sources = keep, created, extras, sources
+        if not hidden.is_meta:
+            lp.visual_count = int(new.visual[0].sum())
+        cos, sin = lp.full_position_embeddings
+        if step.positions == "renumber":
+            # contiguous positions: the i-th token present takes the i-th position of the full
+            # table (real tokens are contiguous there, padding before or after them)
+            rope = torch.arange(hidden.shape[1], device=keep.device).expand(b, -1)
+            lp.shift = lp.real.shape[1] - hidden.shape[1]
+        lp.rope = rope
+        lp.position_embeddings = (gather_tokens(cos, rope), gather_tokens(sin, rope))
+        lp.attention_mask = _gather_square(lp.full_attention_mask, keep)
+        self.run.trace.steps.append(record)
+        return hidden
+
+    def _decode(self, layer: int, lp: LLMPass, args, kwargs):
+        keep = lp.layer_keep.get(layer)
+        if keep is None:
+            return None
+        changed = False
+        shift = lp.layer_shift.get(layer)
+        if shift:
+            # renumbered layers: the new token's position in that layer's own frame
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                raise InputError("fico: renumbered positions need position_ids in decode steps (generate passes them)")
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids - shift)
+            changed = True
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            b = keep.shape[0]
+            full = lp.real.shape[1]
+            new_columns = torch.arange(full, mask.shape[-1], device=keep.device).expand(b, -1)
+            columns = torch.cat([keep, new_columns], dim=1)
+            mask = mask.expand(b, *mask.shape[1:])
+            kwargs["attention_mask"] = torch.gather(
+                mask, 3, columns[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], columns.shape[1]))
+            changed = True
+        # without a mask, one query attends to everything its (shorter) cache holds
+        return (args, kwargs) if changed else None
+
+
+def _gather_square(mask: Tensor | None, keep: Tensor) -> Tensor | None:
+    """Rows and columns ``keep`` of a ``(B, 1, L, L)`` mask; None stays None (plain causal)."""
+    if mask is None:
+        return None
+    b, k = keep.shape
+    mask = mask.expand(b, *mask.shape[1:])
+    heads = mask.shape[1]
+    rows = torch.gather(mask, 2, keep[:, None, :, None].expand(b, heads, k, mask.shape[-1]))
+    square = torch.gather(rows, 3, keep[:, None, None, :].expand(b, heads, k, k))
+    # Causal in the new order too: a created token shares its anchor's index but comes after it.
+    causal = torch.ones(k, k, dtype=torch.bool, device=keep.device).tril()
+    if square.dtype == torch.bool:
+        return square & causal
+    return square.masked_fill(~causal, torch.finfo(square.dtype).min)
