@@ -12,15 +12,15 @@ Example (one file)::
 
     import fico
 
-    class Random(fico.Filter):
-        "Discard r random candidates."
-        name = "random"
+    class CoinFlip(fico.Filter):
+        "Discard r candidates at random."
+        name = "coin_flip"
         def split(self, state, r):
             ...
 
     @fico.hookimpl
     def fico_filters():
-        return [Random]
+        return [CoinFlip]
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import RecipeError
 from .recipe import Recipe, Step
 
 #: sites that act at one point of the forward pass, not at layers
@@ -51,6 +52,7 @@ class PlannedStep:
     remove: int | None
     position: int = 0
     appended: int = 0
+    first: int = 0  # candidates entering the step's first layer (keep_geometric's n0)
 
     @property
     def tokens_out(self) -> int | None:
@@ -115,24 +117,38 @@ def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
     return layers
 
 
+def requested_removal(step: Step, candidates: int, position: int = 0, first: int | None = None) -> int | None:
+    """What ``step``'s schedule asks to remove of ``candidates`` (None: the filter decides per image)."""
+    if step.schedule.kind == "keep" and step.schedule.value == "filter":
+        return candidates - step.filter.planned_keep(candidates)
+    return step.schedule.tokens_to_remove(candidates, position, first)
+
+
 def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: int, position: int,
               first_candidates: int, where: str) -> PlannedStep:
     """How many of ``candidates`` the step removes here (a RecipeError if its schedule cannot run)."""
-    requested = step.schedule.tokens_to_remove(candidates, position, first_candidates)
     key = f"{step.where}.{step.schedule.kind}"
+    try:
+        requested = requested_removal(step, candidates, position, first_candidates)
+    except RecipeError as error:
+        raise recipe.error(f"{step.where}.filter", str(error)) from error
     if requested is None:
         if not step.filter.adaptive:
             raise recipe.error(key, f"'adaptive' needs a filter that chooses its own count (such as "
                                f"iqr_outliers); {step.filter.name!r} does not")
-        return PlannedStep(step, layer, tokens, candidates, None, position, 0)
+        return PlannedStep(step, layer, tokens, candidates, None, position, 0, first_candidates)
     if requested < 0:
         raise recipe.error(key, f"keeps {candidates - requested} tokens at {where}, where only {candidates} "
                            f"reducible tokens are present")
     if requested > candidates:
         raise recipe.error(key, f"removes {requested} tokens at {where}, where only {candidates} reducible tokens "
                            f"are left")
-    remove = step.filter.discard(requested, tokens, candidates)
-    return PlannedStep(step, layer, tokens, candidates, remove, position, step.compressor.appended(remove))
+    try:
+        remove = step.filter.discard(requested, tokens, candidates)
+    except RecipeError as error:
+        raise recipe.error(f"{step.where}.filter", str(error)) from error
+    return PlannedStep(step, layer, tokens, candidates, remove, position, step.compressor.appended(remove),
+                       first_candidates)
 
 
 def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int

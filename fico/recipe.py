@@ -54,7 +54,7 @@ def _recipe_dir() -> Path:
 RECIPE_DIR = _recipe_dir()
 SITES = ("vision", "vision_output", "pre_llm", "llm", "llm_mid")
 POINT_SITES = ("vision_output", "pre_llm")
-RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget_tflops", "equivalent_tokens"}
+RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget_tflops", "tables"}
 STEP_KEYS = {"site", "layers", "remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric", "filter",
              "correlate", "compress", "proportional_attention", "order", "positions", "signal_layer", "cls_feature"}
 SCHEDULE_KEYS = ("remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric")
@@ -76,8 +76,9 @@ class Schedule:
     """How many candidates one step discards, from the number ``n`` present.
 
     * ``remove``: a fixed count, or one count per layer of the step;
-    * ``keep``: keep a fixed count (or one per layer), or ``adaptive``: the filter chooses
-      per image (PruMerge's outlier count);
+    * ``keep``: keep a fixed count (or one per layer); ``filter``: the filter's own rule
+      from the token count (pooling's windows); or ``adaptive``: the filter chooses per
+      image (PruMerge's outlier count);
     * ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
     * ``remove_ratio``: remove ``round(remove_ratio * n)`` (FastV; Python's round);
     * ``keep_geometric``: at the s-th layer of the step keep ``int(n0 * ratio ** (s + 1))`` of
@@ -94,6 +95,8 @@ class Schedule:
         if self.kind == "remove":
             return int(value)
         if self.kind == "keep":
+            if value == "filter":
+                raise ValueError("keep: filter is planned by the filter (fico.plan.requested_removal)")
             return None if value == "adaptive" else n - int(value)
         if self.kind == "keep_ratio":
             return n - math.ceil(value * n)
@@ -172,9 +175,37 @@ def _if(condition: Any, then: Any, otherwise: Any) -> Any:
     return then if condition else otherwise
 
 
-# ${fico.if:COND,A,B} lets a boolean knob pick between components (e.g. EViT's fuse).
-if not OmegaConf.has_resolver("fico.if"):
-    OmegaConf.register_resolver("fico.if", _if)
+def _sum(*values: Any) -> int | float:
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise RecipeError(f"fico.sum: adds numbers, got {list(values)!r}")
+    return sum(values)
+
+
+def _pick(table: Any, *keys: Any) -> Any:
+    node = table
+    for key in keys:
+        options = {str(k): k for k in node} if isinstance(node, (dict, DictConfig)) else {}
+        if str(key) not in options:
+            raise RecipeError(f"fico.pick: {key!r} is not one of {', '.join(options)}")
+        node = node[options[str(key)]]
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _next_layers(layers: Any) -> list[int]:
+    layers = OmegaConf.to_container(layers) if isinstance(layers, ListConfig) else layers
+    if not isinstance(layers, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise RecipeError(f"fico.next_layers: takes a list of layer indices, got {layers!r}")
+    return [v + 1 for v in layers]
+
+
+# ${fico.if:COND,A,B} lets a boolean knob pick between components (e.g. EViT's fuse);
+# ${fico.sum:A,B,...} adds knobs (VisionZip keeps dominant - 1 + contextual patches);
+# ${fico.pick:${tables.X},KEY,...} reads a method's table by knobs (SparseVLM's schedules);
+# ${fico.next_layers:${layers}}: the input of the layer after each (pruning "after layer l").
+for _name, _resolver in (("fico.if", _if), ("fico.sum", _sum), ("fico.pick", _pick),
+                         ("fico.next_layers", _next_layers)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_resolver(_name, _resolver)
 
 
 def bundled_recipes() -> list[str]:
@@ -628,10 +659,10 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
         if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise RecipeError(f"{where}.{kind}: a list needs non-negative integers, one per layer, got {shown}")
         return Schedule(kind, tuple(value))
-    if kind == "keep" and value == "adaptive":
+    if kind == "keep" and value in ("adaptive", "filter"):
         return Schedule(kind, value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        extra = ", a list of them (one per layer) or 'adaptive'" if kind == "keep" else ""
+        extra = ", a list of them (one per layer), 'filter' or 'adaptive'" if kind == "keep" else ""
         raise RecipeError(f"{where}.{kind}: must be a number{extra}, got {shown}")
     if kind in ("remove", "keep") and (not isinstance(value, int) or value < 0):
         raise RecipeError(f"{where}.{kind}: must be a non-negative integer, got {shown}")

@@ -117,3 +117,54 @@ def quantile_shares(matrix: Tensor, targets: Tensor, epsilon: float) -> Tensor:
     weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(work.dtype).tiny),
                           chosen.to(work.dtype) / chosen.sum(-1, keepdim=True))
     return torch.zeros_like(matrix).scatter_(2, columns[:, None, :].expand(b, r, n), weights.to(matrix.dtype))
+
+
+def split_keeping(keep: Tensor, scores: Tensor, targets: Tensor | None = None) -> Split:
+    """The split that preserves the tokens flagged in ``keep`` ``(B, N)`` (the same count per
+    row) and discards the others, both ascending; ``targets`` defaults to every preserved
+    token. For selections made by a rule other than a score ranking (diversity, pivots)."""
+    b, n = keep.shape
+    layout = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    kept = int(keep[0].sum()) if b else 0
+    preserved, discarded = layout[:, :kept], layout[:, kept:]
+    if targets is None:
+        targets = keep
+    return Split(scores=scores, discarded=discarded, preserved=preserved, targets=torch.gather(targets, 1, preserved))
+
+
+def uniform_stride(count: int, total: int) -> list[int]:
+    """VisionZip's receivers: positions ``0, s, 2s, ...`` of a list of ``total``, the first ``count``,
+    with ``s = max(1, total // count)``."""
+    if count <= 0:
+        return []
+    step = max(1, total // count)
+    return list(range(0, total, step))[:count]
+
+
+def greedy_max_min(distance: Tensor, first: Tensor, k: int) -> Tensor:
+    r"""Farthest-point selection: ``(B, k)`` indices, starting from ``first`` ``(B,)``, each next
+    one the token farthest from those chosen (:math:`\arg\max_j \min_{s \in S} D_{sj}`, first
+    index on ties; chosen tokens score 0 and are never chosen again while another has
+    positive distance).
+
+    Args:
+        distance: ``(B, N, N)`` symmetric distances.
+    """
+    b, n, _ = distance.shape
+    chosen = [first]
+    nearest = torch.gather(distance, 1, first[:, None, None].expand(b, 1, n))[:, 0]  # distance to the set
+    taken = torch.zeros(b, n, dtype=torch.bool, device=distance.device).scatter_(1, first[:, None], True)
+    for _ in range(k - 1):
+        score = nearest.masked_fill(taken, float("-inf"))
+        pick = score.argmax(1)
+        chosen.append(pick)
+        taken.scatter_(1, pick[:, None], True)
+        nearest = torch.minimum(nearest, torch.gather(distance, 1, pick[:, None, None].expand(b, 1, n))[:, 0])
+    return torch.stack(chosen, 1)
+
+
+def iqr_outlier_count(values: Tensor) -> int:
+    r"""How many of ``values`` (one row) lie above :math:`Q_3 + 1.5 (Q_3 - Q_1)` (Tukey's upper
+    fence, quartiles by linear interpolation as ``numpy.percentile``)."""
+    q1, q3 = torch.quantile(values.double(), torch.tensor([0.25, 0.75], dtype=torch.float64, device=values.device))
+    return int((values.double() > q3 + 1.5 * (q3 - q1)).sum())

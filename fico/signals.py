@@ -2,7 +2,8 @@
 
 Sites compute only the signals the components of a step ask for, from the layer's own
 queries and keys, so the model keeps its SDPA (or flash) attention. Each signal is a
-tensor over the tokens present at the step:
+tensor over the tokens present at the step (or, where noted, a function of the rows a
+component chooses):
 
 ``keys``
     ``(B, N, d)`` the layer's attention keys averaged over heads (ToMe's metric). Vision
@@ -23,6 +24,26 @@ tensor over the tokens present at the step:
 ``attention_logits``
     ``(B, N, N)`` head-mean pre-softmax logits ``q.k / sqrt(d)``, before any mask or
     proportional-attention bias (what the official FiCoCo code scores with).
+``next_cls_attention_fullwidth``
+    ``(B, N)`` vision_output site: ``softmax(q k^T / sqrt(C))`` of the [CLS] row, from the
+    next layer's q/k projections taken as one C-wide head (PruMerge's quantity).
+``next_keys_fullwidth``
+    ``(B, N, C)`` vision_output site: the next layer's k projections, all heads (PruMerge).
+``attention_rows``
+    LLM sites: a function ``rows (B, R) -> (B, R, N)``, the softmax attention of the query
+    rows a component chooses (``heads``: ``mean``, ``max``, ``sum``; ``all`` gives
+    ``(B, H, R, N)``). Only those rows are formed (SparseVLM's raters, FitPrune's rows).
+``key_norms``
+    ``(B, N)`` LLM site: L1 norm of each token's post-RoPE key, heads concatenated as the
+    query heads see them (DART's pivot score).
+``rope_gravity``
+    LLM sites: a function ``rows -> (B, R, N)``, the RoPE-only logits of all-ones queries
+    and keys (SparseVLM v2's correction).
+``final_normed_hidden``
+    ``(B, N, D)`` llm site: the hidden states through the language model's final norm (DART).
+``input_embeddings``
+    ``(B, N, D)`` LLM sites: each token's input embedding to the language model (SparseVLM's
+    rater choice).
 """
 
 from __future__ import annotations
@@ -36,6 +57,13 @@ SIGNALS: dict[str, str] = {
     "text_attention": "head-mean softmax attention received from the text after the image, previous layer (B, N)",
     "attention": "head-mean softmax attention matrix (B, N, N)",
     "attention_logits": "head-mean pre-softmax attention logits, unmasked (B, N, N)",
+    "next_cls_attention_fullwidth": "[CLS] row of the next vision layer's attention as one full-width head (B, N)",
+    "next_keys_fullwidth": "the next vision layer's k projections, all heads (B, N, C)",
+    "attention_rows": "function: softmax attention of chosen query rows (B, R, N)",
+    "key_norms": "L1 norm of post-RoPE keys, heads concatenated (B, N)",
+    "rope_gravity": "function: RoPE-only logits of all-ones q and k, chosen rows (B, R, N)",
+    "final_normed_hidden": "hidden states through the language model's final norm (B, N, D)",
+    "input_embeddings": "the language model's input embeddings of the tokens present (B, N, D)",
 }
 
 

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from .errors import RecipeError
 from .state import TokenState
 
 
@@ -116,6 +117,10 @@ class Filter(Component):
         (DART's pivots add tokens on top of its budget) says so here, before anything runs.
         """
         return min(requested, self.max_discard(num_tokens, num_candidates))
+
+    def planned_keep(self, num_candidates: int) -> int:
+        """For ``keep: filter``: how many of ``num_candidates`` the filter's own rule keeps."""
+        raise RecipeError(f"the filter {self.name!r} has no count rule of its own; give the step keep: N")
 
     def adaptive_keep(self, state: TokenState) -> int:  # pragma: no cover - interface
         """For ``adaptive`` filters: how many candidates to keep in ``state`` (one image)."""

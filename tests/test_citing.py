@@ -112,8 +112,10 @@ def test_formulas_read_as_written():
 @pytest.mark.parametrize("key", sorted(BIBTEX))
 def test_bibtex_entries_are_complete(key):
     entry = BIBTEX[key]
-    for field in ("title", "author", "booktitle", "year", "eprint"):
+    for field in ("title", "author", "year", "eprint"):
         assert re.search(rf"^\s*{field}\s*=\s*\{{.+\}}", entry, flags=re.M), (key, field)
+    venue = "booktitle" if entry.startswith("@inproceedings") else "journal"
+    assert re.search(rf"^\s*{venue}\s*=\s*\{{.+\}}", entry, flags=re.M), (key, venue)
     assert "others" not in entry
     assert entry.count("{") == entry.count("}")
 

@@ -13,8 +13,8 @@ PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 
 
 def test_one_file_plugin_referenced_from_a_recipe(tiny_model, batch_inputs):
-    recipe = fico.load_recipe(PLUGINS / "random_prune.yaml", overrides=["ratio=0.25"])
-    assert type(recipe.steps[0].filter).__name__ == "RandomFilter"
+    recipe = fico.load_recipe(PLUGINS / "checkerboard_prune.yaml", overrides=["ratio=0.25"])
+    assert type(recipe.steps[0].filter).__name__ == "Checkerboard"
     model = tiny_model(dtype=torch.float32)
     inputs = batch_inputs(torch.float32)
     with torch.no_grad(), fico.apply(model, recipe) as run:
@@ -22,7 +22,7 @@ def test_one_file_plugin_referenced_from_a_recipe(tiny_model, batch_inputs):
     assert run.trace.steps[0].removed == 144
     assert logits.shape[1] == inputs["input_ids"].shape[1] - 144
     # the plugin is the recipe's own: the default registry does not know it
-    assert "random" not in fico.default_registry().names("filter")
+    assert "checkerboard" not in fico.default_registry().names("filter")
 
 
 def test_entry_point_plugin_is_registered_like_a_builtin(tmp_path, monkeypatch):

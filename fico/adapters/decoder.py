@@ -31,13 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, RecipeError
-from ..plan import PlannedStep, SitePlan
+from ..plan import PlannedStep, SitePlan, requested_removal
 from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
 
 #: signals the decoder sites give (see ``fico.signals``)
 LLM_SIGNALS = {"keys", "last_query_attention", "text_attention", "attention", "attention_logits", "attention_rows",
-               "key_norms", "final_normed_hidden", "input_embeddings"}
+               "key_norms", "rope_gravity", "final_normed_hidden", "input_embeddings"}
 
 
 def hook(run: ReductionRun, handle) -> None:
@@ -52,13 +52,15 @@ def softmax_heads(logits: Tensor, heads: str = "mean") -> Tensor:
     """
     probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)
+    if heads == "all":
+        return probs
     if heads == "mean":
         return probs.mean(dim=1)
     if heads == "max":
         return probs.amax(dim=1)
     if heads == "sum":
         return probs.sum(dim=1)
-    raise ValueError(f"heads must be mean, max or sum, got {heads!r}")
+    raise ValueError(f"heads must be mean, max, sum or all, got {heads!r}")
 
 
 class DecoderAttention:
@@ -110,6 +112,14 @@ class DecoderAttention:
         by ``heads`` (``mean``, ``max``, ``sum``): the ``attention_rows`` signal."""
         return softmax_heads(self.masked(self.logits(rows), rows), heads)
 
+    def gravity(self, rows: Tensor) -> Tensor:
+        r"""``(B, R, N)`` the RoPE-only logits of all-ones queries and keys,
+        :math:`G_{mn} = \frac{2}{\sqrt d} \sum_i \cos((p_m - p_n)\theta_i)` (SparseVLM v2's
+        "gravity"): the scaled dot product of the rotated ones vectors."""
+        ones = torch.ones_like(self.cos)
+        rotated = ones * self.cos + self._rotate(ones) * self.sin  # (B, N, d)
+        return (gather_tokens(rotated, rows) @ rotated.transpose(1, 2)) * self.attn.scaling
+
     def key_norms(self) -> Tensor:
         """``(B, N)`` L1 norm of each token's post-RoPE key, over the query heads' copies
         (DART's pivot score: the keys after ``repeat_kv``, heads concatenated)."""
@@ -138,6 +148,8 @@ def attention_signals(names: set[str], source: DecoderAttention, last_row: Tenso
         out["attention_rows"] = source.rows
     if "key_norms" in names:
         out["key_norms"] = source.key_norms()
+    if "rope_gravity" in names:
+        out["rope_gravity"] = source.gravity
     wanted = names & {"attention", "attention_logits", "last_query_attention", "text_attention"}
     if not wanted:
         return out
@@ -452,7 +464,7 @@ class LLMSite:
                 raise InputError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
                                  f"({counts.tolist()}); batch samples with the same number of images")
             available = int(counts[0])
-        requested = step.schedule.tokens_to_remove(available, planned.position, planned.candidates_in)
+        requested = requested_removal(step, available, planned.position, planned.first)
         if requested > available:
             raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
                               f"tokens at {step.site} layer {layer}, where only {available} visual tokens are left")

@@ -1,0 +1,146 @@
+"""The wave-2 methods equal straightforward implementations of their official algorithms
+(float64, 1e-6): what they hand the language model, in order, and its logits."""
+
+import pytest
+import torch
+
+import fico
+import reference_wave2 as ref
+
+
+def handed_features(model, inputs, recipe):
+    """The per-image features fico hands the language model, and the logits."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        outputs = kwargs.get("mm_encoder_outputs")
+        if outputs is not None:
+            seen["features"] = list(outputs["image"].pooler_output)
+
+    handle = model.model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), fico.apply(model, recipe) as run:
+            logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return seen["features"], logits, run
+
+
+VISION_CASES = {
+    "fastervlm": (["keep=64"], lambda m, p: ref.fastervlm_features(m, p, 64)),
+    "hired": (["keep=100"], lambda m, p: ref.fastervlm_features(m, p, 100)),
+    "visionzip": (["dominant=54", "contextual=10"], lambda m, p: ref.visionzip_features(m, p, 54, 10)),
+    "vispruner": (["keep=64", "important_ratio=0.5"], lambda m, p: ref.vispruner_features(m, p, 64, 0.5)),
+    "prumerge": ([], lambda m, p: ref.prumerge_features(m, p, 32)),
+    "prumerge_plus": ([], lambda m, p: ref.prumerge_features(m, p, 32, plus=True)),
+    "divprune": (["keep=56"], lambda m, p: ref.divprune_features(m, p, 56)),
+    "pool": (["kernel=2"], lambda m, p: ref.pool_features(m, p, 2)),
+    "random": (["keep=64", "seed=3"], lambda m, p: ref.random_features(m, p, 64, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VISION_CASES))
+def test_vision_side_methods_hand_the_llm_what_the_official_code_does(tiny_model, batch_inputs, name):
+    overrides, reference = VISION_CASES[name]
+    model = tiny_model()
+    inputs = batch_inputs()
+    features, _, _ = handed_features(model, inputs, fico.load_recipe(name, overrides))
+    with torch.no_grad():
+        expected = reference(model, inputs["pixel_values"])
+    assert len(features) == len(expected)
+    for got, want in zip(features, expected):
+        assert got.shape == want.shape, (got.shape, want.shape)
+        assert (got - want).abs().max() < 1e-6  # the same tokens in the same order
+
+
+@pytest.mark.parametrize("name", ["visionzip", "divprune", "prumerge"])
+def test_vision_side_logits_equal_the_shorter_prompt(tiny_model, single_inputs, name):
+    """What the language model computes equals running it on the reference features."""
+    overrides, reference = VISION_CASES[name]
+    model = tiny_model()
+    inputs = single_inputs()
+    _, logits, _ = handed_features(model, inputs, fico.load_recipe(name, overrides))
+    with torch.no_grad():
+        expected = ref.llm_logits(model, inputs["input_ids"], reference(model, inputs["pixel_values"])[0])
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max() < 1e-6
+
+
+LLM_CASES = {
+    "pdrop": (["layers=[1,2,3]", "ratio=0.5"],
+              lambda m, ids, px, **kw: ref.pdrop_logits(m, ids, px, [1, 2, 3], 0.5, **kw)),
+    "dart": (["k=2", "keep=128"], lambda m, ids, px, **kw: ref.dart_logits(m, ids, px, 2, 128, **kw)),
+    "sparsevlm": (["layers=[0,1,2]", "budget=192", "steps.0.correlate={name: density_peaks, fraction: 0.3, noise: 0}"],
+                  lambda m, ids, px, **kw: ref.sparsevlm_logits(m, ids, px, [0, 1, 2], [300, 200, 110], **kw)),
+    "sparsevlm_v2": (["layers=[0,1,2]", "budget=128", "version=2.0", "steps.0.filter.heads=2"],
+                     lambda m, ids, px, **kw: ref.sparsevlm_logits(m, ids, px, [0, 1, 2], [238, 108, 60], "2.0",
+                                                                   heads=2, **kw)),
+    "fitprune": (["steps.0.remove=[40,30,20,10]"],
+                 lambda m, ids, px, **kw: ref.fitprune_logits(m, ids, px, [40, 30, 20, 10], **kw)),
+}
+
+
+def _recipe(name):
+    overrides, reference = LLM_CASES[name]
+    return fico.load_recipe(name.replace("_v2", ""), overrides), reference
+
+
+@pytest.mark.parametrize("name", sorted(LLM_CASES))
+def test_in_decoder_methods_equal_the_official_algorithm(tiny_model, single_inputs, name):
+    model = tiny_model()
+    inputs = single_inputs()
+    recipe, reference = _recipe(name)
+    with torch.no_grad():
+        with fico.apply(model, recipe):
+            logits = model(**inputs).logits
+        expected = reference(model, inputs["input_ids"], inputs["pixel_values"])
+    assert logits.shape == expected.shape, (logits.shape, expected.shape)
+    assert (logits - expected).abs().max() < 1e-6
+
+
+def _generate(model, inputs, steps):
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.scores, 1)
+
+
+@pytest.mark.parametrize("name", sorted(LLM_CASES))
+def test_cached_decode_equals_a_recompute_with_the_prefill_selection(tiny_model, single_inputs, name):
+    """Each decode step attends to exactly the tokens each layer kept, at the positions that
+    layer's frame gives (renumbered or original): a full recompute that makes the same
+    choices from the prompt gives the same next-token scores."""
+    model = tiny_model()
+    inputs = single_inputs()
+    recipe, reference = _recipe(name)
+    steps = 3
+    prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        with fico.apply(model, recipe):
+            sequences, scores = _generate(model, inputs, steps)
+        for step in range(steps):
+            logits = reference(model, sequences[:, :prompt + step], inputs["pixel_values"], prompt=prompt)
+            assert (logits[:, -1] - scores[:, step]).abs().max() < 1e-6, step
+
+
+ALL_METHODS = {**{k: v[0] for k, v in VISION_CASES.items()}, **{k: v[0] for k, v in LLM_CASES.items()},
+               "random_llm": ["site=llm", "layers=[2]", "keep=100"]}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_METHODS))
+def test_a_left_padded_batch_equals_each_sample_alone(tiny_model, batch_inputs, processor, name):
+    from fico import embedded
+
+    # float64: in float32 some selections (VisPruner's duplicate rounds) meet near-ties that the
+    # batched and the single-image CLIP break differently
+    model = tiny_model()
+    recipe = fico.load_recipe(name.replace("_v2", "").replace("_llm", ""), ALL_METHODS[name])
+    batch = batch_inputs()
+    prompts = ["USER: <image> what is the color of the circle ? ASSISTANT:", "USER: <image> how many objects ? ASSISTANT:"]
+    with torch.no_grad(), fico.apply(model, recipe):
+        tokens, scores = _generate(model, batch, 3)
+        for i, (text, seed) in enumerate(zip(prompts, [1, 2])):
+            alone = embedded.example_inputs(processor, prompts=[text], seeds=[seed])
+            alone["pixel_values"] = alone["pixel_values"].to(torch.float64)
+            alone_tokens, alone_scores = _generate(model, alone, 3)
+            assert torch.equal(tokens[i, batch["input_ids"].shape[1]:], alone_tokens[0, alone["input_ids"].shape[1]:])
+            assert (scores[i] - alone_scores[0]).abs().max() < 1e-6
