@@ -42,34 +42,51 @@ class BenchModel:
 
 #: Built-in names ``fico bench --model`` takes, beside the runnable models.
 BENCH_MODELS = {"shaped": "LLaVA-1.5's layer and token counts at CLIP 512 / Llama 1024 widths, random weights",
+                "shaped-7b": "LLaVA-1.5-7B's real widths and depths, random weights (about 14 GB in float16; for a GPU)",
                 **RUNNABLE}
 
 
-def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa") -> BenchModel:
+def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", device: str = "cpu") -> BenchModel:
     """``shaped`` (LLaVA-1.5's layer and token counts at reduced widths, random weights), or
     any model ``fico run`` takes: ``toy`` (the trained fico-toy), ``embedded``, a local
     checkpoint directory."""
     from .toy.data import example, prompt
 
     which = model_source(which, BENCH_MODELS)
-    if which == "shaped":
-        from .benchmarks.shaped import build_shaped_model, shaped_inputs
+    if which in ("shaped", "shaped-7b"):
+        from .benchmarks.shaped import build_shaped_7b, build_shaped_model, shaped_inputs
 
-        model = build_shaped_model(dtype=torch_dtype(dtype), attn_implementation=attn)
-        return BenchModel("shaped", model, None, shaped_inputs(dtype=torch_dtype(dtype)))
+        if which == "shaped":
+            model = build_shaped_model(dtype=torch_dtype(dtype), attn_implementation=attn).to(device)
+        else:
+            model = build_shaped_7b(dtype=torch_dtype(dtype), attn_implementation=attn, device=device)
+        inputs = {k: v.to(device) for k, v in shaped_inputs(dtype=torch_dtype(dtype)).items()}
+        return BenchModel(which, model, None, inputs)
     model, processor = load_model(which, dtype, attn)
+    model = model.to(device)
     ex = example(10_000_000)
     text = prompt(ex.questions[0].text) if which == "toy" else "USER: <image>\nWhat is in the image? ASSISTANT:"
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype(dtype))
-    return BenchModel(which, model, processor, dict(inputs))
+    return BenchModel(which, model, processor, {k: v.to(device) for k, v in inputs.items()})
 
 
-def expand(recipes: list[str], budgets: list[str] | None) -> list[str]:
-    """Recipe names, or their ``budgets/NAME_Bt`` variants for each budget."""
-    if not budgets:
+def expand(recipes: list[str], budgets: list[str] | None, tokens: list[str] | None = None) -> list[str]:
+    """Recipe names, or their ``budgets/NAME_Bt`` (TFLOPs) or ``budgets/NAME_T`` (visual
+    tokens) variants for each budget."""
+    if not budgets and not tokens:
         return list(recipes)
-    return [f"budgets/{name}_{budget}t" for name in recipes for budget in budgets]
+    from .recipe import bundled_recipes
+
+    bundled = set(bundled_recipes())
+    out = []
+    for name in recipes:
+        for variant in [f"budgets/{name}_{b}t" for b in budgets or ()] + [f"budgets/{name}_{t}" for t in tokens or ()]:
+            if variant not in bundled:
+                raise RecipeError(f"{variant}: no such bundled budget variant; bundled for {name}: "
+                                  f"{', '.join(n for n in sorted(bundled) if n.startswith(f'budgets/{name}_')) or 'none'}")
+            out.append(variant)
+    return out
 
 
 def _prefill(model, inputs) -> float:
@@ -92,6 +109,7 @@ def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int,
                 seconds, stage = _prefill(model, inputs), 0.0
             else:
                 with apply(model, recipe) as run:
+                    run.sync_stage_timing = True
                     seconds = _prefill(model, inputs)
                 stage = run.trace.stage_seconds
                 times[name]["trace"] = run.trace
@@ -184,14 +202,15 @@ def measure_replay(model, counts: dict[str, TokenCounts], reps: int) -> dict[str
 
 def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = None, images: int = 100,
           reps: int = 7, threads: int = 2, console: Console | None = None, replay: bool = False,
-          plugins: list[str] | None = None) -> dict:
+          plugins: list[str] | None = None, tokens: list[str] | None = None, device: str = "cpu",
+          dtype: str = "float32") -> dict:
     """Run the benchmark and return the JSON-ready result."""
     console = console or Console()
     torch.set_num_threads(threads)
-    names = expand(recipes, budgets)
+    names = expand(recipes, budgets, tokens)
     for name in names:
         load_recipe(name, plugins=plugins)  # a bad recipe fails before the model loads
-    bm = load_bench_model(model)
+    bm = load_bench_model(model, dtype, device=device)
     spec = replace(model_spec(bm.model), name=bm.name)
     text_tokens = bm.inputs["input_ids"].shape[1] - spec.patches
     # a budget names a model; on another one it is solved for the same fraction of the unreduced cost
@@ -254,8 +273,9 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     return {
         "model": bm.name, "architecture": architecture(bm.model), "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {threads} threads, torch {torch.__version__}"
-                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
-        "timing": {"repeats": reps, "text_tokens": text_tokens, "flops_convention": "full"},
+                   + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ", CPU"),
+        "timing": {"repeats": reps, "text_tokens": text_tokens, "flops_convention": "full", "dtype": dtype,
+                   "device": device},
         "baseline": base,
         "results": [entry for name, entry in results.items() if name != "unreduced"],
     }
@@ -409,7 +429,8 @@ def markdown(report: dict, command: str) -> str:
     columns, rows, notes = report_rows(report)
     lines = [f"<!-- bench:{report['model']}:begin -->",
              f"Measured {report['date']} on {report['machine']}, model `{report['model']}` "
-             f"({report['architecture']}, fp32), {report['timing']['repeats']} interleaved repeats: medians with "
+             f"({report['architecture']}, {report['timing'].get('dtype', 'float32')}), "
+             f"{report['timing']['repeats']} interleaved repeats: medians with "
              f"interquartile ranges; speedups are medians of the ratios of interleaved pairs. By:", "",
              f"    {command}", "",
              "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
@@ -447,8 +468,11 @@ def main_bench(args, console: Console) -> int:
     for b in budgets or ():
         if b not in BUDGETS:
             raise RecipeError(f"--budgets: bundled budgets are {', '.join(BUDGETS)}, got {b}")
+    tokens = [t.strip() for t in args.tokens.split(",")] if args.tokens else None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"--device {args.device}: torch sees no CUDA device on this machine")
     report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console, args.replay,
-                   plugins=args.plugin)
+                   plugins=args.plugin, tokens=tokens, device=args.device, dtype=args.dtype)
     console.print(table(report))
     from .budget import BudgetSolution
 

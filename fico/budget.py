@@ -167,7 +167,32 @@ def _infeasible(source: str, knob: str, budget: float, best: float | None) -> Re
     return RecipeError(f"{source}: budget_tflops.tflops: {budget} cannot be met by solving {knob}: {reach}")
 
 
+def _solve_kept(cost, budget: float, source: str, knob: str) -> int:
+    """The largest count within budget of a knob whose cost grows with it (``keep``)."""
+    low = 0
+    while cost(low) is None and low < 4096:  # the least count that runs
+        low = low * 2 + 1
+    if cost(low) is None or cost(low) > budget:
+        raise _infeasible(source, knob, budget, cost(low))
+    high = max(1, low * 2)
+    while cost(high) is not None and cost(high) <= budget and high < 1 << 16:
+        low, high = high, high * 2
+    while high - low > 1:  # cost(low) within budget; high over it or does not run
+        middle = (low + high) // 2
+        value = cost(middle)
+        low, high = (middle, high) if value is not None and value <= budget else (low, middle)
+    return low
+
+
+def _grows(cost) -> bool:
+    """Whether the cost grows with the knob (a count kept) rather than falls (a count removed)."""
+    runnable = [v for v in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if cost(v) is not None][:2]
+    return len(runnable) == 2 and cost(runnable[1]) > cost(runnable[0])
+
+
 def _solve_count(cost, budget: float, source: str, knob: str, layers: int):
+    if _grows(cost):
+        return _solve_kept(cost, budget, source, knob)
     base = cost(0)
     if base is None:
         raise _infeasible(source, knob, budget, None)

@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="recipes side by side with the unreduced model, measured")
     bench.add_argument("recipes", nargs="+", help="bundled names or YAML paths")
     bench.add_argument("--budgets", default=None, help="comma-separated TFLOPs budgets: use budgets/NAME_Bt variants")
-    bench.add_argument("--model", default="toy", help="toy (default), shaped, or a local checkpoint directory")
+    bench.add_argument("--tokens", default=None, help="comma-separated visual-token budgets (192,128,64): use "
+                                                      "budgets/NAME_T variants")
+    bench.add_argument("--model", default="toy", help="toy (default), shaped, shaped-7b (LLaVA-1.5-7B widths, random "
+                                                      "weights; for a GPU), or a local checkpoint directory")
+    bench.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    bench.add_argument("--dtype", type=dtype_argument(), default="float32")
     bench.add_argument("--images", type=int, default=100, help="toy test images (6 questions each)")
     bench.add_argument("--reps", type=int, default=7, help="timed prefill repetitions per configuration")
     bench.add_argument("--threads", type=int, default=2)
@@ -216,10 +221,23 @@ def show_cost(args, console: Console) -> int:
             ("memory (GB)", f"{report.memory_gb:.2f}", f"{base.memory_gb:.2f}"),
             ("image features", str(report.tokens["features"]), str(base.tokens["features"])),
             ("LLM tokens per layer", _runs(report.tokens["llm"]), _runs(base.tokens["llm"]))]
+    if recipe is not None and any(s.site in ("llm", "llm_mid") for s in recipe.steps):
+        from .plan import equivalent_tokens, plan_recipe
+
+        plan = plan_recipe(recipe, model_spec(args.model).geometry())
+        rows.append(("visual tokens over decoder layers", equivalent_text(
+            equivalent_tokens(plan.llm.attention, plan.llm.mlp[-1])), ""))
     for row in rows:
         table.add_row(*(row if recipe else row[:2] + ("",)))
     console.print(table)
     return 0
+
+
+def equivalent_text(equivalent: dict) -> str:
+    """Progressive schedules' 'equivalent tokens', both ways the papers count them."""
+    return (f"{equivalent['after_reduction']:.1f} averaged after each layer's reduction (SparseVLM's count), "
+            f"{equivalent['at_input']:.1f} at each layer's input (PyramidDrop's); {equivalent['at_output']:.0f} "
+            f"reach the output")
 
 
 def layer_table(trace, title: str, all_layers: bool = False) -> Table:
@@ -350,6 +368,9 @@ def run_recipe(args, console: Console) -> int:
                     f"({unreduced.tflops / ran.tflops:.2f}x), KV cache {unreduced.kv_cache_mb:.2f} -> "
                     f"{ran.kv_cache_mb:.2f} MB (float16)")
     summary.add_row("image features per image", str(trace.vision_features or "unchanged"))
+    equivalent = trace.equivalent_tokens()
+    if equivalent and any(s.site in ("llm", "llm_mid") for s in trace.steps):
+        summary.add_row("visual tokens over decoder layers", equivalent_text(equivalent))
     summary.add_row("prefill, unreduced", vanilla.show(" ms"))
     summary.add_row("prefill, reduced", reduced.show(" ms"))
     summary.add_row("prefill speedup (interleaved pairs)", ratio_text(speedup))

@@ -15,11 +15,16 @@ from .recipe import Recipe, recipe_name
 TEX_PACKAGES = ("amsmath", "amssymb")
 
 GREEK = {name: symbol for name, symbol in zip(
-    "alpha beta gamma delta epsilon lambda mu tau sigma".split(), "αβγδελμτσ")}
+    "alpha beta gamma delta epsilon lambda mu tau sigma rho theta eta pi omega nu xi phi psi chi kappa zeta".split(),
+    "αβγδελμτσρθηπωνξφψχκζ")}
 SYMBOLS = {r"\cdot": "·", r"\leftarrow": "←", r"\in": "∈", r"\ge": "≥", r"\le": "≤", r"\infty": "∞", r"\arg": "arg",
            r"\varnothing": "∅", r"\sum": "Σ", r"\max": "max", r"\lVert": "‖", r"\rVert": "‖", r"\;-\;": " - ",
            r"\qquad": "   ", r"\quad": "  ", r"\,": " ", r"\;": " ", r"\ ": " ", r"\{": "{", r"\}": "}",
-           r"\left": "", r"\right": "", r"\top": "top"}
+           r"\left": "", r"\right": "", r"\top": "top", r"\notin": "∉", r"\cos": "cos", r"\sin": "sin",
+           r"\sim": "~", r"\Bigg": "", r"\Big": "", r"\big": "", r"\bmod": "mod", r"\lfloor": "⌊", r"\rfloor": "⌋",
+           r"\lceil": "⌈", r"\rceil": "⌉", r"\min": "min", r"\exp": "exp", r"\#": "#", r"\setminus": "∖",
+           r"\cup": "∪", r"\cap": "∩", r"\neq": "≠", r"\ne": "≠", r"\times": "×", r"\approx": "≈", r"\pm": "±",
+           r"\sqrt": "√", r"\ldots": "...", r"\cdots": "...", r"\mid": "|", r"\langle": "⟨", r"\rangle": "⟩"}
 STAGE_TITLES = {"filter": "Filter: which tokens to discard", "correlator": "Correlate: where their information goes",
                 "compressor": "Compress: how it is recycled"}
 

@@ -138,11 +138,11 @@ def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: i
                                f"iqr_outliers); {step.filter.name!r} does not")
         return PlannedStep(step, layer, tokens, candidates, None, position, 0, first_candidates)
     if requested < 0:
-        raise recipe.error(key, f"keeps {candidates - requested} tokens at {where}, where only {candidates} "
-                           f"reducible tokens are present")
+        raise recipe.error(key, f"keeps {candidates - requested} tokens{step.schedule.shown()} at {where}, where "
+                           f"only {candidates} reducible tokens are present")
     if requested > candidates:
-        raise recipe.error(key, f"removes {requested} tokens at {where}, where only {candidates} reducible tokens "
-                           f"are left")
+        raise recipe.error(key, f"removes {requested} tokens{step.schedule.shown()} at {where}, where only "
+                           f"{candidates} reducible tokens are left")
     try:
         remove = step.filter.discard(requested, tokens, candidates)
     except RecipeError as error:

@@ -21,6 +21,7 @@ A recipe has method-level knobs at the top, interpolated into its steps::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import inspect
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import RecipeError
@@ -87,6 +88,12 @@ class Schedule:
 
     kind: str
     value: float | str | tuple[int, ...]
+    #: the value as written, when it came from knobs (``${keep}``), for messages
+    source: str | None = field(default=None, compare=False)
+
+    def shown(self) -> str:
+        """The value for messages, with the knobs it came from."""
+        return f" (from {self.source})" if self.source else ""
 
     def tokens_to_remove(self, n: int, position: int = 0, first: int | None = None) -> int | None:
         """Tokens to remove from ``n`` candidates at the ``position``-th layer of the step
@@ -340,7 +347,9 @@ def _build(config: DictConfig, path: Path, source: str, registry: Registry | Non
     try:
         resolved = OmegaConf.to_container(config, resolve=True)
     except OmegaConfBaseException as error:
-        raise RecipeError(f"{source}: {_key_of(error)}: {str(error).splitlines()[0]}") from error
+        # "RecipeError raised while resolving interpolation: ..." -> the resolver's own words
+        reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(error).splitlines()[0])
+        raise RecipeError(f"{source}: {_key_of(error)}: {reason}") from error
 
     registry = registry or default_registry()
     plugins = resolved.get("plugins") or []
@@ -429,8 +438,10 @@ def _apply_overrides(config: DictConfig, overrides: list[str], source: str) -> D
             raise RecipeError(f"{source}: override {key!r}: the recipe has no knob {key!r}; its knobs: "
                               f"{', '.join(knobs) or 'none'}{hint}")
         try:
-            # A mapping value replaces the node (a stage swap must not keep the old parameters).
-            OmegaConf.update(config, key, value, merge=not isinstance(value, dict))
+            # A mapping value replaces the node (a stage swap must not keep the old parameters);
+            # reserved keys (budget_tflops, ...) may be added by an override.
+            with open_dict(config) if top in RESERVED else contextlib.nullcontext():
+                OmegaConf.update(config, key, value, merge=not isinstance(value, dict))
         except IndexError as error:
             count = len(config.steps) if isinstance(config.get("steps"), ListConfig) else 0
             raise RecipeError(f"{source}: override {key!r}: the recipe has {count} step(s), "
@@ -658,9 +669,9 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
     if kind in ("remove", "keep") and isinstance(value, list):
         if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise RecipeError(f"{where}.{kind}: a list needs non-negative integers, one per layer, got {shown}")
-        return Schedule(kind, tuple(value))
+        return Schedule(kind, tuple(value), _source(raw.get(kind)))
     if kind == "keep" and value in ("adaptive", "filter"):
-        return Schedule(kind, value)
+        return Schedule(kind, value, _source(raw.get(kind)))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         extra = ", a list of them (one per layer), 'filter' or 'adaptive'" if kind == "keep" else ""
         raise RecipeError(f"{where}.{kind}: must be a number{extra}, got {shown}")
@@ -672,7 +683,11 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
         raise RecipeError(f"{where}.keep_ratio: must be in (0, 1], got {shown}")
     if kind == "remove_ratio" and not 0 <= value <= 1:
         raise RecipeError(f"{where}.remove_ratio: must be in [0, 1], got {shown}")
-    return Schedule(kind, value)
+    return Schedule(kind, value, _source(raw.get(kind)))
+
+
+def _source(raw: Any) -> str | None:
+    return raw if isinstance(raw, str) and "${" in raw else None
 
 
 def python_name(key: str) -> str:

@@ -94,12 +94,17 @@ class Trace:
         return "\n".join(lines)
 
 
-def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[TokenState, float]:
+def run_step(planned: PlannedStep, state: TokenState, remove: int, synchronize: bool = False
+             ) -> tuple[TokenState, float]:
     """filter -> correlate -> compress; returns the new state and the seconds it took.
 
     On the ``meta`` device (shape-only runs, e.g. FLOP counting) no stage runs: the step
-    keeps the right number of tokens, so the model's own cost is measured exactly.
+    keeps the right number of tokens, so the model's own cost is measured exactly. With
+    ``synchronize`` the accelerator is synchronised around the step, so the seconds are the
+    step's own (benchmarks on a GPU; otherwise the asynchronous launch time would be counted).
     """
+    sync = torch.cuda.synchronize if synchronize and state.hidden.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     step = planned.step
     if state.hidden.is_meta:
@@ -112,6 +117,7 @@ def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[Toke
     if state.sources is None:
         new_state = boundary.call(step.compressor, step.compressor.compress, state, split, correlation)
         new_state = _emit_order(step, split, boundary.state(step.compressor, new_state, state, remove))
+        sync()
         return new_state, time.perf_counter() - start
     # Provenance rides along as extra channels: every compressor is linear in the tokens, so
     # it moves the original tokens' weights exactly as it moves their information.
@@ -121,7 +127,9 @@ def run_step(planned: PlannedStep, state: TokenState, remove: int) -> tuple[Toke
     boundary.state(step.compressor, new_state, carried, remove)
     new_state.sources = new_state.hidden[..., width:].float()
     new_state.hidden = new_state.hidden[..., :width]
-    return _emit_order(step, split, new_state), time.perf_counter() - start
+    new_state = _emit_order(step, split, new_state)
+    sync()
+    return new_state, time.perf_counter() - start
 
 
 def _emit_order(step, split, state: TokenState) -> TokenState:
@@ -154,6 +162,8 @@ class ReductionRun:
         #: record, for every step, which original tokens each surviving token absorbed
         self.provenance = provenance
         self.trace = Trace()
+        #: synchronise the accelerator around each step, so its recorded seconds are its own
+        self.sync_stage_timing = False
         self._undo: list[Callable[[], None]] = []
         self.active = False
 

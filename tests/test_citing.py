@@ -30,7 +30,9 @@ MATH_COMMANDS = {"frac", "sum", "max", "min", "arg", "operatorname", "mathrm", "
                  "gamma", "delta", "epsilon", "lambda", "mu", "tau", "sigma", "times", "rightarrow", "approx",
                  "pm", "log", "exp", "sqrt", "mathcal", "lfloor", "rfloor", "lceil", "rceil", "cap", "cup",
                  "setminus", "subseteq", "neq", "ne", "prod", "det", "min", "langle", "rangle", "mid", "hat",
-                 "emptyset", "odot", "propto", "ldots", "cdots", "vert", "Vert", "|"}
+                 "emptyset", "odot", "propto", "ldots", "cdots", "vert", "Vert", "|", "Big", "big", "Bigg", "bmod",
+                 "mathbf", "#", "ne", "notin", "cos", "sin", "sim", "rho", "theta", "eta", "pi", "omega", "nu", "xi",
+                 "phi", "psi", "chi", "kappa", "zeta"}
 
 
 def strict_tex_problems(tex: str) -> list[str]:

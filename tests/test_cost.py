@@ -75,7 +75,7 @@ def test_analytic_full_count_equals_flop_counter_on_meta(meta_7b, name, override
     assert abs(analytic - counted) / counted < 1e-3
 
 
-@pytest.mark.parametrize("name", [n for n in fico.bundled_recipes() if n.startswith("budgets/")])
+@pytest.mark.parametrize("name", [n for n in fico.bundled_recipes() if n.startswith("budgets/") and n.endswith("t")])
 def test_budget_recipes_land_within_0_1_tflops_below(name):
     recipe = fico.load_recipe(name)
     budget = recipe.budget.budget_tflops
@@ -151,3 +151,47 @@ def test_cost_cli_table_and_budget(capsys):
     assert main(["cost", "llava-1.5-7b", "budgets/fastv_2.4t"]) == 0
     out = capsys.readouterr().out
     assert "budget 2.4 TFLOPs" in out and "ratio =" in out and "333.4" in out
+
+
+def test_wave2_published_flops():
+    """fico cost reproduces the papers' own numbers to their printed precision: PyramidDrop's
+    3.82 / 2.13 / 1.78 (MACs, 3-matrix MLP, image tokens only) and DivPrune's
+    3.2280 -> 0.5122 (7B) and 6.2813 -> 1.0020 (13B) (MACs, 2-matrix MLP, its 11 text lengths)."""
+    image_only = lambda recipe: round(recipe_cost("llava-1.5-7b", recipe, 60, "mac3-image").tflops, 2)
+    assert image_only(None) == 3.82
+    assert image_only(fico.load_recipe("pdrop", ["layers=[10,20]"])) == 2.13
+    assert image_only(fico.load_recipe("pdrop")) == 1.78
+    texts = [15, 15, 23, 83, 25, 113, 15, 39, 21, 91, 57]
+    divprune = fico.load_recipe("divprune")
+    for model, vanilla, reduced in (("llava-1.5-7b", 3.2280, 0.5122), ("llava-1.5-13b", 6.2813, 1.0020)):
+        assert round(recipe_cost(model, None, texts, "mac2").tflops, 4) == vanilla
+        assert round(recipe_cost(model, divprune, texts, "mac2").tflops, 4) == reduced
+
+
+def test_cost_cli_averages_text_lengths(capsys):
+    assert main(["cost", "llava-1.5-7b", "divprune", "--convention", "mac2", "--text-tokens",
+                 "15,15,23,83,25,113,15,39,21,91,57", "--json"]) == 0
+    assert round(json.loads(capsys.readouterr().out)["tflops"], 4) == 0.5122
+
+
+def test_equivalent_tokens_as_the_papers_count_them():
+    """SparseVLM's log counts visual tokens after each layer's pruning (192.03 for its '192'
+    schedule, 113 reach the output); PyramidDrop's average counts each layer's input (270 for
+    its default); FitPrune's tables average 172.6 / 114.5 / 56.0."""
+    from fico.explain import explanation
+
+    sparse = explanation(fico.load_recipe("sparsevlm"))["equivalent_tokens"]
+    assert sparse["after_reduction"] == pytest.approx(192.03125) and sparse["at_output"] == 113
+    assert explanation(fico.load_recipe("sparsevlm", ["version=2.0", "budget=128"]))["equivalent_tokens"][
+        "after_reduction"] == pytest.approx(128.0)
+    assert explanation(fico.load_recipe("pdrop"))["equivalent_tokens"]["at_input"] == pytest.approx(270)
+    for ratio, mean in ((70, 172.6), (80, 114.5), (90, 56.0)):
+        got = explanation(fico.load_recipe("fitprune", [f"reduction_ratio={ratio}"]))["equivalent_tokens"]
+        assert round(got["after_reduction"], 1) == mean
+
+
+def test_a_count_kept_is_solved_for_a_budget():
+    recipe = fico.load_recipe("fastervlm", ["budget_tflops={tflops: 1.5, solve: keep}"])
+    assert recipe.knobs["keep"] == 55
+    assert recipe_cost("llava-1.5-7b", fico.load_recipe("fastervlm", ["keep=56"])).tflops > 1.5
+    assert recipe.budget.tflops <= 1.5

@@ -305,8 +305,8 @@ def test_bad_knobs(name, overrides, match):
 @pytest.mark.parametrize("name,overrides,match", [
     ("ficoco_v", [], r"layer 11 is out of range: the vision site of this model has layers 0\.\.3"),
     ("ficoco_l", [], r"'4:' selects no layer of the llm site"),
-    ("ficoco_l", ["k=1", "r=200"], r"removes 200 tokens at llm layer 3, where only 176 reducible tokens are left"),
-    ("ficoco_v", ["layers=[0,1]", "r=300"], r"removes 300 tokens at vision layer 1, where only 276"),
+    ("ficoco_l", ["k=1", "r=200"], r"removes 200 tokens \(from \$\{r\}\) at llm layer 3, where only 176 reducible tokens are left"),
+    ("ficoco_v", ["layers=[0,1]", "r=300"], r"removes 300 tokens \(from \$\{r\}\) at vision layer 1, where only 276"),
 ])
 def test_schedule_errors_against_the_model(tiny_model, name, overrides, match):
     model = tiny_model(dtype=torch.float32)

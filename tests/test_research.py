@@ -29,7 +29,7 @@ def test_explain_has_stages_formulas_parameters_and_bibtex():
     assert "\\begin{equation}" in tex and "\\cite{han2026ficoco}" in tex
 
 
-@pytest.mark.parametrize("name", ["tome", "evit", "fastv", "ficoco_v", "ficoco_l", "ficoco_vl"])
+@pytest.mark.parametrize("name", [n for n in fico.bundled_recipes() if not n.startswith("budgets/")])
 def test_every_formula_renders_as_plain_text(name, capsys):
     assert main(["explain", name]) == 0
     out = capsys.readouterr().out

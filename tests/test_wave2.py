@@ -144,3 +144,115 @@ def test_a_left_padded_batch_equals_each_sample_alone(tiny_model, batch_inputs, 
             alone_tokens, alone_scores = _generate(model, alone, 3)
             assert torch.equal(tokens[i, batch["input_ids"].shape[1]:], alone_tokens[0, alone["input_ids"].shape[1]:])
             assert (scores[i] - alone_scores[0]).abs().max() < 1e-6
+
+
+def test_images_of_one_batch_keep_their_own_counts(tiny_model, processor):
+    """PruMerge chooses its count per image (fico: per image, not over the batch): each
+    image's placeholder run is rebuilt to its own count, and each sample of the padded batch
+    equals the sample alone."""
+    from fico import embedded
+
+    model = tiny_model()
+    prompts = ["USER: <image> what is the color of the circle ? ASSISTANT:", "USER: <image> how many objects ? ASSISTANT:"]
+    seeds = [1, 6]
+    batch = embedded.example_inputs(processor, prompts=prompts, seeds=seeds)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    with torch.no_grad(), fico.apply(model, fico.load_recipe("prumerge")) as run:
+        tokens, scores = _generate(model, batch, 3)
+        counts = run.trace.vision_features
+        assert isinstance(counts, list) and counts[0] != counts[1]
+        for i, (text, seed) in enumerate(zip(prompts, seeds)):
+            alone = embedded.example_inputs(processor, prompts=[text], seeds=[seed])
+            alone["pixel_values"] = alone["pixel_values"].double()
+            alone_tokens, alone_scores = _generate(model, alone, 3)
+            assert run.trace.vision_features == counts[i]
+            assert torch.equal(tokens[i, batch["input_ids"].shape[1]:], alone_tokens[0, alone["input_ids"].shape[1]:])
+            assert (scores[i] - alone_scores[0]).abs().max() < 1e-6
+    # the caller's prompt comes back unchanged
+    assert torch.equal(tokens[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
+@pytest.mark.parametrize("name", ["visionzip", "prumerge_plus", "divprune", "pool"])
+def test_vision_side_generate_cache_equals_recompute(tiny_model, single_inputs, name):
+    model = tiny_model()
+    inputs = single_inputs()
+    recipe = fico.load_recipe(name, VISION_CASES[name][0])
+    with torch.no_grad(), fico.apply(model, recipe):
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
+        recomputed = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                    return_dict_in_generate=True, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert (torch.stack(cached.scores) - torch.stack(recomputed.scores)).abs().max() < 1e-8
+
+
+def test_rebuild_placeholders_cuts_each_image_to_its_count():
+    from fico.adapters.llava import rebuild_placeholders
+
+    image, pad = 9, 0
+    ids = torch.tensor([[pad, 1, 9, 9, 9, 9, 2], [1, 9, 9, 9, 9, 3, 2]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    out = rebuild_placeholders({"input_ids": ids, "attention_mask": mask}, [1, 3], image, 4, pad)
+    assert out["input_ids"].tolist() == [[pad, pad, pad, 1, 9, 2], [1, 9, 9, 9, 3, 2]]
+    assert out["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    ("fastervlm", ["keep=600"], r"steps\[0\]\.keep: keeps 600 tokens \(from \$\{keep\}\) at the vision_output site, "
+                                r"where only 576 reducible tokens are present"),
+    ("divprune", ["keep=577"], r"steps\[0\]\.keep: keeps 577 tokens \(from \$\{keep\}\) at the pre_llm site"),
+    ("random", ["site=llm", "layers=[2]", "keep=700"], r"keeps 700 tokens \(from \$\{keep\}\) at llm layer 2"),
+    ("visionzip", ["contextual=600"], r"keeps 653 tokens \(from \$\{fico.sum:\$\{dominant\},\$\{contextual\},-1\}\)"),
+    ("visionzip", ["dominant=0"], r"receivers=10 \(VisionZip's contextual tokens\) is more than the 9 candidates"),
+    ("dart", ["keep=6"], r"steps\[0\]\.filter: image_pivots \+ text_pivots = 8 is above keep=6"),
+    ("dart", ["keep=600"], r"steps\[0\]\.keep: keeps 600 tokens"),
+    ("pool", ["kernel=30"], r"steps\[0\]\.filter: kernel=30 is larger than the 24 x 24 grid"),
+    ("fitprune", [], r"steps\[0\]\.remove: a list needs one count per layer of the step \(4 layers\), got 32"),
+])
+def test_bad_values_that_need_the_model(tiny_model, name, overrides, match):
+    from test_integration import snapshot
+
+    model = tiny_model(dtype=torch.float32)
+    before = snapshot(model)
+    with pytest.raises(fico.RecipeError, match=match):
+        fico.apply(model, fico.load_recipe(name, overrides))
+    assert snapshot(model)[:3] == before[:3]
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    ("sparsevlm", ["budget=100"], r"steps\[0\]\.keep: fico.pick: 100 is not one of 192, 128, 96, 64$"),
+    ("sparsevlm", ["version=3"], r"fico.pick: 3 is not one of 1.5, 2.0"),
+    ("fitprune", ["reduction_ratio=75"], r"fico.pick: 75 is not one of 0, 10, 20, 30, 40, 50, 55, 60, 70, 80, 90"),
+    ("pool", ["kernel=0"], r"steps\[0\]\.filter: kernel must be >= 1, got 0"),
+    ("pdrop", ["ratio=0"], r"steps\[0\]\.keep_geometric: must be in \(0, 1\], got 0 \(from \$\{ratio\}\)"),
+    ("pdrop", ["ratio=1.5"], r"keep_geometric: must be in \(0, 1\]"),
+    ("random", ["seed=-1"], r"steps\[0\]\.filter: seed must be >= 0, got -1"),
+    ("random", ["site=vision_output", "layers=[2]"], r"steps\[0\]\.layers: the vision_output site acts at one point"),
+    ("vispruner", ["important_ratio=2"], r"steps\[0\]\.filter: important_ratio must be in \[0, 1\], got 2"),
+    ("prumerge", ["neighbors=0"], r"steps\[0\]\.correlate: neighbors must be >= 1, got 0"),
+    ("dart", ["budget_mode=closest"], r"budget_mode must be one of official, exact, got 'closest'"),
+    ("dart", ["image_pivots=0"], r"image_pivots must be >= 1"),
+    ("fastervlm", ["keep=-1"], r"steps\[0\]\.keep: must be a non-negative integer, got -1"),
+    ("fastervlm", ["keep=many"], r"steps\[0\]\.keep: must be a number, a list of them \(one per layer\), 'filter' "
+                                 r"or 'adaptive', got 'many'"),
+])
+def test_bad_knob_values_name_the_key(name, overrides, match):
+    with pytest.raises(fico.RecipeError, match=match):
+        fico.load_recipe(name, overrides)
+
+
+def test_step_options_belong_to_their_sites(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("steps:\n  - {site: vision, layers: [0], remove: 2, positions: renumber, filter: bipartite_matching,"
+                    " correlate: key_similarity, compress: weighted_average}\n")
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.positions: only the llm and llm_mid site\(s\) take it"):
+        fico.load_recipe(path)
+    path.write_text("steps:\n  - {site: llm, layers: [2], remove: 2, positions: shuffle, filter: "
+                    "{name: attention_rank, signal: last_query_attention}, correlate: none, compress: drop}\n")
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.positions: must be keep or renumber, got 'shuffle'"):
+        fico.load_recipe(path)
+    path.write_text("steps:\n  - {site: pre_llm, keep: adaptive, filter: random, correlate: none, compress: drop}\n")
+    with pytest.raises(fico.RecipeError, match=r"'adaptive' needs a filter that chooses its own count"):
+        from fico.cost import recipe_cost
+
+        recipe_cost("llava-1.5-7b", fico.load_recipe(path))

@@ -482,7 +482,7 @@ class LLMSite:
         state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
                            visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
                            extras=extras, sources=lp.sources, site=step.site, layer=layer)
-        new, seconds = run_step(planned, state, remove)
+        new, seconds = run_step(planned, state, remove, self.run.sync_stage_timing)
         keep, hidden, extras, sources = new.positions, new.hidden, dict(new.extras), new.sources
         created = keep < 0
         if step.compressor.appended(remove):

@@ -402,7 +402,7 @@ class VisionSite:
                            patch=torch.where(vp.positions > 0, vp.positions - 1, -1), grid=self.grid,
                            size=vp.size, signals=signals, extras=vp.extras, sources=vp.sources, site="vision",
                            layer=layer)
-        new, seconds = run_step(planned, state, planned.remove)
+        new, seconds = run_step(planned, state, planned.remove, self.run.sync_stage_timing)
         record = StepRecord("vision", layer, hidden.shape[1], new.hidden.shape[1], planned.remove, seconds)
         if vp.sources is not None:
             record_provenance(record, vp.positions, new.positions, new.sources)
@@ -536,7 +536,7 @@ class VisualEncoder:
         step = planned.step
         site = step.site
         if planned.remove is not None:
-            new, seconds = run_step(planned, state, planned.remove)
+            new, seconds = run_step(planned, state, planned.remove, self.run.sync_stage_timing)
             self._record(site, state, new, planned.remove, seconds)
             return [new]
         results = []
@@ -550,7 +550,7 @@ class VisualEncoder:
             if keep < 0 or remove < 0:
                 raise RecipeError(f"{self.run.recipe.source}: {step.where}: the filter {step.filter.name!r} "
                                   f"chose to keep {keep} of {int(one.candidate.sum())} candidates")
-            new, seconds = run_step(planned, one, remove)
+            new, seconds = run_step(planned, one, remove, self.run.sync_stage_timing)
             self._record(site, one, new, remove, seconds)
             results.append(new)
         return results

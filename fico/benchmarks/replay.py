@@ -23,37 +23,49 @@ from ..cost import TokenCounts
 
 
 def _timed(fn) -> float:
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
 def replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
     """Seconds the vanilla modules of ``model`` take on ``counts`` (one sample, no fico)."""
     g = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
     vision_tower = model.model.vision_tower
     vision_width = model.config.vision_config.hidden_size
     text = model.model.language_model
     llm_width = model.config.text_config.hidden_size
 
     def randn(n: int, width: int) -> torch.Tensor:
-        return torch.randn(1, n, width, generator=g).to(dtype)
+        return torch.randn(1, n, width, generator=g).to(device, dtype)
 
     pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size,
-                         generator=g).to(dtype)
+                         generator=g).to(device, dtype)
     total = _timed(lambda: vision_tower.pre_layrnorm(vision_tower.embeddings(pixels)))
     for layer, n_in, n_out in zip(vision_tower.encoder.layers, counts.vision_in, counts.vision_out):
         x_in, x_out = randn(n_in, vision_width), randn(n_out, vision_width)
         total += _timed(lambda: x_in + layer.self_attn(hidden_states=layer.layer_norm1(x_in), attention_mask=None)[0])
         total += _timed(lambda: x_out + layer.mlp(layer.layer_norm2(x_out)))
-    features = randn(counts.features, vision_width)
+    features = randn(counts.projected, vision_width)
     total += _timed(lambda: model.model.multi_modal_projector(features))
-    for layer, n in zip(text.layers, counts.llm):
-        hidden = randn(n, llm_width)
-        positions = torch.arange(n)[None]
+    for layer, n, m in zip(text.layers, counts.llm, counts.llm_mlp):
+        hidden, after = randn(n, llm_width), randn(m, llm_width)
+        positions = torch.arange(n, device=device)[None]
         rope = text.rotary_emb(hidden, positions)  # computed once per forward by the model too
-        total += _timed(lambda: layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope))
+        if m == n:
+            total += _timed(lambda: layer(hidden, attention_mask=None, position_ids=positions,
+                                          position_embeddings=rope))
+            continue
+        # an llm_mid step: the attention half on n tokens, the MLP half on m
+        total += _timed(lambda: hidden + layer.self_attn(hidden_states=layer.input_layernorm(hidden),
+                                                         attention_mask=None, position_ids=positions,
+                                                         position_embeddings=rope)[0])
+        total += _timed(lambda: after + layer.mlp(layer.post_attention_layernorm(after)))
     last = randn(1, llm_width)
     total += _timed(lambda: model.lm_head(text.norm(last)))
     return total

@@ -15,6 +15,30 @@ IMAGE_TOKEN_ID = 32000
 PAD_TOKEN_ID = 32001
 
 
+def build_shaped_7b(dtype: torch.dtype = torch.float16, attn_implementation: str = "sdpa", seed: int = 0,
+                    device: str = "cpu"):
+    """LLaVA-1.5-7B's real architecture (CLIP ViT-L/14-336, Vicuna-7B widths and depths) with
+    random weights, built directly on ``device`` (about 14 GB in float16: for a GPU)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from ..cost import BUILTIN_SPECS, llava_config
+
+    config = llava_config(BUILTIN_SPECS["llava-1.5-7b"])
+    config.image_token_id, config.pad_token_id = IMAGE_TOKEN_ID, PAD_TOKEN_ID
+    config.text_config.pad_token_id = PAD_TOKEN_ID
+    config.text_config.vocab_size = 32064
+    torch.manual_seed(seed)
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlavaForConditionalGeneration(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
 def build_shaped_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", seed: int = 0,
                        vision_width: int = 512, llm_width: int = 1024, llm_layers: int = 32):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

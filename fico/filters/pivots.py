@@ -53,9 +53,9 @@ class PivotDuplicates(Filter):
 
     def kept(self, budget: int) -> int:
         """Visual tokens kept for a budget K."""
-        if budget < self.image_pivots:
-            raise RecipeError(f"keep={budget} is below image_pivots={self.image_pivots}: the visual pivots alone "
-                              f"exceed it")
+        if budget < self.pivots:
+            raise RecipeError(f"image_pivots + text_pivots = {self.pivots} is above keep={budget}: each pivot must "
+                              f"bring at least one token")
         if self.budget_mode == "exact":
             return budget
         return self.image_pivots + self.pivots * (budget // self.pivots)

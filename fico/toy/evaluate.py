@@ -30,8 +30,9 @@ def answer_logits(model, processor, images, questions, batch: int = 24) -> torch
         chunk = slice(start, start + batch)
         inputs = processor(images=images[chunk], text=[prompt(q) for q in questions[chunk]],
                            return_tensors="pt", padding=True)
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out.append(model(**inputs, logits_to_keep=1).logits[:, -1].float())
+        out.append(model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu())
     return torch.cat(out)
 
 
