@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="also time the vanilla modules on each run's token counts: the speedup this machine "
                             "gives those counts without fico, and fico's efficiency against it")
     bench.add_argument("--markdown", default=None, help="update this markdown file's results block (docs/benchmarks.md)")
+    bench.add_argument("--block", default=None, help="the results block's name in --markdown (default: the model)")
     _plugin_option(bench)
     args = parser.parse_args(argv)
     console = Console()
