@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import RecipeError
-from .recipe import Recipe, Step
+from .recipe import Recipe, Step, knobs_in
 
 #: sites that act at one point of the forward pass, not at layers
 POINT_SITES = ("vision_output", "pre_llm")
@@ -110,9 +110,13 @@ def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
         layers = list(step.layers)
     bad = [layer for layer in layers if layer >= num_layers]
     if bad:
+        knobs = knobs_in(step.layers_source)
+        hint = (f" (from {step.layers_source}); the recipe's schedule was written for a deeper model: override "
+                + " or ".join(f"{k}=..." for k in knobs) + " with layers this model has") if knobs else ""
         raise recipe.error(
             f"{step.where}.layers",
-            f"layer {bad[0]} is out of range: the {step.site} site of this model has layers 0..{num_layers - 1}",
+            f"layer {bad[0]} is out of range: the {step.site} site of this model has layers "
+            f"0..{num_layers - 1}{hint}",
         )
     return layers
 
@@ -162,7 +166,10 @@ def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int
         counts = step.schedule.value
         if isinstance(counts, tuple) and len(counts) != len(layers):
             raise recipe.error(f"{step.where}.{step.schedule.kind}", f"a list needs one count per layer of the "
-                               f"step ({len(layers)} layers), got {len(counts)}")
+                               f"step ({len(layers)} layers), got {len(counts)}{step.schedule.shown()}"
+                               + (f"; the schedule was written for {len(counts)} layers: give "
+                                  f"steps.{step.index}.{step.schedule.kind}=[...] {len(layers)} counts for this model"
+                                  if step.schedule.source else ""))
         for index, layer in enumerate(layers):
             position[layer] = index
             if layer in by_layer:

@@ -132,6 +132,8 @@ class Step:
     signal_layer: str = "previous"
     #: vision_output site: [CLS] reaches the projector as a feature (VisionZip)
     cls_feature: bool = False
+    #: the recipe text ``layers`` came from, when it interpolates knobs (for messages)
+    layers_source: str | None = field(default=None, compare=False)
 
     def required_signals(self) -> set[str]:
         return self.filter.required_signals() | self.correlator.required_signals() | self.compressor.required_signals()
@@ -635,7 +637,8 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
             f"{where}.compress: {compressor.name!r} needs a correlator that gives {compressor.consumes}, "
             f"but {correlator.name!r} gives {correlator.produces}"
         )
-    return Step(index, site, layers, schedule, parts["filter"], correlator, compressor, **options)
+    return Step(index, site, layers, schedule, parts["filter"], correlator, compressor, **options,
+                layers_source=_source(raw.get("layers")))
 
 
 def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:
@@ -688,6 +691,12 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
 
 def _source(raw: Any) -> str | None:
     return raw if isinstance(raw, str) and "${" in raw else None
+
+
+def knobs_in(source: str | None) -> list[str]:
+    """The top-level knobs an interpolation reads: ``${fico.pick:${tables.keep},${budget}}`` -> ``['budget']``."""
+    names = re.findall(r"\$\{([A-Za-z_][\w.]*)\}", source or "")
+    return list(dict.fromkeys(n for n in names if "." not in n and n != "tables"))
 
 
 def python_name(key: str) -> str:

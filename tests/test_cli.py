@@ -91,3 +91,29 @@ def test_bad_recipe_is_a_clean_error(capsys):
     captured = capsys.readouterr()
     assert "steps[0].remove_ratio: must be in [0, 1], got 3 (from ${ratio})" in captured.err
     assert captured.out == ""
+
+
+WAVE2 = ["visionzip", "fastervlm", "hired", "vispruner", "prumerge", "prumerge_plus", "divprune", "random", "pool",
+         "pdrop", "sparsevlm", "dart", "fitprune"]
+
+
+@pytest.mark.parametrize("name", WAVE2)
+def test_every_new_method_runs_from_the_command_line(name, capsys):
+    # the embedded model has LLaVA-1.5's 24 vision and 32 decoder layers, so the official schedules fit as shipped
+    assert main(["run", name, "--model", "embedded", "--repeats", "1", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{name}: tokens per site and layer" in out and "next-token KL" in out
+    if name in ("pdrop", "sparsevlm"):
+        assert "visual tokens over decoder layers" in out
+
+
+def test_new_methods_ablate_and_bench_from_the_command_line(tmp_path, capsys):
+    grid = tmp_path / "grid.jsonl"
+    assert main(["ablate", "dart", "--grid", "keep=64,128", "--model", "embedded", "--images", "1",
+                 "--out", str(grid)]) == 0
+    assert len(grid.read_text().splitlines()) == 2
+    report = tmp_path / "bench.json"
+    assert main(["bench", "visionzip", "divprune", "--tokens", "64", "--model", "embedded", "--images", "1",
+                 "--reps", "1", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert [e["recipe"] for e in data["results"]] == ["budgets/visionzip_64", "budgets/divprune_64"]

@@ -207,7 +207,12 @@ def test_rebuild_placeholders_cuts_each_image_to_its_count():
     ("dart", ["keep=6"], r"steps\[0\]\.filter: image_pivots \+ text_pivots = 8 is above keep=6"),
     ("dart", ["keep=600"], r"steps\[0\]\.keep: keeps 600 tokens"),
     ("pool", ["kernel=30"], r"steps\[0\]\.filter: kernel=30 is larger than the 24 x 24 grid"),
-    ("fitprune", [], r"steps\[0\]\.remove: a list needs one count per layer of the step \(4 layers\), got 32"),
+    ("fitprune", [], r"steps\[0\]\.remove: a list needs one count per layer of the step \(4 layers\), got 32 "
+                     r"\(from \$\{fico.pick:.*\}\); the schedule was written for 32 layers: give "
+                     r"steps.0.remove=\[...\] 4 counts for this model"),
+    ("pdrop", [], r"steps\[0\]\.layers: layer 8 is out of range: the llm site of this model has layers 0..3 "
+                  r"\(from \$\{layers\}\); the recipe's schedule was written for a deeper model: override "
+                  r"layers=\.\.\. with layers this model has"),
 ])
 def test_bad_values_that_need_the_model(tiny_model, name, overrides, match):
     from test_integration import snapshot
