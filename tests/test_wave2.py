@@ -261,3 +261,25 @@ def test_step_options_belong_to_their_sites(tmp_path):
         from fico.cost import recipe_cost
 
         recipe_cost("llava-1.5-7b", fico.load_recipe(path))
+
+
+def test_a_mid_layer_step_that_reads_attention_rows_forms_the_attention_once(tiny_model, single_inputs,
+                                                                              monkeypatch):
+    """FitPrune reads most rows of each layer's attention: the layer forms it whole, once, in
+    prefill (not SDPA plus a second pass for the rows), and decodes with the model's own attention."""
+    from fico.adapters import decoder
+
+    calls = []
+    original = decoder.attention_with_probabilities
+    monkeypatch.setattr(decoder, "attention_with_probabilities",
+                        lambda attn, hidden, *a, **k: calls.append(hidden.shape[1]) or original(attn, hidden, *a, **k))
+    model = tiny_model()
+    recipe, reference = _recipe("fitprune")
+    inputs = single_inputs()
+    with torch.no_grad(), fico.apply(model, recipe):
+        sequences, scores = _generate(model, inputs, 2)
+    n = inputs["input_ids"].shape[1]
+    assert calls == [n, n - 40, n - 70, n - 90]  # the prefill only, one per layer, on what each layer sees
+    with torch.no_grad():
+        expected = reference(model, inputs["input_ids"], inputs["pixel_values"])
+    assert (scores[:, 0] - expected[:, -1]).abs().max() < 1e-6

@@ -51,7 +51,12 @@ def softmax_heads(logits: Tensor, heads: str = "mean") -> Tensor:
     a fully masked row (left padding) attends to nothing, not NaN.
     """
     probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)
+    return reduce_heads(torch.nan_to_num(probs, nan=0.0), heads)
+
+
+def reduce_heads(probs: Tensor, heads: str = "mean") -> Tensor:
+    """``(B, H, R, N)`` attention probabilities reduced over the head axis: ``mean``, ``max``,
+    ``sum``, or ``all`` (kept)."""
     if heads == "all":
         return probs
     if heads == "mean":
@@ -72,13 +77,17 @@ class DecoderAttention:
         queries: rows ``(B, R)`` -> ``(B, R, H * d)`` their q projection.
         position_embeddings: ``(cos, sin)`` ``(B, N, d)`` of the tokens present.
         mask: the layer's 4D mask over the tokens present, or None (plain causal).
+        probabilities: ``(B, H, N, N)`` the layer's attention when it was formed whole
+            (:func:`attention_with_probabilities`), or None.
     """
 
     def __init__(self, attn: nn.Module, keys: Tensor, queries: Callable[[Tensor], Tensor],
-                 position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None):
+                 position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None,
+                 probabilities: Tensor | None = None):
         from transformers.models.llama.modeling_llama import rotate_half
 
         self.attn, self.mask, self._queries, self._rotate = attn, mask, queries, rotate_half
+        self.probabilities = probabilities
         self.cos, self.sin = position_embeddings
         b, n, _ = keys.shape
         self.batch, self.tokens = b, n
@@ -98,18 +107,16 @@ class DecoderAttention:
 
     def masked(self, logits: Tensor, rows: Tensor) -> Tensor:
         """``logits`` of ``rows`` with the layer's mask (causal, padding) applied."""
-        b = rows.shape[0]
-        if self.mask is None:
-            allowed = torch.arange(self.tokens, device=rows.device)[None, None, :] <= rows[:, :, None]
-            return logits.masked_fill(~allowed[:, None], float("-inf"))
-        mask = self.mask.expand(b, -1, -1, -1)
-        mask_rows = torch.gather(mask, 2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1],
-                                                                        mask.shape[-1]))
-        return logits.masked_fill(~mask_rows, float("-inf")) if mask_rows.dtype == torch.bool else logits + mask_rows
+        return masked_logits(logits, rows, self.mask)
 
     def rows(self, rows: Tensor, heads: str = "mean") -> Tensor:
         """``(B, R, N)`` softmax attention of query rows ``rows`` over every key, heads reduced
-        by ``heads`` (``mean``, ``max``, ``sum``): the ``attention_rows`` signal."""
+        by ``heads`` (``mean``, ``max``, ``sum``): the ``attention_rows`` signal. Rows of a
+        layer whose attention was formed whole (``probabilities``) are read, not re-formed."""
+        if self.probabilities is not None:
+            h, n = self.probabilities.shape[1], self.probabilities.shape[-1]
+            picked = torch.gather(self.probabilities, 2, rows[:, None, :, None].expand(-1, h, -1, n))
+            return reduce_heads(picked, heads)
         return softmax_heads(self.masked(self.logits(rows), rows), heads)
 
     def gravity(self, rows: Tensor) -> Tensor:
@@ -124,6 +131,50 @@ class DecoderAttention:
         """``(B, N)`` L1 norm of each token's post-RoPE key, over the query heads' copies
         (DART's pivot score: the keys after ``repeat_kv``, heads concatenated)."""
         return self.keys.abs().sum(dim=(1, 3)) * self.attn.num_key_value_groups
+
+
+def masked_logits(logits: Tensor, rows: Tensor, mask: Tensor | None) -> Tensor:
+    """``(B, H, R, N)`` logits of query rows ``rows`` with a layer's 4D mask (bool: True
+    attends; float: added) applied, or plain causal masking where ``mask`` is None."""
+    b = rows.shape[0]
+    if mask is None:
+        allowed = torch.arange(logits.shape[-1], device=rows.device)[None, None, :] <= rows[:, :, None]
+        return logits.masked_fill(~allowed[:, None], float("-inf"))
+    mask = mask.expand(b, -1, -1, -1)
+    mask_rows = torch.gather(mask, 2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
+    return logits.masked_fill(~mask_rows, float("-inf")) if mask_rows.dtype == torch.bool else logits + mask_rows
+
+
+def attention_with_probabilities(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                                 mask: Tensor | None, cache=None, **kwargs) -> tuple[Tensor, Tensor]:
+    r"""A Llama attention module's prefill forward, formed explicitly: its output and its
+    ``(B, H, N, N)`` probabilities :math:`\mathrm{softmax}(QK^\top / \sqrt d + M)`.
+
+    For a mid-layer step that reads most of the layer's attention rows (FitPrune's visual and
+    text queries), forming the attention once costs what the fused kernel costs, where
+    re-forming the rows next to it would add most of that again. The layer's own projections,
+    RoPE and KV-cache update are used, so the cache holds what SDPA would have written; the
+    softmax is float32 for half dtypes and the model's dtype otherwise; a fully masked row
+    (left padding) attends to nothing.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    b, n, _ = hidden.shape
+    shape = (b, n, -1, attn.head_dim)
+    queries, keys, values = (proj(hidden).view(shape).transpose(1, 2)
+                             for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    cos, sin = position_embeddings
+    queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
+    if cache is not None:
+        keys, values = cache.update(keys, values, attn.layer_idx, kwargs=kwargs)
+    groups = attn.num_key_value_groups
+    logits = (queries @ repeat_kv(keys, groups).transpose(-1, -2)) * attn.scaling
+    rows = torch.arange(n, device=hidden.device).expand(b, n)
+    logits = masked_logits(logits, rows, mask)
+    probabilities = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+    probabilities = torch.nan_to_num(probabilities, nan=0.0)
+    out = (probabilities.to(values.dtype) @ repeat_kv(values, groups)).transpose(1, 2).reshape(b, n, -1)
+    return attn.o_proj(out), probabilities
 
 
 def attention_signals(names: set[str], source: DecoderAttention, last_row: Tensor,
@@ -231,11 +282,17 @@ def _decoder_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor |
     """A Llama decoder layer with an ``llm_mid`` step between its attention and its MLP."""
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
-                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
-                                      position_embeddings=position_embeddings, **kwargs)
+    site, layer = self._fico_site, self._fico_layer
+    if site.forms_attention(layer, hidden_states):
+        hidden_states, probabilities = attention_with_probabilities(self.self_attn, hidden_states,
+                                                                    position_embeddings, attention_mask, cache)
+        site.keep_attention(layer, probabilities, position_embeddings, attention_mask)
+    else:
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                          position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                          position_embeddings=position_embeddings, **kwargs)
     hidden_states = residual + hidden_states
-    hidden_states = self._fico_site.mid(self._fico_layer, hidden_states)
+    hidden_states = site.mid(layer, hidden_states)
     residual = hidden_states
     hidden_states = self.post_attention_layernorm(hidden_states)
     hidden_states = self.mlp(hidden_states)
@@ -272,6 +329,9 @@ class LLMSite:
         for layer, planned in plan.mid_steps.items():
             if planned.remove:
                 self._need(layer, planned.step.required_signals())
+        #: mid-layer steps that read attention rows: their layer forms its attention whole, once
+        self.whole_attention = {layer for layer, planned in plan.mid_steps.items()
+                                if planned.remove and "attention_rows" in planned.step.required_signals()}
 
     def _need(self, layer: int, names: set[str]) -> None:
         attention = names - {"final_normed_hidden", "input_embeddings"}
@@ -396,6 +456,18 @@ class LLMSite:
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def forms_attention(self, layer: int, hidden: Tensor) -> bool:
+        """Whether ``layer`` forms its attention whole in this forward (a prefill whose
+        mid-layer step reads attention rows)."""
+        lp = self.current
+        return (layer in self.whole_attention and lp is not None and lp.phase == "prefill"
+                and not hidden.is_meta)
+
+    def keep_attention(self, layer: int, probabilities: Tensor, position_embeddings, attention_mask) -> None:
+        slot = self.current.captured.setdefault(layer, {})
+        slot.update(probabilities=probabilities, position_embeddings=position_embeddings,
+                    attention_mask=attention_mask)
+
     def mid(self, layer: int, hidden: Tensor) -> Tensor:
         """The ``llm_mid`` step of ``layer``, called by the class-swapped decoder layer."""
         lp = self.current
@@ -415,7 +487,8 @@ class LLMSite:
         q = capture.get("q")
         return DecoderAttention(self.layers[layer].self_attn, capture["k"],
                                 (lambda rows: gather_tokens(q, rows)) if q is not None else None,
-                                capture["position_embeddings"], capture["attention_mask"])
+                                capture["position_embeddings"], capture["attention_mask"],
+                                capture.get("probabilities"))
 
     def _input_source(self, layer: int, planned: PlannedStep, lp: LLMPass, hidden: Tensor
                       ) -> DecoderAttention | None:
