@@ -195,6 +195,10 @@ def test_rebuild_placeholders_cuts_each_image_to_its_count():
     out = rebuild_placeholders({"input_ids": ids, "attention_mask": mask}, [1, 3], image, 4, pad)
     assert out["input_ids"].tolist() == [[pad, pad, pad, 1, 9, 2], [1, 9, 9, 9, 3, 2]]
     assert out["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    # a method may emit more features than patches (PruMerge's extra token when nothing is discarded)
+    out = rebuild_placeholders({"input_ids": ids, "attention_mask": mask}, [2, 5], image, 4, pad)
+    assert out["input_ids"].tolist() == [[pad, pad, pad, pad, 1, 9, 9, 2], [1, 9, 9, 9, 9, 9, 3, 2]]
+    assert out["attention_mask"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [1] * 8]
 
 
 @pytest.mark.parametrize("name,overrides,match", [

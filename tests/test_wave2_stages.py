@@ -2,6 +2,7 @@
 
 import math
 
+
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -111,3 +112,30 @@ def test_shaped_7b_has_llava_7b_architecture():
     parameters = sum(p.numel() for p in model.parameters())
     assert math.isclose(parameters, 7.0634e9, rel_tol=1e-3)
     assert next(model.parameters()).dtype == torch.float16
+
+
+def test_prumerge_appends_its_extra_token_even_when_nothing_is_discarded():
+    """The official code appends the weighted sum of the pruned tokens whatever their number;
+    with none pruned (every patch an outlier or a supplement) it is a zero vector."""
+    from fico.compressors.target_plus import TargetPlusSum
+    from fico.stages import Correlation, Split
+
+    s = state(1, 5)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    split = Split(scores=torch.zeros(1, 5), discarded=empty, preserved=torch.arange(5)[None],
+                  targets=torch.ones(1, 5, dtype=torch.bool))
+    correlation = Correlation(shares=torch.zeros(1, 0, 5, dtype=torch.float64),
+                              fused=torch.zeros(1, 0, dtype=torch.float64))
+    out = TargetPlusSum().compress(s, split, correlation)
+    assert TargetPlusSum().appended(0) == 1 and out.hidden.shape == (1, 6, 8)
+    assert torch.equal(out.hidden[:, :5], s.hidden) and not out.hidden[:, 5].any()
+
+
+def test_prumerge_plus_defines_the_stride_the_official_code_cannot():
+    """No outlier: the official 1 / ratio fails; fico's limit (an infinite stride) keeps patch 0 alone."""
+    from fico.filters.outliers import IQROutliers
+
+    s = state(1, 17, grid=(4, 4))
+    s.signals = {"next_cls_attention_fullwidth": torch.ones(1, 17, dtype=torch.float64)}
+    chosen, _ = IQROutliers(supplements=True)._choose(s)
+    assert chosen.tolist() == [1]  # token 1 is patch 0 ([CLS] is token 0)

@@ -44,13 +44,18 @@ class TargetPlusSum(Compressor):
                x_{\text{extra}} = \sum_{i \in S} a_i x_i
 
     with the correlator's shares :math:`\alpha`, preserved shares :math:`w` (states before the
-    step) and fused weights :math:`a`; the extra token is appended after the targets.
+    step) and fused weights :math:`a`; the extra token is appended after the targets. As in
+    the official code it is appended even when nothing is discarded (then it is the empty
+    sum, a zero vector: an image whose every patch is an outlier or a supplement).
     """
 
     name = "target_plus_sum"
     cite = ("shang2025prumerge",)
     consumes = "neighbours"
     appends = 1
+
+    def appended(self, removed: int) -> int:
+        return self.appends
 
     def compress(self, state: TokenState, split: Split, correlation: Correlation) -> TokenState:
         kept = state.keep(split.preserved)

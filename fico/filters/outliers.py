@@ -28,7 +28,9 @@ class IQROutliers(Filter):
     that are not yet kept, a spatially uniform complement. The kept tokens are emitted as the
     official code orders them (``Split.order``): the outliers by descending attention, then the
     supplements in ascending order. The official code takes the quartiles over the whole
-    batch; fico takes them per image, so an image keeps the same tokens in any batch.
+    batch; fico takes them per image, so an image keeps the same tokens in any batch. With no
+    outlier the official stride :math:`N / 0` fails; fico takes its limit :math:`s = \infty`
+    (the supplement is patch 0 alone).
     """
 
     name = "iqr_outliers"
@@ -52,13 +54,9 @@ class IQROutliers(Filter):
         top = torch.topk(values, count).indices
         chosen = candidates[top]
         if self.supplements:
-            if ratio == 0:
-                raise InputError("fico: iqr_outliers: no outliers in this image, so PruMerge+'s supplement stride "
-                                 "(1 / ratio) is undefined")
-            stride = int(int(1 / ratio) / 3)
-            if stride <= 0:
-                raise InputError(f"fico: iqr_outliers: {count} of {total} patches are outliers, more than a third, so "
-                                 f"PruMerge+'s supplement stride is 0")
+            # no outlier: the official 1 / ratio fails; its limit (an infinite stride) leaves patch 0.
+            # (The stride is >= 1 otherwise: Tukey's fence leaves at most a quarter above it.)
+            stride = int(int(1 / ratio) / 3) if ratio else total
             patches = state.patch[0, candidates]
             taken = set(top.tolist())
             extra = [j for j in range(0, total - 1, stride) if j not in taken]
