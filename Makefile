@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fico-installed
+LMMS_STAMP := $(VENV)/.fico-lmms-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lmms bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +14,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# lmms-eval for `fico eval` and `lmms-eval --model fico`: its minimal pinned set into the same
+# venv. torch is repeated so pip never swaps the CPU wheel; lmms-eval goes in with --no-deps
+# (requirements-lmms.txt says why).
+$(LMMS_STAMP): $(STAMP) requirements-lmms.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -r requirements-lmms.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps lmms-eval==0.7.3
+	touch $(LMMS_STAMP)
+
+lmms: $(LMMS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/fico run fastv
 
-test: $(STAMP)
+test: $(STAMP) $(LMMS_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

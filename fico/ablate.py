@@ -12,20 +12,18 @@ match, and refuses a results file written under other conditions.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from .cost import recipe_cost
-from .errors import RecipeError, ResultsFileError
+from .errors import RecipeError
 from .recipe import override_list, load_recipe
+from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest
 
 STAGE_KEYS = {"filter", "correlate", "compress"}
 
@@ -102,62 +100,9 @@ def fidelity_logprobs(bm, recipe, images: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def recipe_digest(recipe) -> str:
-    """What a cell ran, as a hash: the resolved recipe and the plugin files it loaded."""
-    text = OmegaConf.to_yaml(recipe.config)
-    for path in recipe.plugin_files:
-        text += f"\n# {path.name}\n" + Path(path).read_text()
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def measurement_conditions(model: str, images: int, dtype: str, threads: int) -> dict:
-    """Everything besides the recipe that changes a cell's numbers."""
-    import transformers
-
-    from . import __version__
-    from .models import describe_checkpoint
-
-    return {"fico": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            **describe_checkpoint(model), "images": images, "dtype": dtype, "attn": "sdpa", "threads": threads}
-
-
-def conditions_key(conditions: dict) -> str:
-    return hashlib.sha256(json.dumps(conditions, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def default_results_path(recipe_name: str, conditions: dict) -> Path:
     model = Path(str(conditions["model"])).name or "model"
     return Path(f"ablate-{recipe_name.replace('/', '_')}-{model}-{conditions_key(conditions)}.jsonl")
-
-
-def read_results(path: Path, conditions: dict) -> dict[tuple[str, str], dict]:
-    """Cells already measured under ``conditions`` in ``path``, by (cell, recipe digest).
-
-    Raises ResultsFileError if the file holds cells measured under other conditions: resuming
-    from them would mix numbers of different models, sizes or versions.
-    """
-    done = {}
-    if not path.exists():
-        return done
-    key = conditions_key(conditions)
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ResultsFileError(f"{path}:{number}: not a JSON line ({error.msg}); is it an ablation results "
-                                   f"file?") from error
-        if record.get("conditions_key") != key:
-            theirs = record.get("conditions") or {}
-            differ = [f"{k}: {conditions.get(k)!r} now, {theirs.get(k)!r} in the file"
-                      for k in dict.fromkeys([*conditions, *theirs]) if conditions.get(k) != theirs.get(k)]
-            raise ResultsFileError(
-                f"{path}:{number}: this results file holds cells measured under other conditions "
-                f"({'; '.join(differ) or 'written by an older fico'}); resuming would mix them with these. "
-                f"Give another --out, or leave --out out to get a file named after these conditions")
-        done[(record["cell"], record.get("recipe_digest"))] = record
-    return done
 
 
 def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str = "toy", images: int = 50,
@@ -189,9 +134,9 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
                for label, cell in cells}  # fail before running
     if threads is not None:
         torch.set_num_threads(threads)
-    conditions = measurement_conditions(model, images, dtype, torch.get_num_threads())
+    conditions = measurement_conditions(model, dtype, torch.get_num_threads(), images=images)
     out = Path(out) if out else default_results_path(recipe_name, conditions)
-    done = read_results(out, conditions)
+    done = read_results(out, conditions, "ablation results")
     model_obj, processor = load_model(model, dtype, "sdpa")
     bm = BenchModel(model, model_obj, processor, {})
     records = []
@@ -212,16 +157,13 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
                       "answer_agreement": (logprobs.argmax(-1) == base["_logprobs"].argmax(-1)).float().mean().item(),
                       "kl": torch.nn.functional.kl_div(logprobs, base["_logprobs"], log_target=True,
                                                        reduction="batchmean").item(),
-                      "recipe_digest": digest, "conditions_key": conditions_key(conditions),
-                      "conditions": conditions}
+                      "recipe_digest": digest}
             if "accuracy" in result:
                 record["accuracy_retention"] = result["accuracy"]["overall"] / base["accuracy"]["overall"]
                 record["baseline_accuracy"] = base["accuracy"]["overall"]
             else:
                 record["baseline_accuracy"] = None
-            with out.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            records.append(record)
+            records.append(append_result(out, record, conditions))
             progress.advance(task)
     console.print(f"results: {out}", highlight=False)
     return records

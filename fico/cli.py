@@ -127,6 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--markdown", default=None, help="update this markdown file's results block (docs/benchmarks.md)")
     bench.add_argument("--block", default=None, help="the results block's name in --markdown (default: the model)")
     _plugin_option(bench)
+    evaluate = sub.add_parser("eval", help="the unreduced model and recipes on lmms-eval tasks, compared (resumable)")
+    evaluate.add_argument("recipes", nargs="+", help="bundled names or YAML paths")
+    evaluate.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks (fico_toy_vqa, "
+                                                         "fico_toy_vqa_mc run offline anywhere)")
+    evaluate.add_argument("--model", default="toy", help="toy (default), embedded, or a local checkpoint directory")
+    evaluate.add_argument("--budgets", default=None, help="comma-separated TFLOPs budgets: budgets/NAME_Bt variants")
+    evaluate.add_argument("--tokens", default=None, help="comma-separated visual-token budgets: budgets/NAME_T variants")
+    evaluate.add_argument("--limit", type=int, default=None, help="the first N documents of each task")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                          help="a folder of local lmms-eval task YAMLs (repeatable)")
+    evaluate.add_argument("--toy-images", type=int, default=50, help="toy test images in fico's tasks (6 questions each)")
+    evaluate.add_argument("--dtype", type=dtype_argument(), default="float32")
+    evaluate.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer", help="FLOPs counting convention")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    evaluate.add_argument("--out", default=None, help="results folder; reruns skip finished cells (default: a folder "
+                                                      "named after the model and the conditions)")
+    _plugin_option(evaluate)
+    toy_task = sub.add_parser("toy-task", help="write fico's toy VQA tasks for lmms-eval (--include_path DIR)")
+    toy_task.add_argument("directory")
+    toy_task.add_argument("--images", type=int, default=50, help="toy test images (6 questions each)")
+    toy_task.add_argument("--first-image", type=int, default=0)
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -162,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main_bench
 
             return main_bench(args, console)
+        if args.command == "eval":
+            from .evaluation import main_eval
+
+            return main_eval(args, console)
+        if args.command == "toy-task":
+            from .evaluation import main_toy_task
+
+            return main_toy_task(args, console)
         return run_recipe(args, console)
     except (FicoError, OSError) as error:
         # stderr, unwrapped: the message names a file and a key path a user greps for or copies.

@@ -1,0 +1,212 @@
+"""fico inside lmms-eval (installed by `make lmms`, which `make test` runs): the model class,
+the toy tasks, the command line, two processes, and `fico eval`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+lmms_eval = pytest.importorskip("lmms_eval")
+
+import fico  # noqa: E402
+from fico.cli import main  # noqa: E402
+from fico.integrations.lmms import toy_questions, write_toy_task  # noqa: E402
+
+IMAGES = 4  # 24 questions: enough to tell methods apart, quick on 2 cores
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    home = tmp_path_factory.mktemp("hf-home")
+    saved = {k: os.environ.get(k) for k in [*OFFLINE, "HF_HOME"]}
+    os.environ.update(OFFLINE, HF_HOME=str(home))
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory, offline):
+    folder = tmp_path_factory.mktemp("tasks")
+    write_toy_task(folder, IMAGES)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from fico.models import load_model
+
+    return load_model("toy")
+
+
+def _evaluate(model, task, folder, **kwargs):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=[str(folder)], include_defaults=False)
+    return simple_evaluate(model=model, tasks=[task], task_manager=manager, batch_size=model.batch_size,
+                           log_samples=False, **kwargs)["results"][task]
+
+
+def _toy_evaluator(model, processor, recipe, choices=False):
+    """What fico's own toy evaluator answers on the same questions (argmax of the next token,
+    over the vocabulary or over the question's choices)."""
+    from fico.toy.evaluate import answer_logits
+    from PIL import Image
+    import io
+
+    docs = toy_questions(IMAGES)
+    images = [Image.open(io.BytesIO(d["image"]["bytes"])).convert("RGB") for d in docs]
+    with torch.no_grad(), (fico.apply(model, recipe) if recipe else torch.no_grad()):
+        logits = answer_logits(model, processor, images, [d["question"] for d in docs])
+    vocab = processor.tokenizer
+    right = 0
+    for row, doc in zip(logits, docs):
+        if choices:
+            ids = vocab.convert_tokens_to_ids(doc["choices"])
+            guess = doc["choices"][int(row[ids].argmax())]
+        else:
+            guess = vocab.convert_ids_to_tokens(int(row.argmax()))
+        right += guess == doc["answer"]
+    return right / len(docs)
+
+
+@pytest.mark.parametrize("recipe", [None, "fastv", "visionzip"])
+def test_scores_are_the_toy_evaluators_on_the_same_questions(toy, tasks, recipe):
+    from fico.integrations.lmms_model import FicoLMM
+
+    lm = FicoLMM(pretrained="toy", recipe=recipe, batch_size=5, model=toy)
+    generated = _evaluate(lm, "fico_toy_vqa", tasks)["exact_match,none"]
+    chosen = _evaluate(lm, "fico_toy_vqa_mc", tasks)["acc,none"]
+    loaded = fico.load_recipe(recipe) if recipe else None
+    assert generated == pytest.approx(_toy_evaluator(*toy, loaded), abs=1e-12)
+    assert chosen == pytest.approx(_toy_evaluator(*toy, loaded, choices=True), abs=1e-12)
+    generated_requests = [s for s in lm.statistics if s["task"] == "fico_toy_vqa"]
+    assert len(generated_requests) == IMAGES * 6  # one record per request
+    spec = fico.cost.model_spec(toy[0])
+    for record in generated_requests:
+        unreduced = fico.cost.recipe_cost(spec, None, record["text_tokens"]).tflops
+        if recipe:  # what ran is cheaper than the unreduced prefill of the same prompt
+            assert record["tflops"] < unreduced
+        else:
+            assert record["tflops"] == pytest.approx(unreduced, rel=1e-12) and record["visual_tokens"] == 576 == record["image_features"]
+
+
+def test_cost_per_request_does_not_depend_on_the_batch(toy, tasks):
+    """The FLOPs recorded per request leave the batch's padding out."""
+    from fico.integrations.lmms_model import FicoLMM
+
+    costs = []
+    for batch in (1, 6):
+        lm = FicoLMM(pretrained="toy", recipe="fastv", batch_size=batch, model=toy)
+        _evaluate(lm, "fico_toy_vqa", tasks, limit=6)
+        costs.append(sorted((s["doc_id"], round(s["tflops"], 12), s["visual_tokens"]) for s in lm.statistics))
+    assert costs[0] == costs[1]
+
+
+def test_a_bad_recipe_fails_before_any_data_is_read(toy):
+    from fico.integrations.lmms_model import FicoLMM
+
+    with pytest.raises(fico.RecipeError, match="ratio"):
+        FicoLMM(pretrained="toy", recipe="fastv", overrides="ratio=2", model=toy)
+    with pytest.raises(fico.InputError, match="unknown colour"):
+        FicoLMM(pretrained="toy", colour="red", model=toy)
+
+
+def _cli(args, env, timeout=300):
+    return subprocess.run(args, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _results_file(folder):
+    found = list(folder.rglob("*_results.json"))
+    assert len(found) == 1, list(folder.rglob("*"))
+    return json.loads(found[0].read_text())["results"]
+
+
+def test_the_command_line_with_one_and_two_processes(tasks, offline, tmp_path, toy):
+    """`lmms-eval --model fico` resolves through the entry point; lmms-eval exits 0 on failure,
+    so the results file is what is checked. Two processes split the documents and give the
+    single-process scores."""
+    arguments = ["-m", "lmms_eval", "--model", "fico", "--model_args",
+                 'pretrained=toy,recipe=fastv,overrides="k=2;ratio=0.5"', "--batch_size", "4",
+                 "--tasks", "fico_toy_vqa", "--include_path", str(tasks), "--verbosity", "DEBUG"]
+    env = {"HF_HOME": str(offline)}
+    one = _cli([sys.executable, *arguments, "--output_path", str(tmp_path / "one")], env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+                *arguments, "--output_path", str(tmp_path / "two")], env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 1" in two.stderr or "rank 1" in two.stdout
+    single, split = _results_file(tmp_path / "one"), _results_file(tmp_path / "two")
+    assert split["fico_toy_vqa"]["exact_match,none"] == single["fico_toy_vqa"]["exact_match,none"]
+    assert single["fico_toy_vqa"]["exact_match,none"] == pytest.approx(
+        _toy_evaluator(*toy, fico.load_recipe("fastv", "k=2;ratio=0.5")), abs=1e-12)
+
+
+def test_fico_eval_writes_the_table_json_and_plot_and_resumes(tmp_path, offline, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", "fastv", "--tasks", "fico_toy_vqa", "--toy-images", "2", "--out", str(out), "--batch-size", "6"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "fico_toy_vqa (exact_match, 12 samples) on toy" in printed and "retention" in printed
+    report = json.loads((out / "eval.json").read_text())
+    rows = report["tasks"]["fico_toy_vqa"]
+    assert [r["configuration"] for r in rows] == ["unreduced", "fastv"]
+    assert rows[1]["tflops"] < rows[0]["tflops"] and rows[0]["retention"] == 1.0
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert main(args) == 0  # every cell is resumed: nothing new is appended
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    assert main([*args[:-2], "--batch-size", "3"]) == 2  # other conditions: refused, not mixed
+    assert "other conditions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", [None, "visionzip"])
+def test_a_longer_continuation_is_decoded_on_the_prompts_cache(recipe):
+    """Prompt prefill + the continuation as decode steps gives what one forward over prompt
+    and continuation gives, where the reduction does not depend on the text (unreduced, or
+    reduced before the decoder, which shortens the prompt the cache holds)."""
+    from lmms_eval.api.instance import Instance
+
+    from fico import embedded
+    from fico.integrations.lmms_model import FicoLMM
+
+    model, processor = embedded.build_model(dtype=torch.float64), embedded.build_processor()
+    lm = FicoLMM(pretrained="embedded", recipe=recipe, model=(model, processor))
+    image = embedded.example_image(0)
+    lm.task_dict = {"t": {"test": [{"image": image}]}}
+    context, continuation = "what is the color of the circle ?", " the color of"
+    request = Instance("loglikelihood", (context, continuation, lambda doc: [doc["image"]], 0, "t", "test"), 0,
+                       {"task": "t", "doc_id": 0, "repeats": 1})
+    loss, greedy = lm.loglikelihood([request])[0].text
+    prompt = lm.prompt_text(context, 1)
+    whole = dict(processor(images=[image], text=[prompt + continuation], return_tensors="pt"))
+    whole["pixel_values"] = whole["pixel_values"].double()
+    count = whole["input_ids"].shape[1] - processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    assert count == 3
+    with torch.no_grad(), (fico.apply(model, fico.load_recipe(recipe)) if recipe else torch.no_grad()):
+        logits = model(**whole).logits[0, -count - 1:-1].log_softmax(-1)
+    expected = -logits.gather(-1, whole["input_ids"][0, -count:, None]).mean()
+    assert loss == pytest.approx(float(expected), abs=1e-9)
+    assert greedy == bool((logits.argmax(-1) == whole["input_ids"][0, -count:]).all())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fastv", "no_such_recipe"], "no_such_recipe"),
+    (["fastv", "--tasks", "no_such_task"], "--tasks: unknown task 'no_such_task'"),
+    (["fastv", "--include-path", "/no/such/dir"], "--include-path /no/such/dir: no such directory"),
+])
+def test_fico_eval_refuses_bad_input_before_evaluating(args, message, tmp_path, offline, capsys):
+    if "--tasks" not in args:
+        args = [*args, "--tasks", "fico_toy_vqa"]
+    assert main(["eval", *args, "--out", str(tmp_path / "eval"), "--toy-images", "1"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "results.jsonl").exists()
