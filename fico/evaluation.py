@@ -79,7 +79,7 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
     """Evaluate every (configuration, task) cell not yet in ``OUT/results.jsonl``; the report."""
     from .bench import expand
     from .cost import model_spec
-    from .models import load_model, model_source
+    from .models import model_source
 
     require_lmms()
     console = console or Console()
@@ -135,7 +135,7 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
                 continue
             progress.update(bar, description=label)
             if lm is None:
-                lm = _model(model, dtype, batch_size, convention, load_model)
+                lm = _model(model, dtype, batch_size, convention)
             recipe = None
             if configuration != UNREDUCED:
                 recipe = recipes_by_name[configuration]
@@ -154,8 +154,10 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
     return report
 
 
-def _model(model: str, dtype: str, batch_size: int, convention: str, load_model):
+def _model(model: str, dtype: str, batch_size: int, convention: str):
+    """One lmms-eval model for every cell: the recipe is set per cell, the weights load once."""
     from .integrations.lmms_model import FicoLMM
+    from .models import load_model
 
     return FicoLMM(pretrained=model, dtype=dtype, batch_size=batch_size, convention=convention,
                    model=load_model(model, dtype, "sdpa"))
@@ -210,7 +212,10 @@ def table(report: dict) -> list[Table]:
         for row in rows:
             score = f"{row['score']:.4f}" + (f" ± {row['stderr']:.4f}" if row.get("stderr") else "")
             retention = "-" if row["retention"] is None else f"{100 * row['retention']:.1f}%"
-            out.add_row(row["configuration"], score, retention, f"{row['tflops']:.4g}", f"{row['prefill_ms']:.1f}",
+            name = row["configuration"]
+            if row.get("budget") and not row["budget"].get("equal_cost", True):
+                name += f" (not equal-cost: {100 * row['budget']['solved_fraction']:.0f}% of unreduced)"
+            out.add_row(name, score, retention, f"{row['tflops']:.4g}", f"{row['prefill_ms']:.1f}",
                         f"{row['visual_tokens']:.1f}")
         tables.append(out)
     return tables

@@ -118,6 +118,21 @@ def test_a_bad_recipe_fails_before_any_data_is_read(toy):
         FicoLMM(pretrained="toy", recipe="fastv", overrides="ratio=2", model=toy)
     with pytest.raises(fico.InputError, match="unknown colour"):
         FicoLMM(pretrained="toy", colour="red", model=toy)
+    with pytest.raises(fico.InputError, match="dtype: unknown dtype 'fp12'"):
+        FicoLMM(pretrained="toy", dtype="fp12", model=toy)
+    with pytest.raises(fico.ModelNotFoundError, match="no such"):
+        FicoLMM(pretrained="toyy")
+
+
+def test_a_budget_variant_is_solved_for_the_model_that_runs(toy):
+    """budgets/* name LLaVA-1.5-7B; on the toy they are solved for the same fraction of its cost."""
+    from fico.integrations.lmms_model import FicoLMM
+
+    budget = FicoLMM(pretrained="toy", recipe="budgets/fastv_1.5t", model=toy).recipe.budget
+    assert budget.solved_for == fico.cost.model_spec(toy[0]).name
+    # FastV cannot cut the toy's vision-dominated cost to 18% of it: kept, and labelled as not equal-cost
+    assert budget.fraction == pytest.approx(1.5 / 8.4535, rel=1e-3)
+    assert not budget.equal_cost and budget.solved_fraction > budget.fraction
 
 
 def _cli(args, env, timeout=300):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .. import apply, load_recipe
 from ..cost import TokenCounts, model_spec, prefill_cost
 from ..errors import InputError
-from ..models import load_model
+from ..models import load_model, parse_dtype
 from .lmms import split_overrides_arg
 
 #: the prompt where the processor has no chat template (LLaVA-1.5's, which the toy was trained on)
@@ -71,6 +71,12 @@ class FicoLMM(lmms):
                              "device, prompt, max_new_tokens, convention")
         self.plugins = split_overrides_arg(plugins)
         self.recipe = self._load_recipe(recipe, overrides)  # before any model or data loads
+        try:
+            dtype = parse_dtype(dtype)
+        except ValueError as error:
+            raise InputError(f"--model_args dtype: {error}") from None
+        if attn_implementation not in ("sdpa", "eager"):
+            raise InputError(f"--model_args attn_implementation: sdpa or eager, got {attn_implementation!r}")
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         if device is None:
