@@ -90,13 +90,14 @@ def fidelity_logprobs(bm, recipe, images: int) -> torch.Tensor:
 
     from . import apply, embedded
 
-    text = "USER: <image> what is the color of the circle ? ASSISTANT:" if bm.name == "embedded" else \
-        "USER: <image>\nDescribe the image. ASSISTANT:"
+    question = "what is the color of the circle ?" if bm.name == "embedded" else "Describe the image."
+    text = f"USER: <image> {question} ASSISTANT:" if bm.name == "embedded" else f"USER: <image>\n{question} ASSISTANT:"
+    instruction = recipe.instruction_inputs([question]) if recipe is not None else {}
     rows = []
     with apply(bm.model, recipe) if recipe is not None else nullcontext():
         for seed in range(images):
             inputs = dict(bm.processor(images=[embedded.example_image(seed)], text=[text], return_tensors="pt"))
-            rows.append(bm.model(**inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(-1))
+            rows.append(bm.model(**inputs, **instruction, logits_to_keep=1).logits[:, -1].float().log_softmax(-1))
     return torch.cat(rows)
 
 

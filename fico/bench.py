@@ -38,6 +38,7 @@ class BenchModel:
     model: object
     processor: object | None
     inputs: dict  # the timed prompt
+    instruction: str = "What is in the image?"  # its question, for methods that read it
 
 
 #: Built-in names ``fico bench --model`` takes, beside the runnable models.
@@ -65,10 +66,11 @@ def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", dev
     model, processor = load_model(which, dtype, attn)
     model = model.to(device)
     ex = example(10_000_000)
-    text = prompt(ex.questions[0].text) if which == "toy" else "USER: <image>\nWhat is in the image? ASSISTANT:"
+    question = ex.questions[0].text if which == "toy" else BenchModel.instruction
+    text = prompt(question) if which == "toy" else f"USER: <image>\n{question} ASSISTANT:"
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype(dtype))
-    return BenchModel(which, model, processor, {k: v.to(device) for k, v in inputs.items()})
+    return BenchModel(which, model, processor, {k: v.to(device) for k, v in inputs.items()}, question)
 
 
 def expand(recipes: list[str], budgets: list[str] | None, tokens: list[str] | None = None) -> list[str]:
@@ -97,7 +99,13 @@ def _prefill(model, inputs) -> float:
     return time.perf_counter() - start
 
 
-def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int, progress=None) -> dict:
+def with_instruction(inputs: dict, recipe: Recipe | None, instruction: str) -> dict:
+    """``inputs`` plus the instruction text, for a recipe that reads it."""
+    return inputs if recipe is None else {**inputs, **recipe.instruction_inputs([instruction])}
+
+
+def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int, progress=None,
+                    instruction: str = BenchModel.instruction) -> dict:
     """Interleaved prefill timings: {name: {"prefill": [...], "stage": [...]}} (warm-up excluded)."""
     from . import apply
 
@@ -110,7 +118,7 @@ def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int,
             else:
                 with apply(model, recipe) as run:
                     run.sync_stage_timing = True
-                    seconds = _prefill(model, inputs)
+                    seconds = _prefill(model, with_instruction(inputs, recipe, instruction))
                 stage = run.trace.stage_seconds
                 times[name]["trace"] = run.trace
             if rep:  # the first round warms up
@@ -122,7 +130,7 @@ def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int,
 
 
 def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int = 16,
-                   reps: int = 5) -> dict[str, list[float]]:
+                   reps: int = 5, instruction: str = BenchModel.instruction) -> dict[str, list[float]]:
     """Seconds per decoded token for each configuration: (generate(1 + tokens) - generate(1))
     / tokens, medians of ``reps`` rounds that interleave the configurations (measured one
     after another, the first configuration ran consistently faster on a shared VM)."""
@@ -130,22 +138,23 @@ def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int
 
     from . import apply
 
-    def generate(n: int) -> float:
+    def generate(n: int, recipe: Recipe | None) -> float:
         start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        model.generate(**with_instruction(inputs, recipe, instruction), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False)
         return time.perf_counter() - start
 
     per_token: dict[str, list[float]] = {name: [] for name in recipes}
     for rep in range(reps + 1):
         for name, recipe in recipes.items():
             with apply(model, recipe) if recipe is not None else nullcontext():
-                seconds = (generate(1 + tokens) - generate(1)) / tokens
+                seconds = (generate(1 + tokens, recipe) - generate(1, recipe)) / tokens
             if rep:  # the first round warms up
                 per_token[name].append(max(seconds, 0.0))
     return per_token
 
 
-def peak_memory_mb(model, inputs, recipe: Recipe | None) -> float | None:
+def peak_memory_mb(model, inputs, recipe: Recipe | None, instruction: str = BenchModel.instruction) -> float | None:
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return None
     from contextlib import nullcontext
@@ -154,7 +163,7 @@ def peak_memory_mb(model, inputs, recipe: Recipe | None) -> float | None:
 
     torch.cuda.reset_peak_memory_stats()
     with apply(model, recipe) if recipe is not None else nullcontext():
-        model(**inputs, logits_to_keep=1)
+        model(**with_instruction(inputs, recipe, instruction), logits_to_keep=1)
     return torch.cuda.max_memory_allocated() / 1e6
 
 
@@ -175,7 +184,7 @@ def answer_distribution(bm: BenchModel, recipe: Recipe | None, images: int) -> t
             answers.append(bm.processor.tokenizer.convert_tokens_to_ids(q.answer))
             kinds.append(q.kind)
     with apply(bm.model, recipe) if recipe is not None else nullcontext():
-        logits = answer_logits(bm.model, bm.processor, pictures, questions)
+        logits = answer_logits(bm.model, bm.processor, pictures, questions, recipe=recipe)
     guesses = logits.argmax(-1)
     correct = (guesses == torch.tensor(answers)).tolist()
     accuracy = {}
@@ -218,8 +227,8 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     configs = {"unreduced": None, **loaded}
     results = {}
     with torch.inference_mode(), Progress(console=console, transient=True) as progress:
-        timings = measure_latency(bm.model, bm.inputs, configs, reps, progress)
-        decode = measure_decode(bm.model, bm.inputs, configs, reps=reps)
+        timings = measure_latency(bm.model, bm.inputs, configs, reps, progress, bm.instruction)
+        decode = measure_decode(bm.model, bm.inputs, configs, reps=reps, instruction=bm.instruction)
         counts = {name: TokenCounts.from_trace(timings[name]["trace"], spec) if recipe is not None
                   else TokenCounts.unreduced(spec, text_tokens) for name, recipe in configs.items()}
         replayed = measure_replay(bm.model, counts, reps) if replay else {}
@@ -239,7 +248,7 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
                          measured_speedup_spread=Spread.ratio(timings["unreduced"]["prefill"],
                                                               timings[name]["prefill"]).as_dict(),
                          decode_speedup_spread=Spread.ratio(decode["unreduced"], decode[name]).as_dict())
-            memory = peak_memory_mb(bm.model, bm.inputs, recipe)
+            memory = peak_memory_mb(bm.model, bm.inputs, recipe, bm.instruction)
             if memory is None:
                 entry["memory_mb_estimate"] = (full.activations_gb * 1e3 + full.kv_cache_mb)
             else:

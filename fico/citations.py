@@ -106,6 +106,22 @@ BIBTEX = {
   eprint        = {2412.01818},
   archivePrefix = {arXiv}
 }""",
+    "zhang2025cdpruner": """@inproceedings{zhang2025cdpruner,
+  title         = {Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in {MLLMs}},
+  author        = {Zhang, Qizhe and Liu, Mengzhen and Li, Lichen and Lu, Ming and Zhang, Yuan and Pan, Junwen and She, Qi and Zhang, Shanghang},
+  booktitle     = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year          = {2025},
+  eprint        = {2506.10967},
+  archivePrefix = {arXiv}
+}""",
+    "chen2018fastmap": """@inproceedings{chen2018fastmap,
+  title         = {Fast Greedy {MAP} Inference for Determinantal Point Process to Improve Recommendation Diversity},
+  author        = {Chen, Laming and Zhang, Guoxin and Zhou, Hanning},
+  booktitle     = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year          = {2018},
+  eprint        = {1709.05135},
+  archivePrefix = {arXiv}
+}""",
     "arif2025hired": """@inproceedings{arif2025hired,
   title         = {{HiRED}: Attention-Guided Token Dropping for Efficient Inference of High-Resolution Vision-Language Models},
   author        = {Arif, Kazi Hasan Ibn and Yoon, JinYi and Nikolopoulos, Dimitrios S. and Vandierendonck, Hans and John, Deepu and Ji, Bo},

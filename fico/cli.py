@@ -303,7 +303,7 @@ def _runs(values: list[int]) -> str:
 
 
 def _questions(args):
-    """(images, prompts, true answers or None) for the run."""
+    """(images, prompts, questions, true answers or None) for the run."""
     from PIL import Image
 
     from .toy.data import TEST_SEEDS, example, prompt
@@ -311,16 +311,20 @@ def _questions(args):
     if args.model == "toy" and not args.image:
         ex = example(TEST_SEEDS.start + args.seed)
         if args.prompt:
-            return [ex.image], [prompt(args.prompt)], None
-        return [ex.image] * len(ex.questions), [prompt(q.text) for q in ex.questions], [q.answer for q in ex.questions]
+            return [ex.image], [prompt(args.prompt)], [args.prompt], None
+        return ([ex.image] * len(ex.questions), [prompt(q.text) for q in ex.questions], [q.text for q in ex.questions],
+                [q.answer for q in ex.questions])
     image = Image.open(args.image).convert("RGB") if args.image else embedded.example_image(args.seed)
     if args.prompt:
+        question = args.prompt
         text = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
     elif args.model == "embedded":
-        text = "USER: <image> what is the color of the circle ? ASSISTANT:"
+        question = "what is the color of the circle ?"
+        text = f"USER: <image> {question} ASSISTANT:"
     else:
-        text = "USER: <image>\nDescribe the image. ASSISTANT:"
-    return [image], [text], None
+        question = "Describe the image."
+        text = f"USER: <image>\n{question} ASSISTANT:"
+    return [image], [text], [question], None
 
 
 def run_recipe(args, console: Console) -> int:
@@ -333,7 +337,7 @@ def run_recipe(args, console: Console) -> int:
         args.model = "toy" if (WEIGHTS / "config.json").is_file() else "embedded"
     dtype = torch_dtype(args.dtype)
     model, processor = load_model(args.model, args.dtype, args.attn)
-    images, prompts, truths = _questions(args)
+    images, prompts, questions, truths = _questions(args)
     max_new = args.max_new_tokens or {"toy": 1, "embedded": 3}.get(args.model, 8)
 
     def encode(pictures, texts):
@@ -342,27 +346,28 @@ def run_recipe(args, console: Console) -> int:
         return inputs
 
     timed, batch = encode(images[:1], prompts[:1]), encode(images, prompts)
+    timed_instruction, batch_instruction = recipe.instruction_inputs(questions[:1]), recipe.instruction_inputs(questions)
 
-    def prefill():
+    def prefill(**instruction):
         start = time.perf_counter()
-        model(**timed, logits_to_keep=1)
+        model(**timed, **instruction, logits_to_keep=1)
         return time.perf_counter() - start
 
     times = {"vanilla": [], "reduced": []}
     with torch.inference_mode():
         prefill()  # warm-up
         with apply(model, recipe):
-            prefill()
+            prefill(**timed_instruction)
         for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
             times["vanilla"].append(prefill())
             with apply(model, recipe):
-                times["reduced"].append(prefill())
+                times["reduced"].append(prefill(**timed_instruction))
         base_logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
         base_tokens = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
         with apply(model, recipe) as run:
-            logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
-            tokens = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
-            model(**timed, logits_to_keep=1)  # the trace shows this prefill
+            logits = model(**batch, **batch_instruction, logits_to_keep=1).logits[:, -1].float()
+            tokens = model.generate(**batch, **batch_instruction, max_new_tokens=max_new, do_sample=False)
+            model(**timed, **timed_instruction, logits_to_keep=1)  # the trace shows this prefill
         trace = run.trace
 
     prompt_length = batch["input_ids"].shape[1]

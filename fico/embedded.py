@@ -82,6 +82,41 @@ def build_config(vision_layers: int = 24, llm_layers: int = 32, width: int = 64)
                        pad_token_id=3)
 
 
+CLIP_WORDS = WORDS + ["<|startoftext|>", "<|endoftext|>"]
+
+
+def save_clip_checkpoint(path, vision_width: int = 64, seed: int = 0, projection_dim: int = 32, text_width: int = 32,
+                         text_layers: int = 2) -> None:
+    """Save a tiny seeded ``CLIPModel`` and a word-level CLIP-style tokenizer to ``path``: the
+    local CLIP checkpoint that instruction-conditioned methods (CDPruner's ``text_encoder``)
+    take their text tower and projections from. Its vision width matches a model built by
+    :func:`build_model` with ``width=vision_width``; like CLIP's, its begin/end tokens have the
+    highest ids and text runs in segments of 77 tokens. ``text_width=768, text_layers=12,
+    projection_dim=768`` give CLIP-L's text tower shape (for timings).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    bos, eos = len(WORDS), len(WORDS) + 1
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(CLIP_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<|startoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(CLIP_WORDS), hidden_size=text_width, intermediate_size=4 * text_width,
+                         num_hidden_layers=text_layers, num_attention_heads=max(1, text_width // 64),
+                         max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
+                         pad_token_id=eos, projection_dim=projection_dim),
+        vision_config=dict(image_size=336, patch_size=14, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                           num_hidden_layers=1, num_attention_heads=4, projection_dim=projection_dim),
+        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def build_model(seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **config_kwargs):
     """A seeded, randomly initialised tiny ``LlavaForConditionalGeneration`` in eval mode."""
     from transformers import LlavaForConditionalGeneration

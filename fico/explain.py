@@ -10,6 +10,7 @@ from .cost import model_spec
 from .overrides import flatten_knobs, format_override, format_value
 from .plan import equivalent_tokens, plan_recipe
 from .recipe import Recipe, recipe_name
+from .signals import INSTRUCTION_SIGNALS
 
 #: What a ``--format tex`` snippet needs in the preamble (nothing beyond these).
 TEX_PACKAGES = ("amsmath", "amssymb")
@@ -130,6 +131,10 @@ def policies(step) -> list[str]:
                    else "tokens reach it in the order the method emits them")
     if step.site == "vision_output" and step.cls_feature:
         out.append("[CLS] reaches the projector as an image feature")
+    if step.required_signals() & INSTRUCTION_SIGNALS:
+        out.append("reads the instruction (the model is called with instruction=...) through CLIP's text tower from "
+                   + (f"text_encoder={step.text_encoder}" if step.text_encoder else
+                      "text_encoder, not set: give text_encoder=DIR, a local CLIP checkpoint"))
     return out
 
 

@@ -40,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import RecipeError
 from .overrides import LAYER_RANGE, format_value, load_yaml, parse_value, split_overrides
 from .registry import Registry, default_registry
+from .signals import INSTRUCTION_SIGNALS
 from .stages import Component, Compressor, Correlator, Filter
 
 def _recipe_dir() -> Path:
@@ -57,7 +58,8 @@ SITES = ("vision", "vision_output", "pre_llm", "llm", "llm_mid")
 POINT_SITES = ("vision_output", "pre_llm")
 RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget_tflops", "tables"}
 STEP_KEYS = {"site", "layers", "remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric", "filter",
-             "correlate", "compress", "proportional_attention", "order", "positions", "signal_layer", "cls_feature"}
+             "correlate", "compress", "proportional_attention", "order", "positions", "signal_layer", "cls_feature",
+             "text_encoder"}
 SCHEDULE_KEYS = ("remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric")
 #: step keys that only some sites take, with their values
 SITE_OPTIONS = {
@@ -132,6 +134,8 @@ class Step:
     signal_layer: str = "previous"
     #: vision_output site: [CLS] reaches the projector as a feature (VisionZip)
     cls_feature: bool = False
+    #: pre_llm site: a local CLIP checkpoint whose text tower gives instruction signals (CDPruner)
+    text_encoder: str | None = None
     #: the recipe text ``layers`` came from, when it interpolates knobs (for messages)
     layers_source: str | None = field(default=None, compare=False)
 
@@ -160,6 +164,20 @@ class Recipe:
     changes: list[str] = field(default_factory=list)
     #: Local plugin files the recipe's registry loaded (its ``plugins:`` and those given).
     plugin_files: list[Path] = field(default_factory=list)
+    #: Auxiliary models an adapter loaded for this recipe (CDPruner's CLIP text tower), by
+    #: checkpoint, device and dtype, so that applying it batch after batch loads them once.
+    auxiliary: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def needs_instruction(self) -> bool:
+        """Whether a step reads the instruction text (pass ``instruction=`` to the reduced model)."""
+        return any(step.required_signals() & INSTRUCTION_SIGNALS for step in self.steps)
+
+    def instruction_inputs(self, texts: str | list[str]) -> dict:
+        """The keyword arguments that hand the reduced model its instruction texts (one per
+        sample): ``{"instruction": texts}`` where a step reads them, else none, so callers can
+        pass the result to a model with or without the recipe applied."""
+        return {"instruction": texts} if self.needs_instruction else {}
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -637,8 +655,21 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
             f"{where}.compress: {compressor.name!r} needs a correlator that gives {compressor.consumes}, "
             f"but {correlator.name!r} gives {correlator.produces}"
         )
+    text_encoder = _parse_text_encoder(cfg, raw, site, where)
     return Step(index, site, layers, schedule, parts["filter"], correlator, compressor, **options,
-                layers_source=_source(raw.get("layers")))
+                text_encoder=text_encoder, layers_source=_source(raw.get("layers")))
+
+
+def _parse_text_encoder(cfg: dict, raw: dict, site: str, where: str) -> str | None:
+    value = cfg.get("text_encoder")
+    if "text_encoder" in cfg and site != "pre_llm":
+        raise RecipeError(f"{where}.text_encoder: only the pre_llm site takes it; this step is at {site}")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not (Path(value).expanduser() / "config.json").is_file():
+        raise RecipeError(f"{where}.text_encoder: a local CLIP checkpoint directory (with config.json) is "
+                          f"needed, got {_shown(raw.get('text_encoder'), value)}")
+    return str(Path(value).expanduser())
 
 
 def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:

@@ -29,6 +29,7 @@ BUILTIN_PLUGINS = (
     "fico.filters.random",
     "fico.filters.window",
     "fico.filters.diversity",
+    "fico.filters.dpp",
     "fico.filters.outliers",
     "fico.filters.pivots",
     "fico.filters.raters",

@@ -44,6 +44,13 @@ component chooses):
 ``input_embeddings``
     ``(B, N, D)`` LLM sites: each token's input embedding to the language model (SparseVLM's
     rater choice).
+``instruction_similarity``
+    ``(B, N)`` pre_llm site: each token's cosine similarity to the instruction in CLIP's
+    joint space, averaged over the instruction's 77-token segments: the image side is the
+    vision tower's post-layernorm applied to the token's feature-layer state and CLIP's
+    visual projection, the text side CLIP's text tower (CDPruner). Needs the step's
+    ``text_encoder`` (a local CLIP checkpoint) and the instruction text of each sample,
+    given as ``instruction=`` to the reduced model's ``generate`` or ``forward``.
 """
 
 from __future__ import annotations
@@ -64,7 +71,10 @@ SIGNALS: dict[str, str] = {
     "rope_gravity": "function: RoPE-only logits of all-ones q and k, chosen rows (B, R, N)",
     "final_normed_hidden": "hidden states through the language model's final norm (B, N, D)",
     "input_embeddings": "the language model's input embeddings of the tokens present (B, N, D)",
+    "instruction_similarity": "CLIP similarity of each token to the instruction, mean over 77-token segments (B, N)",
 }
+#: signals computed from the instruction text by an auxiliary text tower (the step's ``text_encoder``)
+INSTRUCTION_SIGNALS = {"instruction_similarity"}
 
 
 def check_signal_name(name: str) -> None:

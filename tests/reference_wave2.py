@@ -450,3 +450,57 @@ def sparsevlm_logits(model, input_ids, pixel_values, layers, schedule, version="
             [d.pos[i] for i in before] + [d.pos[last_visual]] * len(new_tokens) + [d.pos[i] for i in after])
         d.hidden, d.index, d.pos = torch.stack(hidden)[None], index_list, pos
     return d.logits()
+
+
+def cdpruner_features(model, pixel_values, texts, clip_dir, keep, relevance_sign=-1.0):
+    """CDPruner, as the official ``encode_images``: CLIP relevance of each patch to the question
+    (negative similarity by default), min-max normalised, a DPP kernel over the projector
+    outputs' cosine similarity, greedy MAP with the Cholesky update; kept in spatial order.
+    One image at a time, as the official code runs. The text tower is CLIP's own
+    ``CLIPTextModelWithProjection`` (float32 unless the model is float64)."""
+    import transformers
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the load reports the other tower's keys as unexpected
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+        text_tower = CLIPTextModelWithProjection.from_pretrained(clip_dir, dtype=dtype)
+        projection = CLIPVisionModelWithProjection.from_pretrained(clip_dir, dtype=dtype).visual_projection
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    width = text_tower.config.max_position_embeddings
+    tower = model.model.vision_tower
+    out = []
+    for image, text, x in zip(pixel_values, texts, projected(model, pixel_values)):
+        hidden = tower(image[None], output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        patches = hidden[:, 1:]
+        inputs = tokenizer(text=text, return_tensors="pt")
+        segments = (inputs.input_ids.shape[1] - 1) // width + 1
+        padding = width * segments - inputs.input_ids.shape[1]
+        inputs = {k: torch.cat([v, v.new_zeros((v.shape[0], padding))], dim=1).reshape(-1, width)
+                  for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        text_embeds = text_tower(**inputs).text_embeds
+        image_embeds = projection(tower.post_layernorm(patches).to(dtype))
+        unit = (x / x.norm(dim=-1, keepdim=True)).to(dtype)[None]
+        similarity = unit @ unit.transpose(1, 2)
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        relevance = (relevance_sign * (image_embeds @ text_embeds.T)).mean(-1)
+        relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+        kernel = relevance[:, :, None] * similarity * relevance[:, None, :]
+        n = kernel.shape[1]
+        cis = torch.zeros(keep, n, dtype=dtype)
+        di2s = torch.diagonal(kernel[0]).clone()
+        selected = []
+        for i in range(keep):
+            j = int(torch.argmax(di2s))
+            selected.append(j)
+            eis = (kernel[0, j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j])
+            cis[i] = eis
+            di2s -= eis ** 2
+            di2s[j] = -float("inf")
+        assert len(set(selected)) == keep
+        out.append(x[sorted(selected)])
+    return out

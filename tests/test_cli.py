@@ -117,3 +117,27 @@ def test_new_methods_ablate_and_bench_from_the_command_line(tmp_path, capsys):
                  "--reps", "1", "--json", str(report)]) == 0
     data = json.loads(report.read_text())
     assert [e["recipe"] for e in data["results"]] == ["budgets/visionzip_64", "budgets/divprune_64"]
+
+
+def test_cdpruner_runs_ablates_and_benches_from_the_command_line(tmp_path, capsys):
+    from fico import embedded
+
+    clip = tmp_path / "clip"
+    embedded.save_clip_checkpoint(clip, vision_width=64)
+    assert main(["run", "cdpruner", f"text_encoder={clip}", "keep=32", "--model", "embedded", "--repeats", "1",
+                 "--max-new-tokens", "2"]) == 0
+    assert "image features per image" in capsys.readouterr().out
+    grid = tmp_path / "grid.jsonl"
+    assert main(["ablate", "cdpruner", f"text_encoder={clip}", "--grid", "relevance=negative,positive", "--model",
+                 "embedded", "--images", "1", "--out", str(grid)]) == 0
+    assert len(grid.read_text().splitlines()) == 2
+    recipe = tmp_path / "cdpruner_clip.yaml"
+    recipe.write_text(f"base: cdpruner\nname: cdpruner_clip\ntext_encoder: {clip}\nkeep: 64\n")
+    report = tmp_path / "bench.json"
+    assert main(["bench", str(recipe), "--model", "embedded", "--images", "1", "--reps", "1",
+                 "--json", str(report)]) == 0
+    assert [e["recipe"] for e in json.loads(report.read_text())["results"]] == [str(recipe)]
+    # without a text tower it is a clear error naming the knob
+    assert main(["run", "cdpruner", "--model", "embedded", "--repeats", "1"]) == 2
+    assert "steps[0].text_encoder: the signal(s) instruction_similarity need CLIP's text tower" in \
+        capsys.readouterr().err

@@ -65,7 +65,7 @@ def _toy_evaluator(model, processor, recipe, choices=False):
     docs = toy_questions(IMAGES)
     images = [Image.open(io.BytesIO(d["image"]["bytes"])).convert("RGB") for d in docs]
     with torch.no_grad(), (fico.apply(model, recipe) if recipe else torch.no_grad()):
-        logits = answer_logits(model, processor, images, [d["question"] for d in docs])
+        logits = answer_logits(model, processor, images, [d["question"] for d in docs], recipe=recipe)
     vocab = processor.tokenizer
     right = 0
     for row, doc in zip(logits, docs):
@@ -97,6 +97,24 @@ def test_scores_are_the_toy_evaluators_on_the_same_questions(toy, tasks, recipe)
             assert record["tflops"] < unreduced
         else:
             assert record["tflops"] == pytest.approx(unreduced, rel=1e-12) and record["visual_tokens"] == 576 == record["image_features"]
+
+
+def test_a_method_that_reads_the_question_gets_the_tasks_context(toy, tasks, tmp_path):
+    """CDPruner rates tokens by the question's CLIP embedding: lmms-eval's context reaches it as
+    the instruction, so its scores are the toy evaluator's with the same questions."""
+    from fico import embedded
+    from fico.integrations.lmms_model import FicoLMM
+
+    clip = tmp_path / "clip"
+    embedded.save_clip_checkpoint(clip, vision_width=toy[0].config.vision_config.hidden_size)
+    overrides = [f"text_encoder={clip}", "keep=64"]
+    lm = FicoLMM(pretrained="toy", recipe="cdpruner", overrides=";".join(overrides), batch_size=5, model=toy)
+    loaded = fico.load_recipe("cdpruner", overrides)
+    assert _evaluate(lm, "fico_toy_vqa", tasks)["exact_match,none"] == pytest.approx(
+        _toy_evaluator(*toy, loaded), abs=1e-12)
+    assert _evaluate(lm, "fico_toy_vqa_mc", tasks)["acc,none"] == pytest.approx(
+        _toy_evaluator(*toy, loaded, choices=True), abs=1e-12)
+    assert {s["image_features"] for s in lm.statistics} == {64}
 
 
 def test_cost_per_request_does_not_depend_on_the_batch(toy, tasks):

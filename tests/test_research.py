@@ -153,12 +153,23 @@ def test_component_docs_are_current():
     assert docgen(["--check"]) == 0
 
 
-def test_methods_page_examples_run(tiny_model, single_inputs):
+def test_methods_page_examples_run(tiny_model, single_inputs, tmp_path):
+    from fico import embedded
+
     lines = re.findall(r"^    (fico run .*)$", (DOCS / "methods.md").read_text(), flags=re.M)
-    assert len(lines) == 2
+    assert len(lines) == 3
+    clip = tmp_path / "clip"  # a tiny stand-in for the page's saved CLIP-L
+    embedded.save_clip_checkpoint(clip)
     model = tiny_model(dtype=torch.float32)
     for line in lines:
         words = shlex.split(line)
-        with torch.no_grad(), fico.apply(model, fico.load_recipe(words[2], words[3:] + (["r=16"] if words[2] == "tome" else []))) as run:
-            model(**single_inputs(torch.float32))
+        overrides, options = [], iter(words[3:])
+        for word in options:
+            if word.startswith("--"):
+                next(options)  # the model and prompt options take a value
+            else:
+                overrides.append(f"text_encoder={clip}" if word.startswith("text_encoder=") else word)
+        recipe = fico.load_recipe(words[2], overrides + (["r=16"] if words[2] == "tome" else []))
+        with torch.no_grad(), fico.apply(model, recipe) as run:
+            model(**single_inputs(torch.float32), **recipe.instruction_inputs(["what is the color ?"]))
         assert run.trace.steps

@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 from fico.correlators.clusters import cluster_count, density_peaks, recycled_count
 from fico.filters.diversity import MaxMinDiversity, cosine_distance
 from fico.filters.window import WindowRepresentatives, window_of
-from fico.selection import greedy_max_min, iqr_outlier_count, split_keeping, uniform_stride
+from fico.filters.dpp import ConditionalDPP
+from fico.selection import greedy_dpp_map, greedy_max_min, iqr_outlier_count, split_keeping, uniform_stride
 from fico.state import TokenState
 
 SEEDS = st.integers(0, 10_000)
@@ -139,3 +140,46 @@ def test_prumerge_plus_defines_the_stride_the_official_code_cannot():
     s.signals = {"next_cls_attention_fullwidth": torch.ones(1, 17, dtype=torch.float64)}
     chosen, _ = IQROutliers(supplements=True)._choose(s)
     assert chosen.tolist() == [1]  # token 1 is patch 0 ([CLS] is token 0)
+
+
+def _kernel(b, n, d, seed):
+    x = torch.nn.functional.normalize(
+        torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
+    relevance = torch.rand(b, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.1
+    return relevance[:, :, None] * (x @ x.transpose(1, 2)) * relevance[:, None, :]
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(2, 30), d=st.integers(1, 12), seed=SEEDS, data=st.data())
+def test_dpp_selection_never_picks_a_token_twice_even_past_the_kernels_rank(b, n, d, seed, data):
+    k = data.draw(st.integers(1, n))
+    for row in greedy_dpp_map(_kernel(b, n, d, seed), k):
+        assert len(set(row.tolist())) == k
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 12), seed=SEEDS, data=st.data())
+def test_each_dpp_pick_maximises_the_determinant_of_the_chosen_set(n, seed, data):
+    """Within the kernel's rank, the Cholesky update's gain is det(L_{S+j}) / det(L_S)."""
+    kernel = _kernel(1, n, n + 4, seed)[0]
+    k = data.draw(st.integers(1, n))
+    chosen = greedy_dpp_map(kernel[None], k)[0].tolist()
+    for step, pick in enumerate(chosen):
+        before = chosen[:step]
+        gains = torch.tensor([float("-inf") if j in before else float(torch.det(kernel[before + [j]][:, before + [j]]))
+                              for j in range(n)])
+        assert gains[pick] >= gains.max() * (1 - 1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(3, 40), seed=SEEDS, data=st.data())
+def test_conditional_dpp_keeps_exactly_the_count_and_the_protected(b, n, seed, data):
+    s = state(b, n, seed=seed)
+    s.signals = {"instruction_similarity": torch.rand(b, n, generator=torch.Generator().manual_seed(seed),
+                                                      dtype=torch.float64)}
+    r = data.draw(st.integers(0, n - 1))
+    split = ConditionalDPP().split(s, r)
+    assert split.discarded.shape == (b, r) and split.preserved.shape == (b, n - r)
+    assert bool((split.preserved[:, :1] == 0).all())
+    both = torch.cat([split.discarded, split.preserved], 1).sort(1).values
+    assert torch.equal(both, torch.arange(n).expand(b, n))

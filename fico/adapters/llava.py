@@ -32,14 +32,16 @@ from ..errors import ApplyError, InputError, RecipeError, UnsupportedModelError
 from ..plan import Geometry, PlannedStep, RecipePlan, SitePlan, plan_recipe
 from ..recipe import Recipe
 from ..run import ReductionRun, StepRecord, run_step
+from ..signals import INSTRUCTION_SIGNALS
 from ..state import TokenState, gather_tokens
+from .clip_text import ClipTextTower, instruction_similarity
 from .decoder import LLM_SIGNALS, LLMSite, hook, record_provenance, softmax_heads
 
 SUPPORTED_MODELS = ("transformers.LlavaForConditionalGeneration with a CLIP vision tower and a Llama language model",)
 VISION_SIGNALS = {"keys", "cls_attention", "attention", "attention_logits"}
 VISION_OUTPUT_SIGNALS = {"keys", "cls_attention", "attention", "attention_logits", "next_cls_attention_fullwidth",
                          "next_keys_fullwidth"}
-SITE_SIGNALS = {"vision": VISION_SIGNALS, "vision_output": VISION_OUTPUT_SIGNALS, "pre_llm": set(),
+SITE_SIGNALS = {"vision": VISION_SIGNALS, "vision_output": VISION_OUTPUT_SIGNALS, "pre_llm": INSTRUCTION_SIGNALS,
                 "llm": LLM_SIGNALS, "llm_mid": LLM_SIGNALS - {"final_normed_hidden"}}
 
 
@@ -112,11 +114,12 @@ def apply(model, recipe: Recipe, provenance: bool = False) -> ReductionRun:
                           f"vision_feature_layer; this model concatenates layers {model.config.vision_feature_layer}")
     plan = plan_recipe(recipe, geo.planning())
     _check_signals(recipe, plan, geo)
+    text_tower = _text_tower(recipe, plan, model)
     run = ReductionRun(model, recipe, plan, provenance=provenance)
     try:
         vision = VisionSite(run, model, geo, plan)
         vision.attach()
-        encoder = VisualEncoder(run, model, geo, plan, vision)
+        encoder = VisualEncoder(run, model, geo, plan, vision, text_tower)
         encoder.attach()
         LLMSite(run, plan.llm, model.model, model.model.language_model, geo.image_token_id,
                 lambda: getattr(run, "image_patches", None), geo.placeholders_per_image,
@@ -151,6 +154,31 @@ def _check_signals(recipe: Recipe, plan: RecipePlan, geo: LlavaGeometry) -> None
             raise RecipeError(f"{recipe.source}: {out.step.where}: the vision_output signals come from the feature "
                               f"layer's attention, which {plan.vision.mid_steps[feature_layer].step.where} reduces "
                               f"after (vision layer {feature_layer}); move that step earlier")
+
+
+def _text_tower(recipe: Recipe, plan: RecipePlan, model) -> ClipTextTower | None:
+    """The CLIP text tower the pre_llm step's instruction signals need (None on the meta device,
+    where no stage runs); loaded once per recipe, device and dtype."""
+    pre = plan.pre_llm
+    if pre is None or not pre.step.required_signals() & INSTRUCTION_SIGNALS:
+        return None
+    if model.device.type == "meta":
+        return None
+    key = f"{recipe.source}: {pre.step.where}.text_encoder"
+    if pre.step.text_encoder is None:
+        raise RecipeError(f"{key}: the signal(s) {', '.join(sorted(pre.step.required_signals() & INSTRUCTION_SIGNALS))} "
+                          f"need CLIP's text tower: give the local CLIP checkpoint the vision tower came from "
+                          f"(override text_encoder=DIR, e.g. a saved openai/clip-vit-large-patch14-336)")
+    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+    cache = (pre.step.text_encoder, str(model.device), dtype)
+    if cache not in recipe.auxiliary:
+        tower = ClipTextTower.load(pre.step.text_encoder, model.device, dtype, key)
+        width = model.config.vision_config.hidden_size
+        if tower.visual_projection.in_features != width:
+            raise RecipeError(f"{key}: {pre.step.text_encoder!r} projects {tower.visual_projection.in_features}-wide "
+                              f"vision states; this model's vision tower is {width} wide (a different CLIP?)")
+        recipe.auxiliary[cache] = tower
+    return recipe.auxiliary[cache]
 
 
 def _set_instance_attr(run: ReductionRun, obj, name: str, value) -> None:
@@ -424,8 +452,12 @@ class VisualEncoder:
     ``mm_encoder_outputs``.
     """
 
-    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: RecipePlan, vision: VisionSite):
+    def __init__(self, run: ReductionRun, model, geo: LlavaGeometry, plan: RecipePlan, vision: VisionSite,
+                 text_tower: ClipTextTower | None = None):
         self.run, self.model, self.geo, self.plan, self.vision = run, model, geo, plan, vision
+        self.text_tower = text_tower
+        self.needs_instruction = plan.pre_llm is not None and bool(plan.pre_llm.step.required_signals()
+                                                                   & INSTRUCTION_SIGNALS)
         self.inside_generate = False
         self.needed = (plan.vision_output is not None or plan.pre_llm is not None
                        or plan.features != geo.placeholders_per_image)
@@ -467,6 +499,8 @@ class VisualEncoder:
     # -- the entry point
     def prepare(self, call: dict) -> dict:
         """``call`` with the images encoded and the placeholders matching their features."""
+        call = dict(call)
+        instruction = call.pop("instruction", None)
         ids, pixels = call.get("input_ids"), call.get("pixel_values")
         if pixels is None or ids is None or ids.shape[1] <= 1 or call.get("mm_encoder_outputs") is not None:
             return call
@@ -481,7 +515,8 @@ class VisualEncoder:
                                  f"processor writes); got {placeholders.tolist()} per sample")
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        features, patches = self.encode(pixels)
+        instructions = self._image_instructions(instruction, ids) if self.needs_instruction else None
+        features, patches = self.encode(pixels, instructions)
         new = {k: v for k, v in call.items() if k != "pixel_values"}
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         counts = [f.shape[0] for f in features]
@@ -492,9 +527,26 @@ class VisualEncoder:
         self.run.trace.vision_features = counts[0] if len(set(counts)) == 1 else counts
         return new
 
+    def _image_instructions(self, instruction, ids: Tensor) -> list[str] | None:
+        """Each image's instruction text, from ``instruction=`` (one text, or one per sample)."""
+        if ids.is_meta:  # shape-only runs: no stage reads it
+            return None
+        where = f"{self.run.recipe.source}: {self.plan.pre_llm.step.where}"
+        if instruction is None:
+            raise InputError(f"fico: {where} rates the visual tokens by their relevance to the instruction: pass "
+                             f"instruction='...' (or one text per sample) to the model's generate() or forward()")
+        b = ids.shape[0]
+        texts = [instruction] * b if isinstance(instruction, str) else list(instruction)
+        if len(texts) != b or not all(isinstance(t, str) for t in texts):
+            raise InputError(f"fico: instruction= takes one text or a list of {b} texts (one per sample), got "
+                             f"{instruction!r}")
+        images = ((ids == self.geo.image_token_id).sum(1) // self.geo.placeholders_per_image).tolist()
+        return [text for text, count in zip(texts, images) for _ in range(count)]
+
     # -- encoding
-    def encode(self, pixel_values: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per image: the features reaching the LLM, and each one's patch cell (-1: none)."""
+    def encode(self, pixel_values: Tensor, instructions: list[str] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: the features reaching the LLM, and each one's patch cell (-1: none);
+        ``instructions``: each image's instruction text, for instruction signals."""
         llava = self.model.model
         out = llava.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         vp = self.vision.last
@@ -518,12 +570,16 @@ class VisualEncoder:
                         tokens.shape[0], -1)
                 tokens, pos = gather_tokens(tokens, index), gather_tokens(pos, index)
             selected.append((tokens, pos))
-        features, cells = [], []
+        features, cells, first = [], [], 0
         for tokens, pos in selected:
             projected = llava.multi_modal_projector(tokens)
             patch = torch.where(pos > 0, pos - 1, -1)
+            signals = {}
+            if instructions is not None and not tokens.is_meta:
+                signals = self._instruction_signals(tokens, instructions[first:first + tokens.shape[0]])
+            first += tokens.shape[0]
             if self.plan.pre_llm is not None:
-                for image, image_patch in self._pre_llm(projected, patch):
+                for image, image_patch in self._pre_llm(projected, patch, signals):
                     features.append(image)
                     cells.append(image_patch)
             else:
@@ -587,12 +643,23 @@ class VisualEncoder:
                            layer=self.geo.feature_index - 1)
         return [(s.hidden, s.positions, s.size, s.sources) for s in self._point_step(planned, state)]
 
-    def _pre_llm(self, features: Tensor, patch: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def _instruction_signals(self, tokens: Tensor, instructions: list[str]) -> dict[str, Tensor]:
+        """``instruction_similarity`` of the feature-layer states ``tokens`` ``(B, N, C)`` of
+        images whose instructions are ``instructions``: CLIP's image side is the tower's
+        post-layernorm (unused by LLaVA itself) and CLIP's visual projection."""
+        tower = self.text_tower
+        normed = self.model.model.vision_tower.post_layernorm(tokens)
+        image = tower.image_embeddings(normed)
+        texts = {text: tower.text_embeddings(text) for text in dict.fromkeys(instructions)}
+        return {"instruction_similarity": torch.stack([instruction_similarity(image[i], texts[text])
+                                                       for i, text in enumerate(instructions)])}
+
+    def _pre_llm(self, features: Tensor, patch: Tensor, signals: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
         planned = self.plan.pre_llm
         candidate = patch >= 0
         state = TokenState(hidden=features, positions=patch, candidate=candidate, visual=torch.ones_like(candidate),
                            text=torch.zeros_like(candidate), patch=patch, grid=self.vision.grid, site="pre_llm",
-                           layer=0)
+                           layer=0, signals=signals)
         out = []
         for new in self._point_step(planned, state):
             out += [(tokens, cells) for tokens, cells in zip(new.hidden, torch.where(new.positions >= 0,

@@ -182,19 +182,21 @@ class FicoLMM(lmms):
         options = {"do_sample": sample, "num_beams": int(gen_kwargs.pop("num_beams", 1) or 1)}
         if sample:
             options.update(temperature=temperature, top_p=gen_kwargs.pop("top_p", None) or 1.0)
-        texts, images, per_sample = [], [], []
+        texts, contexts, images, per_sample = [], [], [], []
         for request in requests:
             context, _, doc_to_visual, doc_id, task, split = request.args
             visuals = self._visuals(doc_to_visual, doc_id, task, split)
             texts.append(self.prompt_text(context, len(visuals)))
+            contexts.append(context)
             images += visuals
             per_sample.append(len(visuals))
         inputs = self._encode(texts, images)
         tokenizer = self.tokenizer
         with torch.inference_mode(), _PrefillTimer(self.model) as timer, \
                 (apply(self.model, self.recipe) if self.recipe is not None else nullcontext()) as run:
-            out = self.model.generate(**inputs, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, **options)
+            out = self.model.generate(**inputs, **self._instruction(contexts), max_new_tokens=max_new,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      **options)
         self._record(requests, inputs, per_sample, run, timer.seconds)
         answers = []
         for request, row in zip(requests, out[:, inputs["input_ids"].shape[1]:]):
@@ -263,7 +265,7 @@ class FicoLMM(lmms):
         out_logits = []
         with torch.inference_mode(), _PrefillTimer(self.model) as timer, \
                 (apply(self.model, self.recipe) if self.recipe is not None else nullcontext()) as run:
-            out = self.model(**prompt, use_cache=True, logits_to_keep=1)
+            out = self.model(**prompt, **self._instruction([request.args[0]]), use_cache=True, logits_to_keep=1)
             # one record per prefill: a question's choices share it
             self._record([request], prompt, [images], run, timer.seconds)
             cache = out.past_key_values
@@ -280,6 +282,10 @@ class FicoLMM(lmms):
                     logits.append(decoded.logits[0])
                 out_logits.append(torch.cat(logits))
         return out_logits
+
+    def _instruction(self, contexts: list[str]) -> dict:
+        """The task's context (the question as lmms-eval writes it) for recipes that read it."""
+        return self.recipe.instruction_inputs(contexts) if self.recipe is not None else {}
 
     def clean(self) -> None:
         """lmms-eval calls this after each evaluation, and its default deletes every module

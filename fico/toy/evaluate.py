@@ -23,8 +23,9 @@ from .data import QUESTION_TYPES, TEST_SEEDS, example, pixel_values, prompt
 SLICE_IMAGES = 20
 
 
-def answer_logits(model, processor, images, questions, batch: int = 24) -> torch.Tensor:
-    """Next-token logits after each ``(image, question)`` prompt, as the processor builds them."""
+def answer_logits(model, processor, images, questions, batch: int = 24, recipe=None) -> torch.Tensor:
+    """Next-token logits after each ``(image, question)`` prompt, as the processor builds them;
+    ``recipe``: the one applied to ``model``, for methods that read the question."""
     out = []
     for start in range(0, len(questions), batch):
         chunk = slice(start, start + batch)
@@ -32,7 +33,8 @@ def answer_logits(model, processor, images, questions, batch: int = 24) -> torch
                            return_tensors="pt", padding=True)
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out.append(model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu())
+        instruction = recipe.instruction_inputs(questions[chunk]) if recipe is not None else {}
+        out.append(model(**inputs, **instruction, logits_to_keep=1).logits[:, -1].float().cpu())
     return torch.cat(out)
 
 
