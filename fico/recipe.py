@@ -174,9 +174,9 @@ class Recipe:
         return any(step.required_signals() & INSTRUCTION_SIGNALS for step in self.steps)
 
     def instruction_inputs(self, texts: str | list[str]) -> dict:
-        """The keyword arguments that hand the reduced model its instruction texts (one per
-        sample): ``{"instruction": texts}`` where a step reads them, else none, so callers can
-        pass the result to a model with or without the recipe applied."""
+        """The keyword arguments that hand the model this recipe is applied to its instruction
+        texts (one per sample): ``{"instruction": texts}`` where a step reads them, else none
+        (a model without such a recipe takes no ``instruction`` argument)."""
         return {"instruction": texts} if self.needs_instruction else {}
 
     @property
