@@ -132,6 +132,24 @@ def split_keeping(keep: Tensor, scores: Tensor, targets: Tensor | None = None) -
     return Split(scores=scores, discarded=discarded, preserved=preserved, targets=torch.gather(targets, 1, preserved))
 
 
+def candidate_indices(candidate: Tensor) -> Tensor:
+    """``(B, C)`` indices of each row's candidates ``(B, N)`` bool, ascending (the same count per row)."""
+    count = int(candidate[0].sum()) if candidate.shape[0] else 0
+    return torch.sort((~candidate).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+
+
+def split_keeping_chosen(candidate: Tensor, candidates: Tensor, chosen: Tensor | None, dtype: torch.dtype) -> Split:
+    """The split that keeps the protected tokens and ``candidates[chosen]`` (``chosen``: ``(B, k)``
+    positions into :func:`candidate_indices`, or None for none) and discards the other
+    candidates; for selections made by a rule rather than a score (zero scores, ``-inf`` on
+    the kept)."""
+    keep = ~candidate
+    if chosen is not None:
+        keep = keep.scatter(1, torch.gather(candidates, 1, chosen), True)
+    scores = torch.zeros(candidate.shape, dtype=dtype, device=candidate.device)
+    return split_keeping(keep, mask_scores(scores, candidate & ~keep), targets=candidate & keep)
+
+
 def uniform_stride(count: int, total: int) -> list[int]:
     """VisionZip's receivers: positions ``0, s, 2s, ...`` of a list of ``total``, the first ``count``,
     with ``s = max(1, total // count)``."""

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..errors import RecipeError
 from ..hookspecs import hookimpl
-from ..selection import greedy_max_min, mask_scores, split_keeping
+from ..selection import candidate_indices, greedy_max_min, mask_scores, split_keeping, split_keeping_chosen
 from ..signals import check_signal_name
 from ..stages import Filter, Split
 from ..state import TokenState, gather_tokens
@@ -39,19 +39,15 @@ class MaxMinDiversity(Filter):
     cite = ("alvar2025divprune",)
 
     def split(self, state: TokenState, r: int) -> Split:
-        b, n = state.candidate.shape
-        keep_count = int(state.candidate[0].sum()) - r
-        candidates = torch.sort((~state.candidate).to(torch.uint8), dim=1, stable=True).indices
-        candidates = candidates[:, : int(state.candidate[0].sum())]
+        candidates = candidate_indices(state.candidate)
+        keep_count = candidates.shape[1] - r
         distance = cosine_distance(gather_tokens(state.hidden, candidates))
-        keep = ~state.candidate
+        chosen = None
         if keep_count > 0:
             isolation = torch.sort(distance, dim=1).values[:, 1] if distance.shape[1] > 1 \
-                else distance.new_zeros(b, 1)
+                else distance.new_zeros(distance.shape[0], 1)
             chosen = greedy_max_min(distance, isolation.argmax(1), keep_count)
-            keep = keep.scatter(1, torch.gather(candidates, 1, chosen), True)
-        scores = torch.zeros(b, n, dtype=state.hidden.dtype, device=keep.device)
-        return split_keeping(keep, mask_scores(scores, state.candidate & ~keep), targets=state.candidate & keep)
+        return split_keeping_chosen(state.candidate, candidates, chosen, state.hidden.dtype)
 
 
 class BipartiteDuplicates(Filter):

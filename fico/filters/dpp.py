@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..errors import RecipeError
 from ..hookspecs import hookimpl
-from ..selection import greedy_dpp_map, mask_scores, split_keeping
+from ..selection import candidate_indices, greedy_dpp_map, split_keeping_chosen
 from ..signals import check_signal_name
 from ..stages import Filter, Split
 from ..state import TokenState, gather_tokens
@@ -62,22 +62,16 @@ class ConditionalDPP(Filter):
         return {self.signal}
 
     def split(self, state: TokenState, r: int) -> Split:
-        b, n = state.candidate.shape
-        present = int(state.candidate[0].sum())
-        keep_count = present - r
-        candidates = torch.sort((~state.candidate).to(torch.uint8), dim=1, stable=True).indices[:, :present]
+        candidates = candidate_indices(state.candidate)
+        keep_count = candidates.shape[1] - r
         dtype = torch.float64 if state.hidden.dtype == torch.float64 else torch.float32
         unit = F.normalize(gather_tokens(state.hidden, candidates), dim=-1).to(dtype)
         similarity = unit @ unit.transpose(1, 2)
         relevance = min_max_relevance(torch.gather(state.signals[self.signal].to(dtype), 1, candidates),
                                       self.relevance)
         kernel = relevance[:, :, None] * similarity * relevance[:, None, :]
-        keep = ~state.candidate
-        if keep_count > 0:
-            chosen = greedy_dpp_map(kernel, keep_count)
-            keep = keep.scatter(1, torch.gather(candidates, 1, chosen), True)
-        scores = torch.zeros(b, n, dtype=state.hidden.dtype, device=keep.device)
-        return split_keeping(keep, mask_scores(scores, state.candidate & ~keep), targets=state.candidate & keep)
+        chosen = greedy_dpp_map(kernel, keep_count) if keep_count > 0 else None
+        return split_keeping_chosen(state.candidate, candidates, chosen, state.hidden.dtype)
 
 
 @hookimpl
