@@ -522,7 +522,7 @@ class VisualEncoder:
         counts = [f.shape[0] for f in features]
         if not ids.is_meta:
             new = rebuild_placeholders(new, counts, self.geo.image_token_id, self.geo.placeholders_per_image,
-                                       self.model.config.pad_token_id or 0)
+                                       padding_token_id(self.model.config))
         self.run.image_patches = torch.cat(patches) if patches else None
         self.run.trace.vision_features = counts[0] if len(set(counts)) == 1 else counts
         return new
@@ -665,6 +665,15 @@ class VisualEncoder:
             out += [(tokens, cells) for tokens, cells in zip(new.hidden, torch.where(new.positions >= 0,
                                                                                      new.positions, -1))]
         return out
+
+
+def padding_token_id(config) -> int:
+    """The id written into the slots a rebuilt row gains as padding. Those slots are masked,
+    so any id in the vocabulary does; the text config's ``pad_token_id`` (a field every text
+    config class declares, possibly None) where set, else 0. The top-level config has no
+    ``pad_token_id`` when built as ``LlavaConfig(text_config=...)``, so it is never read."""
+    pad = getattr(config.get_text_config(), "pad_token_id", None)
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
 
 
 def _select_image(state: TokenState, index: int) -> TokenState:
