@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -149,9 +148,26 @@ def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int
         for name, recipe in recipes.items():
             with apply(model, recipe) if recipe is not None else nullcontext():
                 seconds = (generate(1 + tokens, recipe) - generate(1, recipe)) / tokens
-            if rep:  # the first round warms up
-                per_token[name].append(max(seconds, 0.0))
+            # the first round warms up; a round where the longer generate was not slower says
+            # nothing about decoding (the machine was busier during the shorter one): NaN, which
+            # keeps round i of every configuration at index i for the interleaved ratios
+            if rep:
+                per_token[name].append(seconds if seconds > 0 else float("nan"))
     return per_token
+
+
+#: why a decode time per token can be missing (every round dropped by measure_decode)
+DECODE_UNREADABLE = ("in no round did the longer generate() take longer than generate() of one token: the machine "
+                     "was too busy to time decoding")
+
+
+def _median(spread: Spread, factor: float = 1.0) -> float | None:
+    return None if spread.median is None else spread.median * factor
+
+
+def _quotient(a: float | None, b: float | None) -> float | None:
+    """``a / b``, None (unreadable) when either is unreadable or b is not above zero."""
+    return None if a is None or b is None or b <= 0 else a / b
 
 
 def peak_memory_mb(model, inputs, recipe: Recipe | None, instruction: str = BenchModel.instruction) -> float | None:
@@ -240,11 +256,12 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
             full, viewer = prefill_cost(spec, counts[name], "full"), prefill_cost(spec, counts[name], "llm-viewer")
             entry.update(tflops=full.tflops, tflops_llm_viewer=viewer.tflops, kv_cache_mb=viewer.kv_cache_mb,
                          image_features=full.tokens["features"])
-            prefill = statistics.median(timings[name]["prefill"])
-            entry.update(prefill_ms=prefill * 1e3, prefill_spread_ms=Spread.of(timings[name]["prefill"]).scaled(1e3).as_dict(),
-                         stage_share=statistics.median(timings[name]["stage"]) / prefill,
-                         decode_ms_per_token=statistics.median(decode[name]) * 1e3,
-                         decode_spread_ms=Spread.of(decode[name]).scaled(1e3).as_dict(),
+            prefill, stage = Spread.of(timings[name]["prefill"]), Spread.of(timings[name]["stage"])
+            per_token = Spread.of(decode[name], empty=DECODE_UNREADABLE)
+            entry.update(prefill_ms=_median(prefill, 1e3), prefill_spread_ms=prefill.scaled(1e3).as_dict(),
+                         stage_share=_quotient(stage.median, prefill.median),
+                         decode_ms_per_token=_median(per_token, 1e3),
+                         decode_spread_ms=per_token.scaled(1e3).as_dict(),
                          measured_speedup_spread=Spread.ratio(timings["unreduced"]["prefill"],
                                                               timings[name]["prefill"]).as_dict(),
                          decode_speedup_spread=Spread.ratio(decode["unreduced"], decode[name]).as_dict())
@@ -270,13 +287,13 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     for entry in results.values():
         entry["flops_speedup"] = base["tflops"] / entry["tflops"]
         entry["measured_speedup"] = entry["measured_speedup_spread"]["median"]  # of interleaved pairs
-        entry["speedup_ratio"] = entry["measured_speedup"] / entry["flops_speedup"]
+        entry["speedup_ratio"] = _quotient(entry["measured_speedup"], entry["flops_speedup"])
         if replayed:
             # what the machine gives these token counts without any fico code, and fico's share of the gap
-            entry["replay_ms"] = statistics.median(replayed[entry["recipe"]]) * 1e3
-            entry["replay_speedup"] = statistics.median(replayed["unreduced"]) * 1e3 / entry["replay_ms"]
-            entry["machine_ratio"] = entry["replay_speedup"] / entry["flops_speedup"]
-            entry["fico_efficiency"] = entry["measured_speedup"] / entry["replay_speedup"]
+            entry["replay_ms"] = _median(Spread.of(replayed[entry["recipe"]]), 1e3)
+            entry["replay_speedup"] = _quotient(_median(Spread.of(replayed["unreduced"]), 1e3), entry["replay_ms"])
+            entry["machine_ratio"] = _quotient(entry["replay_speedup"], entry["flops_speedup"])
+            entry["fico_efficiency"] = _quotient(entry["measured_speedup"], entry["replay_speedup"])
         if "accuracy" in entry:
             entry["accuracy_retention"] = entry["accuracy"]["overall"] / base["accuracy"]["overall"]
     return {
@@ -302,9 +319,16 @@ UNREADABLE = "*"
 
 
 def _with_spread(spread: dict, digits: int) -> str:
-    """``12.3 (11.9-12.8)``, marked when the spread is too wide to read the median."""
-    mark = "" if Spread(**spread).readable else UNREADABLE
+    """``12.3 (11.9-12.8)``, marked when the spread is too wide to read the median, and
+    ``unreadable`` when nothing could be measured."""
+    if spread.get("median") is None:
+        return "unreadable"
+    mark = "" if Spread.from_dict(spread).readable else UNREADABLE
     return f"{spread['median']:.{digits}f} ({spread['q1']:.{digits}f}-{spread['q3']:.{digits}f}){mark}"
+
+
+def _number(value: float | None, digits: int, scale: float = 1.0) -> str:
+    return "unreadable" if value is None else f"{value * scale:.{digits}f}"
 
 
 def budget_label(entry: dict) -> str:
@@ -342,15 +366,15 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
         if e is base:
             row += ["1.00", "1.00"]
         else:
-            row += [_with_spread(e["measured_speedup_spread"], 2), f"{e['speedup_ratio']:.2f}"]
+            row += [_with_spread(e["measured_speedup_spread"], 2), _number(e["speedup_ratio"], 2)]
         row += [_with_spread(e["prefill_spread_ms"], 1), _with_spread(e["decode_spread_ms"], 2),
                 "1.00" if e is base else _with_spread(e["decode_speedup_spread"], 2),
-                f"{100 * e['stage_share']:.1f}"]
+                _number(e["stage_share"], 1, 100)]
         unreadable |= any(cell.endswith(UNREADABLE) for cell in row)
         if budgets:
             row.insert(1, budget_label(e))
         if replayed:
-            row += [f"{e['replay_speedup']:.2f}", f"{e['machine_ratio']:.2f}", f"{e['fico_efficiency']:.2f}"]
+            row += [_number(e["replay_speedup"], 2), _number(e["machine_ratio"], 2), _number(e["fico_efficiency"], 2)]
         if toy:
             p, n = e["accuracy"]["overall"], e.get("questions", 0)
             se = (p * (1 - p) / n) ** 0.5 if n else float("nan")
@@ -358,6 +382,10 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
                     f"{e.get('answer_agreement', 1.0):.3f}", f"{e.get('kl', 0.0):.4f}"]
         rows.append(row)
     notes = []
+    reasons = {value["reason"] for e in [base] + report["results"] for value in e.values()
+               if isinstance(value, dict) and value.get("reason")}
+    if reasons:
+        notes.append("unreadable: " + "; ".join(sorted(reasons)) + ".")
     if unreadable:
         notes.append(f"{UNREADABLE} the interquartile range is wider than {100 * READABLE_SPREAD:.0f}% of the "
                      "median: too wide to read that number or ratio; rerun with more --reps on a quieter machine.")
@@ -405,6 +433,8 @@ def plot(report: dict, path: Path) -> None:
 
     def latency(e):
         spread = e["prefill_spread_ms"]
+        if spread.get("median") is None:
+            return float("nan"), (0.0, 0.0)
         return spread["median"], (spread["median"] - spread["q1"], spread["q3"] - spread["median"])
 
     panels = [(latency, "prefill latency (ms; median, IQR bars)")]
@@ -451,14 +481,20 @@ def markdown(report: dict, command: str, block: str | None = None) -> str:
         lines += ["", "Requirements: fico's own stages at most 5% of the reduced prefill; measured speedup at least "
                   "0.95 of what the vanilla modules reach on the same token counts (`--replay`):", ""]
         for e in report["results"]:
-            share = "met" if e["stage_share"] <= 0.05 else f"missed by {100 * (e['stage_share'] - 0.05):.1f} points"
-            line = (f"- `{e['recipe']}`: stages {100 * e['stage_share']:.1f}% ({share}); measured / FLOPs speedup "
-                    f"{e['speedup_ratio']:.2f}")
+            if e["stage_share"] is None:
+                share = "not measured"
+            else:
+                share = "met" if e["stage_share"] <= 0.05 else f"missed by {100 * (e['stage_share'] - 0.05):.1f} points"
+            line = (f"- `{e['recipe']}`: stages {_number(e['stage_share'], 1, 100)}% ({share}); measured / FLOPs "
+                    f"speedup {_number(e['speedup_ratio'], 2)}")
             if replayed:
-                efficiency = ("met" if e["fico_efficiency"] >= 0.95
-                              else f"missed by {0.95 - e['fico_efficiency']:.2f}")
-                line += (f"; measured / replay {e['fico_efficiency']:.2f} ({efficiency}); the replay reaches "
-                         f"{e['machine_ratio']:.2f} of the FLOPs speedup")
+                if e["fico_efficiency"] is None:
+                    efficiency = "not measured"
+                else:
+                    efficiency = ("met" if e["fico_efficiency"] >= 0.95
+                                  else f"missed by {0.95 - e['fico_efficiency']:.2f}")
+                line += (f"; measured / replay {_number(e['fico_efficiency'], 2)} ({efficiency}); the replay reaches "
+                         f"{_number(e['machine_ratio'], 2)} of the FLOPs speedup")
             lines.append(line)
     lines.append(f"<!-- bench:{block}:end -->")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from rich.table import Table
 from .errors import InputError
 from .integrations.lmms import TOY_IMAGES, TOY_TASKS, write_toy_task
 from .recipe import load_recipe
+from .timing import Spread
 from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest
 
 UNREDUCED = "unreduced"
@@ -182,7 +183,12 @@ def _evaluate_cell(lm, recipe, task: str, task_manager, limit: int | None, batch
             "tflops": statistics.fmean(s["tflops"] for s in seen),
             "visual_tokens": statistics.fmean(s["visual_tokens"] for s in seen),
             "image_features": statistics.fmean(s["image_features"] for s in seen),
-            "prefill_ms": 1e3 * statistics.median(s["prefill_seconds"] for s in seen)}
+            "prefill_ms": prefill_ms([s["prefill_seconds"] for s in seen])}
+
+
+def prefill_ms(seconds: list[float]) -> float | None:
+    """Median prefill time in ms over the requests whose prefill was timed (None: none was)."""
+    return Spread.of([s for s in seconds if s > 0]).scaled(1e3).median
 
 
 def _report(records: dict, configurations: list[str], tasks: list[str], model: str, conditions: dict) -> dict:
@@ -215,7 +221,8 @@ def table(report: dict) -> list[Table]:
             name = row["configuration"]
             if row.get("budget") and not row["budget"].get("equal_cost", True):
                 name += f" (not equal-cost: {100 * row['budget']['solved_fraction']:.0f}% of unreduced)"
-            out.add_row(name, score, retention, f"{row['tflops']:.4g}", f"{row['prefill_ms']:.1f}",
+            prefill = "unreadable" if row.get("prefill_ms") is None else f"{row['prefill_ms']:.1f}"
+            out.add_row(name, score, retention, f"{row['tflops']:.4g}", prefill,
                         f"{row['visual_tokens']:.1f}")
         tables.append(out)
     return tables

@@ -15,6 +15,7 @@ those paired ratios; when the ratios' interquartile range is wider than
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -24,20 +25,35 @@ READABLE_SPREAD = 0.2
 
 @dataclass(frozen=True)
 class Spread:
-    """Median, quartiles and extremes of repeated measurements (seconds or ratios)."""
+    """Median, quartiles and extremes of repeated measurements (seconds or ratios).
 
-    median: float
-    q1: float
-    q3: float
-    low: float
-    high: float
+    A measurement that could not be read (no valid round: a machine so busy that a longer
+    run took less time than a shorter one, or no repeats at all) is a Spread too, with
+    ``reason`` saying why, None for every number and ``n`` 0: commands print and store it as
+    unreadable instead of failing.
+
+    >>> Spread.of([]).show(" ms")
+    'unreadable (no measurements)'
+    >>> Spread.ratio([1.0, 2.0], [0.0, -1.0]).reason
+    'no round gave both times above zero'
+    """
+
+    median: float | None
+    q1: float | None
+    q3: float | None
+    low: float | None
+    high: float | None
     n: int
+    #: why the measurement cannot be read (None: it can)
+    reason: str | None = None
 
     @classmethod
-    def of(cls, values: list[float]) -> "Spread":
-        values = sorted(values)
+    def of(cls, values: list[float], empty: str = "no measurements") -> "Spread":
+        """The spread of ``values``; non-finite values are dropped, and with none left the
+        Spread is unreadable for the reason ``empty``."""
+        values = sorted(v for v in values if math.isfinite(v))
         if not values:
-            raise ValueError("no measurements")
+            return cls.unreadable(empty)
         if len(values) == 1:
             q1 = q3 = values[0]
         else:
@@ -45,25 +61,43 @@ class Spread:
         return cls(statistics.median(values), q1, q3, values[0], values[-1], len(values))
 
     @classmethod
+    def unreadable(cls, reason: str) -> "Spread":
+        return cls(None, None, None, None, None, 0, reason)
+
+    @classmethod
     def ratio(cls, numerators: list[float], denominators: list[float]) -> "Spread":
-        """The spread of ``numerators[i] / denominators[i]`` over interleaved rounds i."""
-        return cls.of([a / b for a, b in zip(numerators, denominators) if b > 0])
+        """The spread of ``numerators[i] / denominators[i]`` over interleaved rounds i; a round
+        where either time is not above zero has no ratio."""
+        return cls.of([a / b for a, b in zip(numerators, denominators) if a > 0 and b > 0],  # NaN > 0 is False
+                      empty="no round gave both times above zero")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Spread":
+        """A Spread stored with :meth:`as_dict` (files written before ``reason`` existed too)."""
+        return cls(**{key: data.get(key) for key in ("median", "q1", "q3", "low", "high")}, n=data.get("n", 0),
+                   reason=data.get("reason"))
 
     @property
     def relative_iqr(self) -> float:
+        if self.median is None:
+            return float("inf")
         return (self.q3 - self.q1) / self.median if self.median else float("inf")
 
     @property
     def readable(self) -> bool:
         """Whether the spread is narrow enough to read the median as the value."""
-        return self.relative_iqr <= READABLE_SPREAD
+        return self.median is not None and self.relative_iqr <= READABLE_SPREAD
 
     def scaled(self, factor: float) -> "Spread":
+        if self.median is None:
+            return self
         return Spread(self.median * factor, self.q1 * factor, self.q3 * factor, self.low * factor,
-                      self.high * factor, self.n)
+                      self.high * factor, self.n, self.reason)
 
     def show(self, unit: str = "", digits: int = 1) -> str:
-        """``12.3 ms (IQR 11.9-12.8, n=7)``."""
+        """``12.3 ms (IQR 11.9-12.8, n=7)``, or ``unreadable (why)``."""
+        if self.median is None:
+            return f"unreadable ({self.reason})"
         return (f"{self.median:.{digits}f}{unit} (IQR {self.q1:.{digits}f}-{self.q3:.{digits}f}, n={self.n})")
 
     def as_dict(self) -> dict:
@@ -72,6 +106,8 @@ class Spread:
 
 def ratio_text(ratio: Spread) -> str:
     """A speedup for the terminal, with its spread, and a warning when it cannot be read."""
+    if ratio.median is None:
+        return f"unreadable ({ratio.reason})"
     text = f"{ratio.median:.2f}x (IQR {ratio.q1:.2f}-{ratio.q3:.2f})"
     if not ratio.readable:
         text += (f"; spread too wide to read a ratio (IQR {100 * ratio.relative_iqr:.0f}% of the median): "

@@ -77,3 +77,51 @@ def test_replay_runs_each_module_on_the_recorded_token_counts(tiny_model):
     assert [n for tag, n in seen if tag == "mlp"] == counts.vision_out
     assert [n for tag, n in seen if tag == "projector"] == [counts.features]
     assert [n for tag, n in seen if tag == "decoder"] == counts.llm
+
+
+def test_a_machine_too_busy_to_time_is_reported_not_a_crash(tmp_path, tiny_model, processor, monkeypatch, capsys):
+    """Every round's generate(1) slower than its generate(17), and prefills too fast to time
+    (a virtual clock that only generate() advances): the bench finishes, and the figures it
+    could not read are printed and stored as unreadable, with the reason."""
+    import types
+
+    import fico.bench as bench
+
+    model = tiny_model(dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    clock = [0.0]
+    load = bench.load_bench_model
+
+    def busy_load(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        generate = loaded.model.generate
+
+        def slow_short_generate(*a, max_new_tokens=1, **kw):
+            clock[0] += 2.0 if max_new_tokens == 1 else 1.0
+            return generate(*a, max_new_tokens=max_new_tokens, **kw)
+
+        loaded.model.generate = slow_short_generate
+        return loaded
+
+    monkeypatch.setattr(bench, "load_bench_model", busy_load)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert main(["bench", "fastv", "--model", str(tmp_path / "model"), "--reps", "2", "--replay",
+                 "--json", str(out), "--markdown", str(md)]) == 0
+    printed = capsys.readouterr().out
+    entry = json.loads(out.read_text())["results"][0]
+    assert entry["decode_ms_per_token"] is None and "too busy to time decoding" in entry["decode_spread_ms"]["reason"]
+    assert entry["measured_speedup"] is None and entry["measured_speedup_spread"]["reason"]
+    assert "unreadable" in printed and "too busy to time decoding" in printed
+    assert "unreadable" in md.read_text()
+
+
+def test_spreads_of_nothing_are_unreadable_not_errors():
+    from fico.timing import Spread, ratio_text
+
+    assert Spread.of([]).show(" ms") == "unreadable (no measurements)"
+    assert not Spread.of([float("nan")]).readable
+    ratio = Spread.ratio([1.0, 2.0], [0.0, float("nan")])
+    assert ratio.median is None and ratio_text(ratio).startswith("unreadable (")
+    assert Spread.from_dict(Spread.of([1.0, 2.0]).as_dict()) == Spread.of([1.0, 2.0])
