@@ -8,20 +8,51 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (ApplyError, ComponentError, FicoError, InputError, ModelNotFoundError, RecipeError,
                      ResultsFileError, UnsupportedModelError)
-from .hookspecs import hookimpl, hookspec
-from .recipe import Recipe, Schedule, Step, bundled_recipes, load_recipe
-from .registry import Registry, default_registry
-from .run import ReductionRun, StepRecord, Trace
-from .stages import Compressor, Correlation, Correlator, Filter, Split
-from .state import TokenState
-from . import embedded
 
 __version__ = "0.1.0"
 
+# The rest of the public API loads on first use (PEP 562): it imports torch, and the command
+# line must answer --help or a usage error without paying for that.
+_LAZY = {
+    "hookimpl": "hookspecs", "hookspec": "hookspecs",
+    "Recipe": "recipe", "Schedule": "recipe", "Step": "recipe", "bundled_recipes": "recipe", "load_recipe": "recipe",
+    "Registry": "registry", "default_registry": "registry",
+    "ReductionRun": "run", "StepRecord": "run", "Trace": "run",
+    "Compressor": "stages", "Correlation": "stages", "Correlator": "stages", "Filter": "stages", "Split": "stages",
+    "TokenState": "state",
+}
 
-def apply(model, recipe: Recipe | str, provenance: bool = False) -> ReductionRun:
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from . import embedded
+    from .hookspecs import hookimpl, hookspec
+    from .recipe import Recipe, Schedule, Step, bundled_recipes, load_recipe
+    from .registry import Registry, default_registry
+    from .run import ReductionRun, StepRecord, Trace
+    from .stages import Compressor, Correlation, Correlator, Filter, Split
+    from .state import TokenState
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name == "embedded":
+        value = importlib.import_module(".embedded", __name__)
+    else:
+        raise AttributeError(f"module 'fico' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY, "embedded"])
+
+
+def apply(model, recipe: "Recipe | str", provenance: bool = False) -> "ReductionRun":
     """Attach ``recipe`` to ``model`` and return the :class:`ReductionRun`.
 
     Use it as a context manager, or call ``run.remove()``; afterwards the model is exactly
@@ -34,6 +65,7 @@ def apply(model, recipe: Recipe | str, provenance: bool = False) -> ReductionRun
             absorbed and with what weight (``run.trace.steps[i].sources``).
     """
     from .adapters import llava
+    from .recipe import Recipe, load_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)

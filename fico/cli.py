@@ -1,33 +1,33 @@
-"""Command line: ``fico run`` (the main job) and ``fico list``.
+"""The ``fico`` command line.
 
-``fico run RECIPE [key=value ...]`` runs a model with and without the recipe on the same
-inputs and prints tokens per site and layer, prefill time, and how far the reduced
-model's output agrees with the unreduced one. Without ``--model`` it uses the embedded
-tiny LLaVA-1.5-shaped model (:mod:`fico.embedded`).
+Commands: ``run`` (a recipe against the unreduced model: tokens per site and layer, answers,
+prefill time, fidelity), ``list`` (registered components and bundled recipes), ``cost``
+(analytic FLOPs and memory), ``explain`` (a recipe as filter/correlate/compress with
+formulas and BibTeX), ``ablate`` (a measured grid of knob values or stage swaps), ``show``
+(where discarded tokens went, as a PNG), ``bench`` (recipes side by side, measured),
+``eval`` (lmms-eval tasks) and ``toy-task``. Options and ``key=value`` overrides may come
+in any order. Without ``--model``, ``run`` uses the trained toy model (or the embedded
+tiny LLaVA-1.5-shaped one).
+
+Only the commands that need them import torch and the model code, so ``fico --help`` and
+usage errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
-import time
+from typing import TYPE_CHECKING
 
-import torch
-from rich.console import Console
-from rich.table import Table
+from .conventions import CONVENTIONS
+from .models import dtype_argument
 
-from . import embedded
-from .cost import CONVENTIONS, TokenCounts, model_spec, prefill_cost, recipe_cost
-from .explain import formulas, knob_text, summary
-from .overrides import format_value
-from .errors import FicoError
-from .models import dtype_argument, load_model, torch_dtype
-from .recipe import bundled_recipes, load_recipe, recipe_name
-from .registry import default_registry
-from .timing import Spread, ratio_text
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
 
 DEFAULT_RECIPE = "fastv"
+DESCRIPTION = ("Training-free token reduction for LLaVA-style models as filter -> correlate -> compress recipes. "
+               "Options and key=value overrides may come in any order.")
 
 
 def _token_counts(text: str):
@@ -41,17 +41,43 @@ def _token_counts(text: str):
     return values[0] if len(values) == 1 and "," not in text else values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _plugin_option(parser) -> None:
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
                         help="a local plugin file whose components the recipe or overrides may name (repeatable)")
 
 
+def parse_arguments(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser],
+                    argv: list[str]) -> argparse.Namespace:
+    """The command's arguments, its options and positionals in any order.
+
+    argparse's ``parse_args`` ends a run of positionals at the first option, so
+    ``fico run fastv --plugin f.py k=3`` would reject ``k=3``. Its intermixed parser takes
+    them in any order but not through subparsers: the command is found here and its own
+    parser reads the rest intermixed.
+    """
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # --help, no command, or an unknown one: argparse's own message
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fico", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fico", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run a recipe against the unreduced model")
     run.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help="bundled name or YAML path")
-    run.add_argument("overrides", nargs="*", help="knob overrides, key=value")
+    run.add_argument("overrides", nargs="*", default=[], help="knob overrides, key=value")
     run.add_argument("--model", default=None,
                      help="toy (the trained fico-toy, the default when its weights are shipped), embedded (random "
                           "tiny LLaVA-1.5-shaped, the default otherwise), or a local checkpoint directory")
@@ -59,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seed", type=int, default=0, help="which generated test image")
     run.add_argument("--prompt", default=None, help="a question (default: the toy image's six questions)")
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: 1 on the toy (one-word answers), 3 on the embedded model, else 8")
-    run.add_argument("--repeats", type=int, default=7, help="timed prefill repetitions per configuration")
+    run.add_argument("--repeats", type=_positive_int, default=7, help="timed prefill repetitions per configuration")
     run.add_argument("--dtype", type=dtype_argument(), default="float32",
                      help="float32 (default), float16, bfloat16, float64; aliases fp32, fp16, bf16, ...")
     run.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
@@ -69,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     cost = sub.add_parser("cost", help="analytic prefill cost (FLOPs, KV cache, memory) of a recipe on a model")
     cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, embedded, toy, or a local checkpoint directory")
     cost.add_argument("recipe", nargs="?", default=None, help="bundled name or YAML path (default: unreduced)")
-    cost.add_argument("overrides", nargs="*", help="knob overrides, key=value")
+    cost.add_argument("overrides", nargs="*", default=[], help="knob overrides, key=value")
     cost.add_argument("--text-tokens", type=_token_counts, default=60,
                       help="text tokens in the prompt (default 60); a comma list averages over the lengths")
     cost.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer")
@@ -80,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     _plugin_option(cost)
     explain = sub.add_parser("explain", help="a recipe as filter/correlate/compress with formulas and BibTeX")
     explain.add_argument("recipe")
-    explain.add_argument("overrides", nargs="*")
+    explain.add_argument("overrides", nargs="*", default=[])
     explain.add_argument("--format", choices=["text", "md", "tex"], default="text")
     explain.add_argument("--model", default="llava-1.5-7b", help="whose layers and token counts to show")
     _plugin_option(explain)
     ablate = sub.add_parser("ablate", help="a grid of knob values / stage swaps, each measured (resumable)")
     ablate.add_argument("recipe")
-    ablate.add_argument("overrides", nargs="*", help="knob overrides for every cell, key=value")
+    ablate.add_argument("overrides", nargs="*", default=[], help="knob overrides for every cell, key=value")
     ablate.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (filter/correlate/compress swap a stage)")
     ablate.add_argument("--variants", default=None, help="'paper': the paper's ablation table for the recipe")
     ablate.add_argument("--model", default="toy", help="toy (accuracy), embedded or a checkpoint (fidelity)")
@@ -100,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     _plugin_option(ablate)
     show = sub.add_parser("show", help="draw where discarded tokens' information went (PNG)")
     show.add_argument("recipe")
-    show.add_argument("overrides", nargs="*")
+    show.add_argument("overrides", nargs="*", default=[])
     show.add_argument("--image", default=None, help="image file (default: a generated toy image)")
     show.add_argument("--seed", type=int, default=0, help="which generated image")
     show.add_argument("--model", default="toy", help="toy (default), embedded, or a local checkpoint directory")
@@ -117,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     bench.add_argument("--dtype", type=dtype_argument(), default="float32")
     bench.add_argument("--images", type=int, default=100, help="toy test images (6 questions each)")
-    bench.add_argument("--reps", type=int, default=7, help="timed prefill repetitions per configuration")
+    bench.add_argument("--reps", type=_positive_int, default=7, help="timed prefill repetitions per configuration")
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--json", default=None, help="write the results as JSON")
     bench.add_argument("--plot", default=None, help="write accuracy/latency against TFLOPs as an image")
@@ -149,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     toy_task.add_argument("directory")
     toy_task.add_argument("--images", type=int, default=50, help="toy test images (6 questions each)")
     toy_task.add_argument("--first-image", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, sub.choices, sys.argv[1:] if argv is None else list(argv))
+    from rich.console import Console
+
+    from .errors import FicoError
+
     console = Console()
     try:
         if args.command == "list":
@@ -158,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             return show_cost(args, console)
         if args.command == "explain":
             from .explain import explanation, render
+            from .recipe import load_recipe
 
             recipe = load_recipe(args.recipe, args.overrides, plugins=args.plugin)
             print(render(explanation(recipe, args.model), args.format))
@@ -174,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"plot: {args.plot}")
             return 0
         if args.command == "show":
+            from .recipe import load_recipe
             from .show import show as draw_show
 
             path = draw_show(load_recipe(args.recipe, args.overrides, plugins=args.plugin), args.model, args.image,
@@ -197,9 +229,22 @@ def main(argv: list[str] | None = None) -> int:
         # stderr, unwrapped: the message names a file and a key path a user greps for or copies.
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
+    except KeyboardInterrupt:
+        # results files are written whole or not at all (fico.results), so stopping is safe
+        print(f"fico {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def list_components(console: Console) -> int:
+    import inspect
+
+    from rich.table import Table
+
+    from .explain import formulas, knob_text, summary
+    from .overrides import format_value
+    from .recipe import bundled_recipes, load_recipe, recipe_name
+    from .registry import default_registry
+
     registry = default_registry()
     table = Table(title="registered components")
     for column in ("stage", "name", "parameters", "summary (with citation)"):
@@ -229,6 +274,11 @@ def list_components(console: Console) -> int:
 
 
 def show_cost(args, console: Console) -> int:
+    from rich.table import Table
+
+    from .cost import model_spec, recipe_cost
+    from .recipe import load_recipe
+
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin) if args.recipe else None
     report = recipe_cost(args.model, recipe, args.text_tokens, args.convention, args.dtype)
     base = recipe_cost(args.model, None, args.text_tokens, args.convention, args.dtype)
@@ -271,8 +321,10 @@ def equivalent_text(equivalent: dict) -> str:
             f"reach the output")
 
 
-def layer_table(trace, title: str, all_layers: bool = False) -> Table:
+def layer_table(trace, title: str, all_layers: bool = False):
     """Tokens per site and layer; unless ``all_layers``, runs of unchanged layers share one row."""
+    from rich.table import Table
+
     table = Table(title=title)
     for column in ("site", "layer", "tokens in", "tokens out"):
         table.add_column(column, justify="right")
@@ -306,6 +358,7 @@ def _questions(args):
     """(images, prompts, questions, true answers or None) for the run."""
     from PIL import Image
 
+    from . import embedded
     from .toy.data import TEST_SEEDS, example, prompt
 
     if args.model == "toy" and not args.image:
@@ -328,7 +381,16 @@ def _questions(args):
 
 
 def run_recipe(args, console: Console) -> int:
+    import time
+
+    import torch
+    from rich.table import Table
+
     from . import apply
+    from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost
+    from .models import load_model, torch_dtype
+    from .recipe import load_recipe
+    from .timing import Spread, ratio_text
 
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin)
     if args.model is None:

@@ -36,11 +36,8 @@ from typing import Any
 
 from .errors import ModelNotFoundError, RecipeError
 from .models import DTYPE_BYTES, parse_dtype
+from .conventions import CONVENTIONS, MAC_CONVENTIONS
 from .plan import Geometry, RecipePlan, plan_recipe
-
-CONVENTIONS = ("llm-viewer", "full", "mac2", "mac3", "mac2-image", "mac3-image")
-#: the multiply-accumulate conventions: (FFN matrices, image tokens only)
-MAC_CONVENTIONS = {"mac2": (2, False), "mac3": (3, False), "mac2-image": (2, True), "mac3-image": (3, True)}
 
 
 @dataclass(frozen=True)

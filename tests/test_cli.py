@@ -141,3 +141,35 @@ def test_cdpruner_runs_ablates_and_benches_from_the_command_line(tmp_path, capsy
     assert main(["run", "cdpruner", "--model", "embedded", "--repeats", "1"]) == 2
     assert "steps[0].text_encoder: the signal(s) instruction_similarity need CLIP's text tower" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mixed,canonical", [
+    (["explain", "fastv", "--format", "md", "k=3"], ["explain", "fastv", "k=3", "--format", "md"]),
+    (["cost", "llava-1.5-7b", "--json", "fastv", "--text-tokens", "60", "k=3"],
+     ["cost", "llava-1.5-7b", "fastv", "k=3", "--json", "--text-tokens", "60"]),
+    (["explain", "--format", "md", "fastv", "k=3", "--model", "llava-1.5-7b", "ratio=0.25"],
+     ["explain", "fastv", "k=3", "ratio=0.25", "--format", "md", "--model", "llava-1.5-7b"]),
+])
+def test_options_and_overrides_mix_in_any_order(mixed, canonical, capsys):
+    assert main(canonical) == 0
+    expected = capsys.readouterr().out
+    assert main(mixed) == 0
+    assert capsys.readouterr().out == expected
+    assert "k=3" in expected or '"k": 3' in expected or "[3]" in expected
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    """fico --help and argument errors answer before any heavy import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fico.cli\n"
+            "for argv in (['--help'], ['run', '--bogus'], ['cost', '--help']):\n"
+            "    try:\n"
+            "        fico.cli.main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False False", done.stdout + done.stderr
+    assert "COMMAND" in done.stdout and "unrecognized arguments: --bogus" in done.stderr
