@@ -270,6 +270,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, re
     config, described = _read_config(path, source, seen=())
     original = copy.deepcopy(config)
     overrides, extra_plugins = _take_plugin_overrides(overrides, source)
+    _check_overrides_agree(overrides, source)
     extra_plugins += [Path(p) for p in plugins or ()]
     config = _apply_overrides(config, overrides, source)
     _check_overridden_knobs_are_used(original, config, overrides, source)
@@ -283,12 +284,67 @@ def load_recipe(recipe: str | Path, overrides: list[str] | str | None = None, re
         config, solution = solve_budget(config, source, overrides,
                                         lambda candidate: _build(candidate, path, source, registry, extra_plugins),
                                         target=budget_for)
-    built = _build(config, path, source, registry, extra_plugins)
+    try:
+        built = _build(config, path, source, registry, extra_plugins)
+    except RecipeError as error:
+        raise _blame_override(error, overrides, source) from error
     built.budget = solution
     built.changes = _changes(described, config, source)
     if built.changes:
         built.description = _describe_modified(described.name, built)
     return built
+
+
+def _check_every_knob_is_read(config: DictConfig, written: list[str], source: str) -> None:
+    """A key that the file ``source`` writes (``written``, top level) is a knob only if a step
+    of the recipe it makes reads it, directly or through another knob: a typo such as
+    ``ratioo: 0.3`` would otherwise load and change nothing."""
+    raw = OmegaConf.to_container(config, resolve=False)
+    used = _used_knobs(raw)
+    for knob in knob_paths(config):
+        if knob.split(".")[0] not in written:
+            continue
+        if any(u == knob or u.startswith(knob + ".") or knob.startswith(u + ".") for u in used):
+            continue
+        read = sorted(k for k in knob_paths(config) if any(u == k or k.startswith(u + ".") for u in used))
+        close = difflib.get_close_matches(knob, read, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"{source}: {knob}: no step reads this key, so it would change nothing{hint} (a new knob "
+                          f"needs a step value that reads it, such as '${{{knob}}}'; the recipe's knobs: "
+                          f"{', '.join(read) or 'none'})")
+
+
+def _check_overrides_agree(overrides: list[str], source: str) -> None:
+    """The same key overridden twice with different values is ambiguous: which one was meant?"""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("+")
+        if not sep:
+            continue
+        if key in seen and parse_value_or_text(seen[key]) != parse_value_or_text(text):
+            raise RecipeError(f"{source}: override {key!r} is given twice, as {key}={seen[key].strip()} and "
+                              f"{key}={text.strip()}; give it once")
+        seen[key] = text
+
+
+def parse_value_or_text(text: str) -> Any:
+    try:
+        return parse_value(text)
+    except yaml.YAMLError:
+        return text.strip()
+
+
+def _blame_override(error: RecipeError, overrides: list[str], source: str) -> RecipeError:
+    """An invalid value that came from an overridden knob names the override first
+    (``override 'k': steps[0].layers: ... got ['two'] (from ${k})``), not only the step."""
+    message = str(error)
+    overridden = [item.partition("=")[0].strip().lstrip("+") for item in overrides]
+    for knob in overridden:
+        if "${" + knob + "}" in message and not message.startswith(f"{source}: override"):
+            rest = message[len(source) + 2:] if message.startswith(f"{source}: ") else message
+            return RecipeError(f"{source}: override {knob!r}: {rest}")
+    return error
 
 
 def override_list(overrides: Any) -> list[str]:
@@ -319,7 +375,8 @@ def _take_plugin_overrides(overrides: list[str], source: str) -> tuple[list[str]
 
 
 def _read_config(path: Path, source: str, seen: tuple) -> tuple[DictConfig, _Described]:
-    """The YAML at ``path``, on top of its ``base:`` recipe (a bundled name or a relative path)."""
+    """The YAML at ``path``, on top of its ``base:`` recipe (a bundled name or a relative path).
+    Every knob a file writes must be read by the recipe it makes."""
     try:
         data = load_yaml(path.read_text())
     except OSError as error:
@@ -338,6 +395,7 @@ def _read_config(path: Path, source: str, seen: tuple) -> tuple[DictConfig, _Des
         raise RecipeError(f"{source}: cannot read recipe: {str(error).splitlines()[0]}") from error
     base = config.get("base")
     if base is None:
+        _check_every_knob_is_read(config, [str(k) for k in config.keys()], source)
         return config, _Described(str(config.get("name") or path.stem), _raw(config, "steps"))
     relative = path.parent / str(base)
     base_path = relative if relative.suffix in (".yaml", ".yml") and relative.is_file() else None
@@ -350,6 +408,7 @@ def _read_config(path: Path, source: str, seen: tuple) -> tuple[DictConfig, _Des
     parent, described = _read_config(base_path, str(base_path), seen + (path.resolve(),))
     own = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "base"])
     merged = OmegaConf.merge(parent, own)
+    _check_every_knob_is_read(merged, [str(k) for k in own.keys()], source)
     if "description" in own:
         described = _Described(str(own.get("name") or path.stem), _raw(merged, "steps"))
     return merged, described
@@ -614,6 +673,9 @@ def _shown(raw: Any, value: Any) -> str:
     """How a value appears in messages: with the knob it came from, if interpolated."""
     if isinstance(raw, str) and "${" in raw:
         return f"{value!r} (from {raw})"
+    knobs = sorted(_references(raw)) if isinstance(raw, (list, dict)) else []
+    if knobs:
+        return f"{value!r} (from {', '.join('${' + k + '}' for k in knobs)})"
     return repr(value)
 
 

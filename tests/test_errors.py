@@ -1,5 +1,7 @@
 """Bad input gets a RecipeError naming the recipe and key, and never a half-modified model."""
 
+import re
+
 import pytest
 import torch
 
@@ -28,8 +30,10 @@ steps:
 
 def recipe_text(site="vision", layers="all", schedule="remove: ${r}", filter="bipartite_matching",
                 correlate="key_similarity", compress="weighted_average"):
-    return BASE.format(site=site, layers=layers, schedule=schedule, filter=filter, correlate=correlate,
+    text = BASE.format(site=site, layers=layers, schedule=schedule, filter=filter, correlate=correlate,
                        compress=compress)
+    # a knob no step reads is itself an error; these recipes test the step's own checks
+    return text if "${r}" in schedule else text.replace("r: 8\n", "", 1)
 
 
 @pytest.mark.parametrize("text,match", [
@@ -204,3 +208,32 @@ def test_runtime_error_on_inputs_embeds_with_llm_steps(tiny_model, single_inputs
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     with fico.apply(model, fico.load_recipe("fastv")), pytest.raises(ValueError, match="pass input_ids"):
         model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def test_a_recipe_file_key_no_step_reads_is_an_error_naming_file_key_and_knob(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("base: fastv\nratioo: 0.3\nfoo_bar: 1\n")
+    with pytest.raises(fico.RecipeError, match=re.escape(f"{path}: ratioo: no step reads this key") + r".*did you "
+                       r"mean 'ratio'\?"):
+        fico.load_recipe(path)
+
+
+def test_a_new_knob_that_a_step_reads_is_accepted(tmp_path):
+    path = tmp_path / "new_knob.yaml"
+    path.write_text("base: fastv\nname: fastv_keep\nkeep: 100\nsteps:\n  - site: llm\n    layers: ['${k}']\n"
+                    "    keep: ${keep}\n    filter: {name: attention_rank, signal: last_query_attention}\n"
+                    "    correlate: none\n    compress: drop\n")
+    recipe = fico.load_recipe(path, ["keep=50"])
+    assert recipe.knobs["keep"] == 50 and recipe.steps[0].schedule.value == 50
+
+
+def test_conflicting_overrides_are_an_error():
+    with pytest.raises(fico.RecipeError, match=r"override 'k' is given twice, as k=2 and k=3"):
+        fico.load_recipe("fastv", ["k=2", "k=3"])
+    assert fico.load_recipe("fastv", ["k=3", "k=3"]).knobs["k"] == 3  # the same value twice says one thing
+
+
+def test_a_bad_knob_value_names_the_override_first():
+    with pytest.raises(fico.RecipeError, match=r"fastv.yaml: override 'k': steps\[0\]\.layers: .*got \['two'\] "
+                                               r"\(from \$\{k\}\)"):
+        fico.load_recipe("fastv", ["k=two"])
