@@ -117,7 +117,7 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
     """
     from .ablations import paper_table
     from .bench import BenchModel
-    from .models import load_model, model_source
+    from .models import check_recipes, load_model, model_source
 
     console = console or Console()
     model_source(model)  # a bad --model is reported before anything runs
@@ -138,6 +138,7 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
     conditions = measurement_conditions(model, dtype, torch.get_num_threads(), images=images)
     out = Path(out) if out else default_results_path(recipe_name, conditions)
     done = read_results(out, conditions, "ablation results")
+    check_recipes(recipes.values(), model)
     model_obj, processor = load_model(model, dtype, "sdpa")
     bm = BenchModel(model, model_obj, processor, {})
     records = []

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from .cost import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError
-from .models import RUNNABLE, load_model, model_source, torch_dtype
+from .models import RUNNABLE, check_recipes, load_model, model_source, torch_dtype
 from .recipe import Recipe, load_recipe
 from .timing import READABLE_SPREAD, Spread
 
@@ -233,8 +233,10 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     console = console or Console()
     torch.set_num_threads(threads)
     names = expand(recipes, budgets, tokens)
-    for name in names:
-        load_recipe(name, plugins=plugins)  # a bad recipe fails before the model loads
+    first = [load_recipe(name, plugins=plugins) for name in names]  # a bad recipe fails before the model loads
+    if model_source(model, BENCH_MODELS) in RUNNABLE or Path(model).is_dir():
+        # and one that cannot run on this model too; a budget is solved for the model once it is loaded
+        check_recipes([recipe for recipe in first if recipe.budget is None], model)
     bm = load_bench_model(model, dtype, device=device)
     spec = replace(model_spec(bm.model), name=bm.name)
     text_tokens = bm.inputs["input_ids"].shape[1] - spec.patches

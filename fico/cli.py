@@ -388,7 +388,7 @@ def run_recipe(args, console: Console) -> int:
 
     from . import apply
     from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost
-    from .models import load_model, torch_dtype
+    from .models import check_recipes, load_model, torch_dtype
     from .recipe import load_recipe
     from .timing import Spread, ratio_text
 
@@ -398,6 +398,7 @@ def run_recipe(args, console: Console) -> int:
 
         args.model = "toy" if (WEIGHTS / "config.json").is_file() else "embedded"
     dtype = torch_dtype(args.dtype)
+    check_recipes([recipe], args.model)  # before minutes of loading weights
     model, processor = load_model(args.model, args.dtype, args.attn)
     images, prompts, questions, truths = _questions(args)
     max_new = args.max_new_tokens or {"toy": 1, "embedded": 3}.get(args.model, 8)

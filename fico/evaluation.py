@@ -122,6 +122,9 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
         raise InputError(f"--tasks: unknown task {unknown[0]!r} (fico's own: {', '.join(TOY_TASKS)}; others come "
                          f"from lmms-eval or an --include-path folder)")
 
+    from .models import check_recipes
+
+    check_recipes(recipes_by_name.values(), model)  # before the weights load
     cells = [(configuration, task) for configuration in [UNREDUCED, *names] for task in tasks]
     records: dict[tuple[str, str], dict] = {}
     lm = None

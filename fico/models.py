@@ -117,13 +117,57 @@ def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
     import transformers
     from transformers import AutoProcessor
 
-    model_type = json.loads((Path(source) / "config.json").read_text())["model_type"]
-    model_class = getattr(transformers, CHECKPOINT_CLASSES[model_type])
+    model_class = getattr(transformers, checkpoint_class(source))
     model = model_class.from_pretrained(source, dtype=torch_type, attn_implementation=attn,
                                         local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(source, local_files_only=True)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def checkpoint_class(directory: str | Path) -> str:
+    """The transformers class name that loads the checkpoint in ``directory``."""
+    path = Path(directory) / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{path}: cannot read the checkpoint's config: {error}") from error
+    if model_type not in CHECKPOINT_CLASSES:
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"{directory}: model_type {model_type!r} has no fico adapter; supported: "
+                                    f"{', '.join(f'{t} ({c})' for t, c in CHECKPOINT_CLASSES.items())}")
+    return CHECKPOINT_CLASSES[model_type]
+
+
+def load_config(which: str):
+    """The config of ``which`` (``toy``, ``embedded`` or a local checkpoint directory), without
+    loading any weight: what a recipe is checked against before a command loads the model."""
+    source = model_source(which)
+    if source == "toy":
+        from .toy.model import WEIGHTS
+
+        source = str(WEIGHTS)
+    elif source == "embedded":
+        from .embedded import build_config
+
+        return build_config()
+    import transformers
+
+
+    config_class = getattr(transformers, checkpoint_class(source)).config_class
+    return config_class.from_pretrained(source, local_files_only=True)
+
+
+def check_recipes(recipes, which: str) -> None:
+    """Check each recipe against the config of the model ``which`` before its weights load:
+    a recipe that cannot run there fails in a second, not after minutes of loading."""
+    from .adapters.llava import check_recipe
+
+    config = load_config(which)
+    for recipe in recipes:
+        if recipe is not None:
+            check_recipe(recipe, config)
 
 
 def describe_checkpoint(which: str) -> dict:

@@ -91,9 +91,10 @@ def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 
     from PIL import Image
 
     from . import apply
-    from .models import load_model
+    from .models import check_recipes, load_model
     from .toy.data import TEST_SEEDS, example, prompt
 
+    check_recipes([recipe], model)
     model_obj, processor = load_model(model, "float32", "sdpa")
     if image_path:
         image = Image.open(image_path).convert("RGB").resize((336, 336))

@@ -173,3 +173,25 @@ def test_help_and_usage_errors_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "False False", done.stdout + done.stderr
     assert "COMMAND" in done.stdout and "unrecognized arguments: --bogus" in done.stderr
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["run", "pdrop"], "layer 8 is out of range"),
+    (["run", "fitprune"], "the schedule was written for 32 layers"),
+    (["run", "cdpruner", "--model", "embedded"], "need CLIP's text tower"),
+    (["ablate", "pdrop", "--grid", "ratio=0.5,0.25"], "layer 8 is out of range"),
+    (["show", "pdrop"], "layer 8 is out of range"),
+    (["bench", "fastv", "pdrop", "--reps", "1"], "layer 8 is out of range"),
+])
+def test_a_recipe_that_cannot_run_on_the_model_fails_before_its_weights_load(argv, match, monkeypatch, capsys):
+    import fico.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the recipe was checked against the config")
+
+    import fico.bench
+
+    monkeypatch.setattr(fico.models, "load_model", no_loading)
+    monkeypatch.setattr(fico.bench, "load_model", no_loading)  # bench holds its own reference
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err

@@ -108,12 +108,7 @@ def apply(model, recipe: Recipe, provenance: bool = False) -> ReductionRun:
     if getattr(model, "_fico_run", None) is not None:
         raise ApplyError("this model already has a fico recipe applied; call run.remove() first")
     geo = geometry(model)
-    vision_side = [s for s in recipe.steps if s.site in ("vision", "vision_output")]
-    if vision_side and not isinstance(model.config.vision_feature_layer, int):
-        raise RecipeError(f"{recipe.source}: {vision_side[0].where}: {vision_side[0].site} steps need a single "
-                          f"vision_feature_layer; this model concatenates layers {model.config.vision_feature_layer}")
-    plan = plan_recipe(recipe, geo.planning())
-    _check_signals(recipe, plan, geo)
+    plan = check_recipe(recipe, model.config, runs=model.device.type != "meta")
     text_tower = _text_tower(recipe, plan, model)
     run = ReductionRun(model, recipe, plan, provenance=provenance)
     try:
@@ -133,7 +128,40 @@ def apply(model, recipe: Recipe, provenance: bool = False) -> ReductionRun:
     return run
 
 
-def _check_signals(recipe: Recipe, plan: RecipePlan, geo: LlavaGeometry) -> None:
+def planning_geometry(config) -> Geometry:
+    """The layer and token counts a plan needs, from a ``LlavaConfig`` alone (no weights)."""
+    vision = config.vision_config
+    layers = vision.num_hidden_layers
+    feature_layer = config.vision_feature_layer
+    feature_index = (feature_layer if isinstance(feature_layer, int) and feature_layer >= 0
+                     else layers + 1 + feature_layer if isinstance(feature_layer, int) else -1)
+    return Geometry(layers, (vision.image_size // vision.patch_size) ** 2 + 1, feature_index,
+                    config.vision_feature_select_strategy == "default", config.get_text_config().num_hidden_layers)
+
+
+def check_recipe(recipe: Recipe, config, runs: bool = True) -> RecipePlan:
+    """Every check of ``recipe`` against a model that needs only the model's config: layers in
+    range, schedules that fit the token counts, signals the sites give, and (``runs``: stages
+    will run, not a shape-only meta-device pass) a text tower where a step reads the
+    instruction. Commands run it before loading weights; :func:`apply` runs it before
+    touching the model. Returns the plan."""
+    vision_side = [s for s in recipe.steps if s.site in ("vision", "vision_output")]
+    if vision_side and not isinstance(config.vision_feature_layer, int):
+        raise RecipeError(f"{recipe.source}: {vision_side[0].where}: {vision_side[0].site} steps need a single "
+                          f"vision_feature_layer; this model concatenates layers {config.vision_feature_layer}")
+    geo = planning_geometry(config)
+    plan = plan_recipe(recipe, geo)
+    _check_signals(recipe, plan, geo)
+    pre = plan.pre_llm
+    if runs and pre is not None and pre.step.required_signals() & INSTRUCTION_SIGNALS and pre.step.text_encoder is None:
+        raise RecipeError(f"{recipe.source}: {pre.step.where}.text_encoder: the signal(s) "
+                          f"{', '.join(sorted(pre.step.required_signals() & INSTRUCTION_SIGNALS))} need CLIP's text "
+                          f"tower: give the local CLIP checkpoint the vision tower came from (override "
+                          f"text_encoder=DIR, e.g. a saved openai/clip-vit-large-patch14-336)")
+    return plan
+
+
+def _check_signals(recipe: Recipe, plan: RecipePlan, geo: Geometry) -> None:
     planned = [*plan.vision.all_steps(), plan.vision_output, plan.pre_llm, *plan.llm.all_steps()]
     for p in planned:
         if p is None:
@@ -147,7 +175,7 @@ def _check_signals(recipe: Recipe, plan: RecipePlan, geo: LlavaGeometry) -> None
     if out is not None:
         names = out.step.required_signals()
         feature_layer = geo.feature_index - 1  # its output is hidden_states[feature_index]
-        if names & {"next_cls_attention_fullwidth", "next_keys_fullwidth"} and geo.feature_index >= len(geo.vision_layers):
+        if names & {"next_cls_attention_fullwidth", "next_keys_fullwidth"} and geo.feature_index >= geo.vision_layers:
             raise RecipeError(f"{recipe.source}: {out.step.where}: there is no layer after the feature layer to "
                               f"read next_* signals from")
         if names & VISION_SIGNALS and feature_layer in plan.vision.mid_steps and plan.vision.mid_steps[feature_layer].remove:
@@ -165,10 +193,6 @@ def _text_tower(recipe: Recipe, plan: RecipePlan, model) -> ClipTextTower | None
     if model.device.type == "meta":
         return None
     key = f"{recipe.source}: {pre.step.where}.text_encoder"
-    if pre.step.text_encoder is None:
-        raise RecipeError(f"{key}: the signal(s) {', '.join(sorted(pre.step.required_signals() & INSTRUCTION_SIGNALS))} "
-                          f"need CLIP's text tower: give the local CLIP checkpoint the vision tower came from "
-                          f"(override text_encoder=DIR, e.g. a saved openai/clip-vit-large-patch14-336)")
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     cache = (pre.step.text_encoder, str(model.device), dtype)
     if cache not in recipe.auxiliary:
