@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
+from .console import Table
 
 from .cost import recipe_cost
 from .errors import RecipeError
@@ -163,6 +163,7 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
             if "accuracy" in result:
                 record["accuracy_retention"] = result["accuracy"]["overall"] / base["accuracy"]["overall"]
                 record["baseline_accuracy"] = base["accuracy"]["overall"]
+                record["baseline_accuracies"] = base["accuracy"]
             else:
                 record["baseline_accuracy"] = None
             records.append(append_result(out, record, conditions))
@@ -181,9 +182,15 @@ def summary(records: list[dict]) -> Table:
     columns[4:4] = kinds
     for column in columns:
         table.add_column(column, justify="right" if column != "cell" else "left")
+    # the reference row has a value in every column: the unreduced cost, its accuracies
+    reference = ["unreduced (reference)", f"{recipe_cost('llava-1.5-7b', None, text_tokens=60).tflops:.2f}"]
     if toy and first.get("baseline_accuracy") is not None:
-        table.add_row("unreduced (reference)", "", f"{first['baseline_accuracy']:.3f}", "1.000", *[""] * len(kinds),
-                      "1.000", "0", style="dim")
+        per_kind = first.get("baseline_accuracies") or {}  # files written before it was stored lack it
+        reference += [f"{first['baseline_accuracy']:.3f}", "1.000",
+                      *[f"{per_kind[k]:.2f}" if k in per_kind else "not stored" for k in kinds]]
+        table.add_row(*reference, "1.000", "0", style="dim")
+    elif not toy:
+        table.add_row(*reference, "1.000", "0", style="dim")
     for r in records:
         row = [r["cell"], f"{r.get('tflops_llava_1_5_7b', 0):.2f}"]
         if toy:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
+from .console import Table
 
 from .cost import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError

@@ -178,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(parser, sub.choices, sys.argv[1:] if argv is None else list(argv))
     from rich.console import Console
 
+    from .console import output_console
     from .errors import FicoError
 
-    console = Console()
+    console = output_console()
     try:
         if args.command == "list":
             return list_components(console)
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 def list_components(console: Console) -> int:
     import inspect
 
-    from rich.table import Table
+    from .console import Table
 
     from .explain import formulas, knob_text, summary
     from .overrides import format_value
@@ -274,7 +275,7 @@ def list_components(console: Console) -> int:
 
 
 def show_cost(args, console: Console) -> int:
-    from rich.table import Table
+    from .console import Table
 
     from .cost import model_spec, recipe_cost
     from .recipe import load_recipe
@@ -293,7 +294,7 @@ def show_cost(args, console: Console) -> int:
              else f"averaged over {len(report.text_tokens)} text lengths {report.text_tokens}")
     table = Table(title=f"prefill cost of {report.recipe or 'the unreduced model'} on {report.model} "
                         f"({report.convention}, {texts}, {report.dtype})")
-    for column in ("", "reduced" if recipe else "value", "unreduced" if recipe else ""):
+    for column in ("", "reduced", "unreduced") if recipe else ("", "value"):
         table.add_column(column, justify="right")
     rows = [("TFLOPs", f"{report.tflops:.4f}", f"{base.tflops:.4f}"),
             ("KV cache (MB)", f"{report.kv_cache_mb:.1f}", f"{base.kv_cache_mb:.1f}"),
@@ -307,9 +308,9 @@ def show_cost(args, console: Console) -> int:
 
         plan = plan_recipe(recipe, model_spec(args.model).geometry())
         rows.append(("visual tokens over decoder layers", equivalent_text(
-            equivalent_tokens(plan.llm.attention, plan.llm.mlp[-1])), ""))
+            equivalent_tokens(plan.llm.attention, plan.llm.mlp[-1])), f"{base.tokens['features']} at every layer"))
     for row in rows:
-        table.add_row(*(row if recipe else row[:2] + ("",)))
+        table.add_row(*(row if recipe else row[:2]))
     console.print(table)
     return 0
 
@@ -323,7 +324,7 @@ def equivalent_text(equivalent: dict) -> str:
 
 def layer_table(trace, title: str, all_layers: bool = False):
     """Tokens per site and layer; unless ``all_layers``, runs of unchanged layers share one row."""
-    from rich.table import Table
+    from .console import Table
 
     table = Table(title=title)
     for column in ("site", "layer", "tokens in", "tokens out"):
@@ -384,7 +385,7 @@ def run_recipe(args, console: Console) -> int:
     import time
 
     import torch
-    from rich.table import Table
+    from .console import Table
 
     from . import apply
     from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
+from .console import Table
 
 from .errors import InputError
 from .integrations.lmms import TOY_IMAGES, TOY_TASKS, write_toy_task

@@ -9,7 +9,7 @@ from .citations import BIBTEX
 from .cost import model_spec
 from .overrides import flatten_knobs, format_override, format_value
 from .plan import equivalent_tokens, plan_recipe
-from .recipe import Recipe, recipe_name
+from .recipe import POINT_SITES, Recipe, recipe_name
 from .signals import INSTRUCTION_SIGNALS
 
 #: What a ``--format tex`` snippet needs in the preamble (nothing beyond these).
@@ -205,23 +205,42 @@ def tex_escape(text: str) -> str:
     return "".join(out)
 
 
+def tex_prose(text: str) -> str:
+    """Prose as LaTeX: ```code``` spans as ``\\texttt``, straight double quotes as LaTeX's
+    opening and closing quotes, the rest escaped (:func:`tex_escape`)."""
+    out = []
+    for index, part in enumerate(str(text).split("`")):
+        if index % 2:  # inside a backtick span (an unpaired backtick closes at the end)
+            out.append(f"\\texttt{{{tex_escape(part)}}}")
+            continue
+        quoted = part.split('"')
+        out.append("".join(tex_escape(piece) + ("" if i == len(quoted) - 1 else "``" if i % 2 == 0 else "''")
+                           for i, piece in enumerate(quoted)))
+    return "".join(out)
+
+
+def _layers_text(step: dict) -> str:
+    """``layers [4, 5]`` for layer sites; nothing for point sites, which act once."""
+    return "" if step["site"] in POINT_SITES else f"layers {step['layers']}; "
+
+
 def _tex(data: dict) -> str:
     """A LaTeX snippet that compiles under ``\\documentclass{article}`` with :data:`TEX_PACKAGES`."""
     code = lambda text: f"\\texttt{{{tex_escape(text)}}}"
     out = [f"% fico explain {data['recipe']} ({data['source']})",
            f"% needs \\usepackage{{{','.join(TEX_PACKAGES)}}}; the BibTeX entries are at the end",
-           f"\\paragraph{{{tex_escape(data['recipe'])}}} {tex_escape(data['description'])}"]
+           f"\\paragraph{{{tex_escape(data['recipe'])}}} {tex_prose(data['description'])}"]
     if data["knobs"]:
         words = [format_override(k, v) for k, v in flatten_knobs(data["knobs"]).items() if k != data["solved"]]
         out.append(f"Knobs: {', '.join(code(w) for w in words)}.")
     if data["budget"]:
-        out.append(f"Budget: {tex_escape(data['budget'])}.")
+        out.append(f"Budget: {tex_prose(data['budget'])}.")
     for step in data["steps"]:
-        layers = ", ".join(map(str, step["layers"])) or "none"
-        out.append(f"\\subparagraph{{Step {step['step']} ({tex_escape(step['site'])}, layers {layers})}} "
-                   f"{tex_escape(step['where'])}; schedule {code(step['schedule']['rule'])} = "
+        layers = "" if step["site"] in POINT_SITES else f", layers {', '.join(map(str, step['layers'])) or 'none'}"
+        out.append(f"\\subparagraph{{Step {step['step']} ({tex_escape(step['site'])}{layers})}} "
+                   f"{tex_prose(step['where'])}; schedule {code(step['schedule']['rule'])} = "
                    f"{code(format_value(step['schedule']['value']))}."
-                   + "".join(f" {tex_escape(p[0].upper() + p[1:])}." for p in step["policies"]))
+                   + "".join(f" {tex_prose(p[0].upper() + p[1:])}." for p in step["policies"]))
         for stage in step["stages"]:
             cites = f"~\\cite{{{','.join(stage['cite'])}}}" if stage["cite"] else ""
             out.append(f"\\textbf{{{tex_escape(STAGE_TITLES[stage['stage']])}}} ({code(stage['name'])}, "
@@ -251,9 +270,10 @@ def render(data: dict, fmt: str) -> str:
                    f"(PyramidDrop's count), {e['after_reduction']:.1f} after each layer's reduction (SparseVLM's); "
                    f"{e['at_output']:.0f} reach the output")
     for step in data["steps"]:
-        head = (f"step {step['step']}: {step['site']} site, {step['where']}; layers {step['layers']}; "
+        removed = step["schedule"]["removed"]
+        head = (f"step {step['step']}: {step['site']} site, {step['where']}; {_layers_text(step)}"
                 f"{step['schedule']['rule']} = {format_value(step['schedule']['value'])} "
-                f"(removes {step['schedule']['removed']})")
+                f"(removes {removed[0] if step['site'] in POINT_SITES and len(removed) == 1 else removed})")
         out.append(f"### {head}" if md else f"\n{head}")
         for policy in step["policies"]:
             out.append(f"- {policy}" if md else f"  {policy}")

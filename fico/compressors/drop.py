@@ -13,11 +13,12 @@ class Drop(Compressor):
     .. math::  X \leftarrow (x_j)_{j \in T}
 
     The compress stage of FastV (Chen et al., ECCV 2024) and of EViT without fusion
-    (Liang et al., ICLR 2022).
+    (Liang et al., ICLR 2022). Its math is trivial, so ``fico explain`` cites no source for
+    it: a recipe cites the method it reproduces.
     """
 
     name = "drop"
-    cite = ("chen2024fastv", "liang2022evit",)
+    cite = ()
 
     def compress(self, state: TokenState, split: Split, correlation: Correlation) -> TokenState:
         kept = state.keep(split.preserved)

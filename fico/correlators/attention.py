@@ -54,8 +54,11 @@ class AttentionCorrelation(ThresholdedCorrelator):
     .. math::  C_{ij} = A_{ij}, \quad i \in S,\ j \in T
 
     with :math:`A` the layer's head-mean softmax attention (discarded token as query), and
-    targets by the quantile rule :math:`J_i = \{j : C_{ij} \ge \operatorname{quantile}_\epsilon(C_{i,T})\}`,
-    :math:`\alpha_{ij} = C_{ij} / \sum_{j' \in J_i} C_{ij'}`, epsilon = 0.998.
+    each discarded token's targets :math:`J_i` by the quantile rule, with shares
+    :math:`\alpha_{ij}` (epsilon = 0.998):
+
+    .. math::  J_i = \{ j \in T : C_{ij} \ge \operatorname{quantile}_\epsilon(C_{i,T}) \}, \qquad
+               \alpha_{ij} = \frac{C_{ij}}{\sum_{j' \in J_i} C_{ij'}}
     """
 
     name = "attention"
@@ -75,7 +78,10 @@ class TextBridgedCorrelation(ThresholdedCorrelator):
     softmax attention and Q the M text tokens after the first visual token. In a causal
     model only one of :math:`A_{ij}, A_{ji}` is non-zero, so the sum is the causally valid
     direct correlation; the indirect term relates two visual tokens through the text
-    queries that attend to both. gamma = 0.6; targets and shares as in ``attention``.
+    queries that attend to both. gamma = 0.6; targets and shares as in ``attention``:
+
+    .. math::  J_i = \{ j \in T : C_{ij} \ge \operatorname{quantile}_\epsilon(C_{i,T}) \}, \qquad
+               \alpha_{ij} = \frac{C_{ij}}{\sum_{j' \in J_i} C_{ij'}}
     """
 
     name = "text_bridged"

@@ -13,11 +13,12 @@ class NoCorrelation(Correlator):
     .. math::  C = \varnothing, \qquad J_i = \varnothing
 
     FiCoCo (arXiv 2411.17686, §3.3) calls this the K = 0 case; FastV (Chen et al., ECCV
-    2024) is its best-known instance.
+    2024) is its best-known instance. Its math is trivial, so ``fico explain`` cites no
+    source for it: a recipe cites the method it reproduces.
     """
 
     name = "none"
-    cite = ("chen2024fastv", "han2026ficoco",)
+    cite = ()
     produces = "nothing"
 
     def correlate(self, state: TokenState, split: Split) -> Correlation:

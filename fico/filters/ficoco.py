@@ -127,9 +127,13 @@ class FiCoCoL(_RedundancyFilter):
     .. math::  s_i = \beta\, \frac{1}{N}\sum_{q \in V} A_{qi} \;-\; (1-\beta)\, \frac{1}{M}\sum_{k \in Q} A_{ki}
 
     (vision-aware minus task-aware redundancy: text-to-visual attention, since a visual
-    query cannot attend to later text in a causal LLM), then the local penalty
-    :math:`\tilde s` of the ``ficoco_v`` filter on the image's patch grid, which is the
-    identity at the default ``c = 1`` (``c > 1`` is the paper's "w/ local penalty" ablation):
+    query cannot attend to later text in a causal LLM), then the local penalty of the
+    ``ficoco_v`` filter on the image's patch grid (the highest score of each w x w window
+    W raised), which is the identity at the default ``c = 1`` (``c > 1`` is the paper's
+    "w/ local penalty" ablation):
+
+    .. math::  \tilde s_i = \begin{cases} c\, s_i & i = i^*_W,\ s_i > 0 \\ s_i / c & i = i^*_W,\ s_i \le 0 \\
+               s_i & \text{otherwise} \end{cases} \qquad i^*_W = \arg\max_{i \in W} s_i
 
     .. math::  S = \operatorname{top}_r(\tilde s)
 

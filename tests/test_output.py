@@ -1,0 +1,94 @@
+"""Output a reader can trust: no value cut, no empty cell where a value belongs, formulas
+that define their symbols, LaTeX without raw Markdown, citations only where math is."""
+
+import re
+
+import pytest
+
+from fico.cli import main
+
+
+def cells(text):
+    """The cells of every table body line of rich's box drawing."""
+    return [[cell.strip() for cell in line.strip().strip("│").split("│")] for line in text.splitlines()
+            if line.strip().startswith("│")]
+
+
+def test_piped_tables_never_cut_a_value(monkeypatch, capsys):
+    monkeypatch.delenv("COLUMNS", raising=False)  # stdout is captured: not a terminal
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    assert "signal=cls_attention, receivers=0" in out  # pastes back as written
+
+
+def test_a_narrow_terminal_folds_values_instead_of_cutting_them():
+    from rich.console import Console
+
+    from fico.console import Table
+
+    console = Console(width=30, record=True, file=open("/dev/null", "w"))
+    table = Table()
+    table.add_column("parameters")
+    table.add_row("signal=cls_attention_fullwidth_of_the_next_layer")
+    console.print(table)
+    text = console.export_text()
+    assert "…" not in text and "".join(row[0] for row in cells(text)) == "signal=cls_attention_fullwidth_of_the_next_layer"
+
+
+@pytest.mark.parametrize("argv", [["cost", "toy"], ["cost", "toy", "fastv"], ["cost", "llava-1.5-7b", "pdrop"]])
+def test_cost_tables_have_a_value_in_every_cell(argv, capsys):
+    assert main(argv) == 0
+    rows = cells(capsys.readouterr().out)
+    assert rows and all(all(cell for cell in row) for row in rows), rows
+
+
+def test_the_ablate_reference_row_has_every_value():
+    from fico.ablate import summary
+
+    accuracy = {"color": 1.0, "digit": 0.5, "overall": 0.75}
+    record = {"cell": "r=8", "recipe": "tome", "model": "toy", "images": 2, "questions": 12,
+              "tflops_llava_1_5_7b": 2.5, "accuracy": accuracy, "accuracy_retention": 1.0,
+              "baseline_accuracy": 0.75, "baseline_accuracies": accuracy, "answer_agreement": 1.0, "kl": 0.0}
+    from rich.console import Console
+
+    console = Console(width=300, record=True, file=open("/dev/null", "w"))
+    console.print(summary([record]))
+    rows = cells(console.export_text())
+    reference = next(row for row in rows if row[0].startswith("unreduced"))
+    assert all(reference), reference
+    assert reference[1] == "3.82" or float(reference[1]) > 2.5  # the unreduced 7B cost
+
+
+def test_explain_defines_every_symbol_it_uses(capsys):
+    assert main(["explain", "ficoco_l", "steps.0.filter.c=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("s̃_i =") < out.index("S = top_r(s̃)")
+    assert out.index("J_i = {") < out.index("I_j = { i ∈ S : j ∈ J_i }")
+
+
+def test_point_sites_print_no_layers(capsys):
+    assert main(["explain", "visionzip"]) == 0
+    head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 0"))
+    assert "layers" not in head and "(removes 513)" in head
+    assert main(["explain", "visionzip", "--format", "tex"]) == 0
+    assert "Step 0 (vision\\_output)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["sparsevlm", "fitprune", "visionzip", "ficoco_vl", "prumerge_plus"])
+def test_tex_output_has_no_raw_backticks_or_straight_quotes(name, capsys):
+    assert main(["explain", name, "--format", "tex"]) == 0
+    # prose only: \texttt{...} holds code (a knob as an override), where quotes are the code's own
+    body = [re.sub(r"\\texttt\{[^}]*\}", "", line) for line in capsys.readouterr().out.splitlines()
+            if not line.startswith("%")]
+    assert not any('"' in line or re.search(r"(?<!`)`(?!`)", line) for line in body), \
+        [line for line in body if '"' in line or "`" in line]
+
+
+@pytest.mark.parametrize("name,own", [("dart", "wen2025dart"), ("cdpruner", "zhang2025cdpruner")])
+def test_trivial_stages_cite_nothing(name, own, capsys):
+    assert main(["explain", name]) == 0
+    out = capsys.readouterr().out
+    for other in ("chen2024fastv", "han2026ficoco", "liang2022evit"):
+        assert other not in out
+    assert own in out
