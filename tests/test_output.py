@@ -92,3 +92,12 @@ def test_trivial_stages_cite_nothing(name, own, capsys):
     for other in ("chen2024fastv", "han2026ficoco", "liang2022evit"):
         assert other not in out
     assert own in out
+
+
+def test_an_adaptive_count_that_kept_everything_is_said(capsys, monkeypatch):
+    """PruMerge+ with many neighbours keeps all 577 tokens on the toy and still changes the
+    answers (its kNN merge rewrites kept tokens): the run says so."""
+    monkeypatch.delenv("COLUMNS", raising=False)  # one line per cell, to read the note whole
+    assert main(["run", "prumerge_plus", "neighbors=8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "kept all 577 tokens (577 -> 577)" in out and "still rewrites the kept tokens" in out
