@@ -23,7 +23,7 @@ from .console import Table
 from .cost import recipe_cost
 from .errors import RecipeError
 from .recipe import override_list, load_recipe
-from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest
+from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest, write_whole
 
 STAGE_KEYS = {"filter", "correlate", "compress"}
 
@@ -208,6 +208,12 @@ def _standard_error(record: dict, metric: str) -> float:
     return (value * (1 - value) / n) ** 0.5
 
 
+def plot_title(records: list[dict]) -> str:
+    """The recipe and the overrides every cell shares (those the grid does not vary)."""
+    fixed = [o for o in records[0].get("overrides", []) if all(o in r.get("overrides", []) for r in records)]
+    return " ".join([records[0]["recipe"], *fixed])
+
+
 def plot(records: list[dict], grids: list[str], path: Path) -> None:
     """Bars for named variants, a line for one grid axis, a heat-map for two; accuracies (or
     agreement) carry one standard error, and the unreduced model is the reference line."""
@@ -263,8 +269,8 @@ def plot(records: list[dict], grids: list[str], path: Path) -> None:
         line(reference, color="red", linestyle="--", linewidth=1, label=f"unreduced ({reference:.3f})")
         ax.legend(fontsize=8, loc="lower right")
     unreduced = f", unreduced {reference:.3f}" if reference is not None and len(grids) == 2 else ""
-    ax.set_title(f"fico ablate {records[0]['recipe']} on {records[0]['model']} ({n} questions; ±1 SE{unreduced})",
+    ax.set_title(f"fico ablate {plot_title(records)} on {records[0]['model']} ({n} questions; ±1 SE{unreduced})",
                  fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=110, format=Path(path).suffix[1:] or "png"))
     plt.close(figure)

@@ -26,6 +26,7 @@ from .cost import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError
 from .models import RUNNABLE, check_recipes, load_model, model_source, torch_dtype
 from .recipe import Recipe, load_recipe
+from .results import write_whole
 from .timing import READABLE_SPREAD, Spread
 
 BUDGETS = ("4.2", "3.3", "2.4", "1.5")
@@ -459,7 +460,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     figure.suptitle(f"fico bench, {report['model']} model ({report['architecture']})", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=120, format=Path(path).suffix[1:] or "png"))
     plt.close(figure)
 
 
@@ -509,7 +510,7 @@ def write_markdown(path: Path, block: str, model: str) -> None:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_whole(path, text)
 
 
 def main_bench(args, console: Console) -> int:
@@ -530,7 +531,7 @@ def main_bench(args, console: Console) -> int:
             console.print(f"{entry['recipe']}: {BudgetSolution(**entry['budget']).describe()}", highlight=False,
                           soft_wrap=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_whole(args.json, json.dumps(report, indent=2))
         console.print(f"JSON: {args.json}")
     if args.plot:
         plot(report, Path(args.plot))

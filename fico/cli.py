@@ -209,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             from .recipe import load_recipe
             from .show import show as draw_show
 
-            path = draw_show(load_recipe(args.recipe, args.overrides, plugins=args.plugin), args.model, args.image,
-                             args.seed, args.out, args.panels)
-            console.print(f"wrote {path}")
+            path, drawn, total = draw_show(load_recipe(args.recipe, args.overrides, plugins=args.plugin), args.model,
+                                           args.image, args.seed, args.out, args.panels)
+            shown = f"all {total} reducing steps" if drawn == total else \
+                f"{drawn} of {total} reducing steps (--panels {total} draws all)"
+            console.print(f"wrote {path}: {shown} and the kept-token map")
             return 0
         if args.command == "bench":
             from .bench import main_bench

@@ -38,7 +38,7 @@ from .errors import InputError
 from .integrations.lmms import TOY_IMAGES, TOY_TASKS, write_toy_task
 from .recipe import load_recipe
 from .timing import Spread
-from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest
+from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest, write_whole
 
 UNREDUCED = "unreduced"
 LMMS_MISSING = ("fico eval needs lmms-eval, which is not installed in this environment: run `make lmms` (it adds "
@@ -152,7 +152,7 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
             records[configuration, task] = append_result(results_path, record, conditions)
             progress.advance(bar)
     report = _report(records, [UNREDUCED, *names], tasks, model, conditions)
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_whole(out / "eval.json", json.dumps(report, indent=2) + "\n")
     plot(report, out / "eval.png")
     report["out"] = str(out)
     return report
@@ -263,7 +263,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(f"{task} on {report['model']}")
         ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=120, format=Path(path).suffix[1:] or "png"))
     plt.close(figure)
 
 

@@ -82,9 +82,36 @@ def read_results(path: Path, conditions: dict, kind: str = "results") -> dict[tu
 
 
 def append_result(path: Path, record: dict, conditions: dict) -> dict:
-    """Append ``record`` (with its ``cell`` and ``recipe_digest``) to ``path`` under ``conditions``."""
+    """Append ``record`` (with its ``cell`` and ``recipe_digest``) to ``path`` under ``conditions``.
+
+    The file is replaced whole (written beside it, then renamed), so a command stopped at any
+    moment (Ctrl-C) leaves either the old file or the new one, never half a line.
+    """
     record = {**record, "conditions_key": conditions_key(conditions), "conditions": conditions}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    before = path.read_text() if path.exists() else ""
+    write_whole(path, before + json.dumps(record) + "\n")
     return record
+
+
+def write_whole(path: Path | str, content: str | bytes | None = None, write=None) -> None:
+    """Write ``path`` all at once: ``content`` (text or bytes), or whatever ``write(temporary
+    path)`` writes (a plot's ``savefig``), into a file beside it that is then renamed over
+    it. An interruption leaves the previous file (or none), never a partial one."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        if write is not None:
+            write(temporary)
+        elif isinstance(content, bytes):
+            Path(temporary).write_bytes(content)
+        else:
+            Path(temporary).write_text(content)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .results import write_whole
+
 import numpy as np
 import torch
 
@@ -47,7 +49,10 @@ def provenance_panels(trace, image_start: int, patches: int = 576) -> list[dict]
     return panels
 
 
-def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5, grid: int = 24) -> None:
+def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5, grid: int = 24) -> int:
+    """Draw at most ``max_panels`` of the reducing steps (evenly spaced, first and last
+    included) and the kept-token map; the title says how many were left out. Returns the
+    number drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,14 +85,28 @@ def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5,
     axes[-1].imshow(np.asarray(image.resize((grid, grid))) / 255.0 * 0.35 + colours * 0.65, interpolation="nearest")
     axes[-1].set_title(f"kept-token map ({panels[-1]['tokens_out']} tokens)", fontsize=9)
     axes[-1].axis("off")
+    if len(chosen) < len(panels):
+        title += (f"\nshowing {len(chosen)} of {len(panels)} reducing steps (layers "
+                  f"{', '.join(str(p['layer']) for p in chosen)}; --panels {len(panels)} draws all)")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    legend = [Patch(color="black", alpha=0.45, label="discarded at this step"),
+              Line2D([], [], color="orange", lw=1, label="merged into the kept token it points to"),
+              Line2D([], [], color="red", marker="x", lw=0, markersize=5, label="dropped (its information is lost)"),
+              Patch(color=(0.6, 0.4, 0.8), label="map: each patch coloured by the kept token holding most of it")]
+    figure.legend(handles=legend, loc="lower center", ncol=4, fontsize=8, frameon=False)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=110, format=Path(path).suffix[1:] or "png"))
     plt.close(figure)
+    return len(chosen)
 
 
 def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 0, out: str = "fico-show.png",
-         max_panels: int = 5) -> Path:
+         max_panels: int = 5) -> tuple[Path, int, int]:
+    """Run ``recipe`` on one image with provenance and draw it to ``out``. Returns the path,
+    the reducing steps drawn and how many there were."""
     from PIL import Image
 
     from . import apply
@@ -109,5 +128,5 @@ def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 
     image_start = int((inputs["input_ids"][0] == image_token).nonzero()[0])
     panels = provenance_panels(run.trace, image_start)
     path = Path(out)
-    draw(image.resize((336, 336)), panels, path, f"{recipe.name}: where discarded tokens went", max_panels)
-    return path
+    drawn = draw(image.resize((336, 336)), panels, path, f"{recipe.name}: where discarded tokens went", max_panels)
+    return path, drawn, len(panels)

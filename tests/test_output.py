@@ -101,3 +101,46 @@ def test_an_adaptive_count_that_kept_everything_is_said(capsys, monkeypatch):
     assert main(["run", "prumerge_plus", "neighbors=8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "kept all 577 tokens (577 -> 577)" in out and "still rewrites the kept tokens" in out
+
+
+def test_the_ablate_plot_title_names_the_fixed_overrides():
+    from fico.ablate import plot_title
+
+    records = [{"recipe": "fastv", "overrides": ["k=3", "ratio=0.25"]}, {"recipe": "fastv", "overrides": ["k=3", "ratio=0.75"]}]
+    assert plot_title(records) == "fastv k=3"
+
+
+def test_show_says_how_many_steps_it_drew(tmp_path, capsys):
+    out = tmp_path / "show.png"
+    assert main(["show", "tome", "r=16", "--model", "embedded", "--out", str(out), "--panels", "2"]) == 0
+    assert "2 of 24 reducing steps (--panels 24 draws all)" in capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_and_results_files_stay_whole(tmp_path, monkeypatch, capsys):
+    import json
+
+    import fico.results as results
+    from fico import ablate
+
+    out = tmp_path / "cells.jsonl"
+    conditions = {"model": "toy"}
+    results.append_result(out, {"cell": "a", "recipe_digest": "x"}, conditions)
+    original = results.Path.write_text
+
+    def interrupted(self, text, *args, **kwargs):
+        original(self, text[: len(text) // 2])  # half of the file written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results.Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        results.append_result(out, {"cell": "b", "recipe_digest": "y"}, conditions)
+    monkeypatch.undo()
+    assert [json.loads(line)["cell"] for line in out.read_text().splitlines()] == ["a"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cells.jsonl"]  # no temporary left behind
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "ablate", stop)
+    assert main(["ablate", "fastv", "--grid", "ratio=0.25,0.5"]) == 130
+    assert capsys.readouterr().err.strip() == "fico ablate: interrupted"
