@@ -126,18 +126,9 @@ def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
 
 
 def checkpoint_class(directory: str | Path) -> str:
-    """The transformers class name that loads the checkpoint in ``directory``."""
-    path = Path(directory) / "config.json"
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"{path}: cannot read the checkpoint's config: {error}") from error
-    if model_type not in CHECKPOINT_CLASSES:
-        from .errors import UnsupportedModelError
-
-        raise UnsupportedModelError(f"{directory}: model_type {model_type!r} has no fico adapter; supported: "
-                                    f"{', '.join(f'{t} ({c})' for t, c in CHECKPOINT_CLASSES.items())}")
-    return CHECKPOINT_CLASSES[model_type]
+    """The transformers class name that loads the checkpoint in ``directory``, a directory
+    :func:`model_source` returned (it has checked that the config reads and has an adapter)."""
+    return CHECKPOINT_CLASSES[json.loads((Path(directory) / "config.json").read_text())["model_type"]]
 
 
 def load_config(which: str):
