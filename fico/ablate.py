@@ -23,7 +23,7 @@ from .console import Table
 from .cost import recipe_cost
 from .errors import RecipeError
 from .recipe import override_list, load_recipe
-from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest, write_whole
+from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest, save_figure
 
 STAGE_KEYS = {"filter", "correlate", "compress"}
 
@@ -272,5 +272,5 @@ def plot(records: list[dict], grids: list[str], path: Path) -> None:
     ax.set_title(f"fico ablate {plot_title(records)} on {records[0]['model']} ({n} questions; ±1 SE{unreduced})",
                  fontsize=10)
     figure.tight_layout()
-    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=110, format=Path(path).suffix[1:] or "png"))
+    save_figure(figure, path, dpi=110)
     plt.close(figure)

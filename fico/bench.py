@@ -26,7 +26,7 @@ from .cost import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError
 from .models import RUNNABLE, check_recipes, load_model, model_source, torch_dtype
 from .recipe import Recipe, load_recipe
-from .results import write_whole
+from .results import save_figure, write_whole
 from .timing import READABLE_SPREAD, Spread
 
 BUDGETS = ("4.2", "3.3", "2.4", "1.5")
@@ -157,13 +157,9 @@ def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int
     return per_token
 
 
-#: why a decode time per token can be missing (every round dropped by measure_decode)
+#: why a decode time per token can be missing (measure_decode gave every round NaN)
 DECODE_UNREADABLE = ("in no round did the longer generate() take longer than generate() of one token: the machine "
                      "was too busy to time decoding")
-
-
-def _median(spread: Spread, factor: float = 1.0) -> float | None:
-    return None if spread.median is None else spread.median * factor
 
 
 def _quotient(a: float | None, b: float | None) -> float | None:
@@ -235,7 +231,7 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
     torch.set_num_threads(threads)
     names = expand(recipes, budgets, tokens)
     first = [load_recipe(name, plugins=plugins) for name in names]  # a bad recipe fails before the model loads
-    if model_source(model, BENCH_MODELS) in RUNNABLE or Path(model).is_dir():
+    if model_source(model, BENCH_MODELS) not in ("shaped", "shaped-7b"):
         # and one that cannot run on this model too; a budget is solved for the model once it is loaded
         check_recipes([recipe for recipe in first if recipe.budget is None], model)
     bm = load_bench_model(model, dtype, device=device)
@@ -261,9 +257,9 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
                          image_features=full.tokens["features"])
             prefill, stage = Spread.of(timings[name]["prefill"]), Spread.of(timings[name]["stage"])
             per_token = Spread.of(decode[name], empty=DECODE_UNREADABLE)
-            entry.update(prefill_ms=_median(prefill, 1e3), prefill_spread_ms=prefill.scaled(1e3).as_dict(),
+            entry.update(prefill_ms=prefill.scaled(1e3).median, prefill_spread_ms=prefill.scaled(1e3).as_dict(),
                          stage_share=_quotient(stage.median, prefill.median),
-                         decode_ms_per_token=_median(per_token, 1e3),
+                         decode_ms_per_token=per_token.scaled(1e3).median,
                          decode_spread_ms=per_token.scaled(1e3).as_dict(),
                          measured_speedup_spread=Spread.ratio(timings["unreduced"]["prefill"],
                                                               timings[name]["prefill"]).as_dict(),
@@ -293,8 +289,8 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
         entry["speedup_ratio"] = _quotient(entry["measured_speedup"], entry["flops_speedup"])
         if replayed:
             # what the machine gives these token counts without any fico code, and fico's share of the gap
-            entry["replay_ms"] = _median(Spread.of(replayed[entry["recipe"]]), 1e3)
-            entry["replay_speedup"] = _quotient(_median(Spread.of(replayed["unreduced"]), 1e3), entry["replay_ms"])
+            entry["replay_ms"] = Spread.of(replayed[entry["recipe"]]).scaled(1e3).median
+            entry["replay_speedup"] = _quotient(Spread.of(replayed["unreduced"]).scaled(1e3).median, entry["replay_ms"])
             entry["machine_ratio"] = _quotient(entry["replay_speedup"], entry["flops_speedup"])
             entry["fico_efficiency"] = _quotient(entry["measured_speedup"], entry["replay_speedup"])
         if "accuracy" in entry:
@@ -460,7 +456,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     figure.suptitle(f"fico bench, {report['model']} model ({report['architecture']})", fontsize=10)
     figure.tight_layout()
-    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=120, format=Path(path).suffix[1:] or "png"))
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 

@@ -37,8 +37,9 @@ from .console import Table
 from .errors import InputError
 from .integrations.lmms import TOY_IMAGES, TOY_TASKS, write_toy_task
 from .recipe import load_recipe
+from .results import (append_result, conditions_key, measurement_conditions, read_results, recipe_digest, save_figure,
+                      write_whole)
 from .timing import Spread
-from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest, write_whole
 
 UNREDUCED = "unreduced"
 LMMS_MISSING = ("fico eval needs lmms-eval, which is not installed in this environment: run `make lmms` (it adds "
@@ -263,7 +264,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(f"{task} on {report['model']}")
         ax.legend(fontsize=8)
     figure.tight_layout()
-    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=120, format=Path(path).suffix[1:] or "png"))
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 

@@ -206,7 +206,7 @@ def tex_escape(text: str) -> str:
 
 
 def tex_prose(text: str) -> str:
-    """Prose as LaTeX: ```code``` spans as ``\\texttt``, straight double quotes as LaTeX's
+    """Prose as LaTeX: backtick-quoted code spans as ``\\texttt``, straight double quotes as LaTeX's
     opening and closing quotes, the rest escaped (:func:`tex_escape`)."""
     out = []
     for index, part in enumerate(str(text).split("`")):

@@ -145,7 +145,6 @@ def load_config(which: str):
         return build_config()
     import transformers
 
-
     config_class = getattr(transformers, checkpoint_class(source)).config_class
     return config_class.from_pretrained(source, local_files_only=True)
 

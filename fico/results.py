@@ -93,6 +93,11 @@ def append_result(path: Path, record: dict, conditions: dict) -> dict:
     return record
 
 
+def save_figure(figure, path: Path | str, dpi: int) -> None:
+    """A matplotlib figure written whole (:func:`write_whole`), in the format its suffix names."""
+    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=dpi, format=Path(path).suffix[1:] or "png"))
+
+
 def write_whole(path: Path | str, content: str | bytes | None = None, write=None) -> None:
     """Write ``path`` all at once: ``content`` (text or bytes), or whatever ``write(temporary
     path)`` writes (a plot's ``savefig``), into a file beside it that is then renamed over

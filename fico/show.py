@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .results import write_whole
-
 import numpy as np
 import torch
+
+from .results import save_figure
 
 
 def _patch_grid(step, image_start: int, site: str, patches: int) -> dict[int, int]:
@@ -98,7 +98,7 @@ def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5,
     figure.legend(handles=legend, loc="lower center", ncol=4, fontsize=8, frameon=False)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
-    write_whole(path, write=lambda temporary: figure.savefig(temporary, dpi=110, format=Path(path).suffix[1:] or "png"))
+    save_figure(figure, path, dpi=110)
     plt.close(figure)
     return len(chosen)
 

@@ -58,10 +58,6 @@ class LlavaGeometry:
     image_token_id: int
     placeholders_per_image: int
 
-    def planning(self) -> Geometry:
-        return Geometry(len(self.vision_layers), self.vision_tokens, self.feature_index, self.drops_cls,
-                        len(self.llm_layers))
-
 
 def supports(model) -> bool:
     try:
@@ -77,21 +73,16 @@ def supports(model) -> bool:
 
 
 def geometry(model) -> LlavaGeometry:
-    config = model.config
-    vision_cfg = config.vision_config
-    tower = model.model.vision_tower
-    layers = tower.encoder.layers
-    feature_layer = config.vision_feature_layer
-    patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    """The modules the sites hook, with the counts of :func:`planning_geometry`."""
+    counts = planning_geometry(model.config)
     return LlavaGeometry(
-        vision_layers=layers,
+        vision_layers=model.model.vision_tower.encoder.layers,
         llm_layers=model.model.language_model.layers,
-        vision_tokens=patches + 1,
-        feature_index=(feature_layer if isinstance(feature_layer, int) and feature_layer >= 0
-                       else len(layers) + 1 + feature_layer if isinstance(feature_layer, int) else -1),
-        drops_cls=config.vision_feature_select_strategy == "default",
-        image_token_id=config.image_token_id,
-        placeholders_per_image=patches + 1 - (1 if config.vision_feature_select_strategy == "default" else 0),
+        vision_tokens=counts.vision_tokens,
+        feature_index=counts.feature_index,
+        drops_cls=counts.drops_cls,
+        image_token_id=model.config.image_token_id,
+        placeholders_per_image=counts.vision_tokens - (1 if counts.drops_cls else 0),
     )
 
 
