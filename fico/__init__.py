@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # line must answer --help or a usage error without paying for that.
 _LAZY = {
     "hookimpl": "hookspecs", "hookspec": "hookspecs",
-    "Recipe": "recipe", "Schedule": "recipe", "Step": "recipe", "bundled_recipes": "recipe", "load_recipe": "recipe",
+    "Recipe": "recipe", "Schedule": "recipe", "Step": "recipe", "bundled_recipes": "recipe", "load_recipe": "loading",
     "Registry": "registry", "default_registry": "registry",
     "ReductionRun": "run", "StepRecord": "run", "Trace": "run",
     "Compressor": "stages", "Correlation": "stages", "Correlator": "stages", "Filter": "stages", "Split": "stages",
@@ -30,7 +30,8 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from . import embedded
     from .hookspecs import hookimpl, hookspec
-    from .recipe import Recipe, Schedule, Step, bundled_recipes, load_recipe
+    from .recipe import Recipe, Schedule, Step, bundled_recipes
+    from .loading import load_recipe
     from .registry import Registry, default_registry
     from .run import ReductionRun, StepRecord, Trace
     from .stages import Compressor, Correlation, Correlator, Filter, Split
@@ -65,7 +66,8 @@ def apply(model, recipe: "Recipe | str", provenance: bool = False) -> "Reduction
             absorbed and with what weight (``run.trace.steps[i].sources``).
     """
     from .adapters import llava
-    from .recipe import Recipe, load_recipe
+    from .recipe import Recipe
+    from .loading import load_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)

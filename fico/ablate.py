@@ -20,9 +20,10 @@ from rich.console import Console
 from rich.progress import Progress
 from .console import Table
 
-from .cost import recipe_cost
+from .cost.model import recipe_cost
 from .errors import RecipeError
-from .recipe import override_list, load_recipe
+from .loading import load_recipe
+from .recipe.overrides import override_list
 from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest, save_figure
 
 STAGE_KEYS = {"filter", "correlate", "compress"}

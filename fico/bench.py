@@ -22,10 +22,11 @@ from rich.console import Console
 from rich.progress import Progress
 from .console import Table
 
-from .cost import TokenCounts, model_spec, prefill_cost
+from .cost.model import TokenCounts, model_spec, prefill_cost
 from .errors import RecipeError
 from .models import RUNNABLE, check_recipes, load_model, model_source, torch_dtype
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe
+from .loading import load_recipe
 from .results import save_figure, write_whole
 from .timing import READABLE_SPREAD, Spread
 
@@ -520,7 +521,7 @@ def main_bench(args, console: Console) -> int:
     report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console, args.replay,
                    plugins=args.plugin, tokens=tokens, device=args.device, dtype=args.dtype)
     console.print(table(report))
-    from .budget import BudgetSolution
+    from .cost.budget import BudgetSolution
 
     for entry in report["results"]:
         if entry.get("budget"):

@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from .conventions import CONVENTIONS
+from .cost.conventions import CONVENTIONS
 from .models import dtype_argument
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             return show_cost(args, console)
         if args.command == "explain":
             from .explain import explanation, render
-            from .recipe import load_recipe
+            from .loading import load_recipe
 
             recipe = load_recipe(args.recipe, args.overrides, plugins=args.plugin)
             print(render(explanation(recipe, args.model), args.format))
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"plot: {args.plot}")
             return 0
         if args.command == "show":
-            from .recipe import load_recipe
+            from .loading import load_recipe
             from .show import show as draw_show
 
             path, drawn, total = draw_show(load_recipe(args.recipe, args.overrides, plugins=args.plugin), args.model,
@@ -244,8 +244,9 @@ def list_components(console: Console) -> int:
     from .console import Table
 
     from .explain import formulas, knob_text, summary
-    from .overrides import format_value
-    from .recipe import bundled_recipes, load_recipe, recipe_name
+    from .recipe.values import format_value
+    from .recipe import bundled_recipes, recipe_name
+    from .loading import load_recipe
     from .registry import default_registry
 
     registry = default_registry()
@@ -279,8 +280,8 @@ def list_components(console: Console) -> int:
 def show_cost(args, console: Console) -> int:
     from .console import Table
 
-    from .cost import model_spec, recipe_cost
-    from .recipe import load_recipe
+    from .cost.model import model_spec, recipe_cost
+    from .loading import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin) if args.recipe else None
     report = recipe_cost(args.model, recipe, args.text_tokens, args.convention, args.dtype)
@@ -306,7 +307,7 @@ def show_cost(args, console: Console) -> int:
             ("image features", str(report.tokens["features"]), str(base.tokens["features"])),
             ("LLM tokens per layer", _runs(report.tokens["llm"]), _runs(base.tokens["llm"]))]
     if recipe is not None and any(s.site in ("llm", "llm_mid") for s in recipe.steps):
-        from .plan import equivalent_tokens, plan_recipe
+        from .recipe.plan import equivalent_tokens, plan_recipe
 
         plan = plan_recipe(recipe, model_spec(args.model).geometry())
         rows.append(("visual tokens over decoder layers", equivalent_text(
@@ -407,9 +408,9 @@ def run_recipe(args, console: Console) -> int:
     from .console import Table
 
     from . import apply
-    from .cost import TokenCounts, model_spec, prefill_cost, recipe_cost
+    from .cost.model import TokenCounts, model_spec, prefill_cost, recipe_cost
     from .models import check_recipes, load_model, torch_dtype
-    from .recipe import load_recipe
+    from .loading import load_recipe
     from .timing import Spread, ratio_text
 
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin)

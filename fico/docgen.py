@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .citations import BIBTEX
 from .explain import formulas, latex_to_text, summary
-from .overrides import format_value
+from .recipe.values import format_value
 from .recipe import recipe_name
 from .registry import BUILTIN_PLUGINS, Registry
 from .stages import Component
@@ -93,7 +93,8 @@ def _component_text(component) -> str:
 
 def methods_table() -> str:
     """Every bundled method as site x filter x correlator x compressor, from its recipe."""
-    from .recipe import bundled_recipes, load_recipe
+    from .recipe import bundled_recipes
+    from .loading import load_recipe
 
     rows, used = [], {"filter": set(), "correlator": set(), "compressor": set()}
     names = [n for n in bundled_recipes() if not n.startswith("budgets/")]

@@ -36,7 +36,7 @@ from .console import Table
 
 from .errors import InputError
 from .integrations.lmms import TOY_IMAGES, TOY_TASKS, write_toy_task
-from .recipe import load_recipe
+from .loading import load_recipe
 from .results import (append_result, conditions_key, measurement_conditions, read_results, recipe_digest, save_figure,
                       write_whole)
 from .timing import Spread
@@ -80,7 +80,7 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
              threads: int | None = None, console: Console | None = None) -> dict:
     """Evaluate every (configuration, task) cell not yet in ``OUT/results.jsonl``; the report."""
     from .bench import expand
-    from .cost import model_spec
+    from .cost.model import model_spec
     from .models import model_source
 
     require_lmms()

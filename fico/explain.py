@@ -6,9 +6,9 @@ import inspect
 import re
 
 from .citations import BIBTEX
-from .cost import model_spec
-from .overrides import flatten_knobs, format_override, format_value
-from .plan import equivalent_tokens, plan_recipe
+from .cost.model import model_spec
+from .recipe.values import flatten_knobs, format_override, format_value
+from .recipe.plan import equivalent_tokens, plan_recipe
 from .recipe import POINT_SITES, Recipe, recipe_name
 from .signals import INSTRUCTION_SIGNALS
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .contract import Boundary
-from .plan import PlannedStep, RecipePlan, equivalent_tokens
+from .recipe.plan import PlannedStep, RecipePlan, equivalent_tokens
 from .recipe import Recipe
 from .state import TokenState
 
@@ -62,7 +62,7 @@ class Trace:
         return sum(s.seconds for s in self.steps)
 
     def equivalent_tokens(self) -> dict[str, float] | None:
-        """Visual tokens averaged over the decoder layers (see :func:`fico.plan.equivalent_tokens`)."""
+        """Visual tokens averaged over the decoder layers (see :func:`fico.recipe.plan.equivalent_tokens`)."""
         mid = [s for s in self.steps if s.site == "llm_mid" and s.layer == len(self.visual) - 1]
         output = self.visual[-1] - (mid[0].removed if mid else 0) if self.visual else 0
         return equivalent_tokens(self.visual, output)

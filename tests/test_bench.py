@@ -54,7 +54,7 @@ def test_budget_expansion():
 
 def test_replay_runs_each_module_on_the_recorded_token_counts(tiny_model):
     from fico.benchmarks.replay import replay_seconds
-    from fico.cost import TokenCounts
+    from fico.cost.model import TokenCounts
 
     model = tiny_model(dtype=torch.float32)
     layers = model.model.vision_tower.encoder.layers

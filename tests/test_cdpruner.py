@@ -104,7 +104,7 @@ def test_the_text_tower_loads_once_per_recipe(tiny_model, single_inputs, clip_di
 def test_the_cost_of_cdpruner_needs_no_text_tower():
     """Counted as DivPrune at the same budget (the same tokens reach the LLM; CLIP's text tower
     is not counted, as for every auxiliary computation outside the LLaVA model)."""
-    from fico.cost import recipe_cost
+    from fico.cost.model import recipe_cost
 
     report = recipe_cost("llava-1.5-7b", fico.load_recipe("budgets/cdpruner_64"))
     assert report.tokens["features"] == 64

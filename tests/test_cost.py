@@ -9,8 +9,8 @@ import torch
 
 import fico
 from fico.cli import main
-from fico.cost import BUILTIN_SPECS, TokenCounts, llava_config, model_spec, prefill_cost, recipe_cost
-from fico.plan import plan_recipe
+from fico.cost.model import BUILTIN_SPECS, TokenCounts, llava_config, model_spec, prefill_cost, recipe_cost
+from fico.recipe.plan import plan_recipe
 
 
 def test_llava_7b_paper_numbers():

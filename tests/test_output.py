@@ -57,7 +57,7 @@ def test_the_ablate_reference_row_has_every_value():
     rows = cells(console.export_text())
     reference = next(row for row in rows if row[0].startswith("unreduced"))
     assert all(reference), reference
-    from fico.cost import recipe_cost
+    from fico.cost.model import recipe_cost
 
     assert reference[1] == f"{recipe_cost('llava-1.5-7b', None, text_tokens=60).tflops:.2f}"  # the unreduced 7B cost
 

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 import fico
 from fico.explain import explanation, knob_text, render
-from fico.overrides import format_value, parse_value
+from fico.recipe.values import format_value, parse_value
 from fico.recipe import bundled_recipes
 
 

@@ -262,7 +262,7 @@ def test_step_options_belong_to_their_sites(tmp_path):
         fico.load_recipe(path)
     path.write_text("steps:\n  - {site: pre_llm, keep: adaptive, filter: random, correlate: none, compress: drop}\n")
     with pytest.raises(fico.RecipeError, match=r"'adaptive' needs a filter that chooses its own count"):
-        from fico.cost import recipe_cost
+        from fico.cost.model import recipe_cost
 
         recipe_cost("llava-1.5-7b", fico.load_recipe(path))
 

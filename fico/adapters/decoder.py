@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, RecipeError
-from ..plan import PlannedStep, SitePlan, requested_removal
+from ..recipe.plan import PlannedStep, SitePlan, requested_removal
 from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ApplyError, InputError, RecipeError, UnsupportedModelError
-from ..plan import Geometry, PlannedStep, RecipePlan, SitePlan, plan_recipe
+from ..recipe.plan import Geometry, PlannedStep, RecipePlan, plan_recipe
 from ..recipe import Recipe
 from ..run import ReductionRun, StepRecord, run_step
 from ..signals import INSTRUCTION_SIGNALS

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..cost import TokenCounts
+from ..cost.model import TokenCounts
 
 
 def _timed(fn) -> float:

@@ -21,7 +21,7 @@ def build_shaped_7b(dtype: torch.dtype = torch.float16, attn_implementation: str
     random weights, built directly on ``device`` (about 14 GB in float16: for a GPU)."""
     from transformers import LlavaForConditionalGeneration
 
-    from ..cost import BUILTIN_SPECS, llava_config
+    from ..cost.model import BUILTIN_SPECS, llava_config
 
     config = llava_config(BUILTIN_SPECS["llava-1.5-7b"])
     config.image_token_id, config.pad_token_id = IMAGE_TOKEN_ID, PAD_TOKEN_ID

@@ -31,7 +31,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from .. import apply, load_recipe
-from ..cost import TokenCounts, model_spec, prefill_cost
+from ..cost.model import TokenCounts, model_spec, prefill_cost
 from ..errors import InputError
 from ..models import load_model, parse_dtype
 from .lmms import split_overrides_arg

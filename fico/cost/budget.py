@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .cost import CONVENTIONS, model_spec, recipe_cost
-from .errors import FicoError, RecipeError
+from ..errors import FicoError, RecipeError
+from .model import CONVENTIONS, model_spec, recipe_cost
 
 BUDGET_KEYS = {"tflops", "model", "text_tokens", "convention", "solve"}
 
@@ -145,7 +145,7 @@ def solve_budget(config: DictConfig, source: str, overrides: list[str],
 
 def _layers_of(config: DictConfig, knob: str, build, spec) -> int:
     """How many layers the steps that use ``${knob}`` as their count run at (0: mixed)."""
-    from .plan import plan_recipe
+    from ..recipe.plan import plan_recipe
 
     raw_steps = OmegaConf.to_container(config, resolve=False).get("steps", [])
     users = {i for i, step in enumerate(raw_steps) if isinstance(step, dict) and step.get("remove") == "${" + knob + "}"}

@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelNotFoundError, RecipeError
-from .models import DTYPE_BYTES, parse_dtype
+from ..errors import ModelNotFoundError, RecipeError
+from ..models import DTYPE_BYTES, parse_dtype
+from ..recipe.plan import Geometry, RecipePlan, plan_recipe
 from .conventions import CONVENTIONS, MAC_CONVENTIONS
-from .plan import Geometry, RecipePlan, plan_recipe
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,11 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
     if key in BUILTIN_SPECS:
         return BUILTIN_SPECS[key]
     if key == "embedded":
-        from . import embedded
+        from .. import embedded
 
         return spec_from_config(embedded.build_config(), "embedded")
     if key == "toy":
-        from .toy.model import build_config
+        from ..toy.model import build_config
 
         return spec_from_config(build_config(), "toy")
     path = Path(key)
@@ -139,7 +139,7 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
         from transformers import LlavaConfig
 
         return spec_from_config(LlavaConfig.from_pretrained(path, local_files_only=True), key)
-    from .models import model_source
+    from ..models import model_source
 
     names = {**{name: "published architecture" for name in BUILTIN_SPECS}, "embedded": "fico's random tiny model",
              "toy": "fico-toy"}

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import RecipeError
-from .recipe import Recipe, Step, knobs_in
+from ..errors import RecipeError
+from .schema import Recipe, Step, knobs_in
 
 #: sites that act at one point of the forward pass, not at layers
 POINT_SITES = ("vision_output", "pre_llm")

@@ -1,0 +1,182 @@
+"""What a recipe is once read: its :class:`Recipe`, :class:`Step` and :class:`Schedule`, and
+the keys a step may carry."""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ..errors import RecipeError
+from ..registry import Registry
+from ..signals import INSTRUCTION_SIGNALS
+from ..stages import Compressor, Correlator, Filter
+
+
+SITES = ("vision", "vision_output", "pre_llm", "llm", "llm_mid")
+
+
+POINT_SITES = ("vision_output", "pre_llm")
+
+
+RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget_tflops", "tables"}
+
+
+STEP_KEYS = {"site", "layers", "remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric", "filter",
+             "correlate", "compress", "proportional_attention", "order", "positions", "signal_layer", "cls_feature",
+             "text_encoder"}
+
+
+SCHEDULE_KEYS = ("remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric")
+
+
+#: step keys that only some sites take, with their values
+SITE_OPTIONS = {
+    "order": (POINT_SITES, ("original", "method")),
+    "positions": (("llm", "llm_mid"), ("keep", "renumber")),
+    "signal_layer": (("llm",), ("previous", "current")),
+    "cls_feature": (("vision_output",), (True, False)),
+    "proportional_attention": (("vision",), (True, False)),
+}
+
+
+STEP_DEFAULTS = {"order": "original", "positions": "keep", "signal_layer": "previous", "cls_feature": False,
+                 "proportional_attention": False}
+
+
+STAGE_KEYS = {"filter": "filter", "correlate": "correlator", "compress": "compressor"}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many candidates one step discards, from the number ``n`` present.
+
+    * ``remove``: a fixed count, or one count per layer of the step;
+    * ``keep``: keep a fixed count (or one per layer); ``filter``: the filter's own rule
+      from the token count (pooling's windows); or ``adaptive``: the filter chooses per
+      image (PruMerge's outlier count);
+    * ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
+    * ``remove_ratio``: remove ``round(remove_ratio * n)`` (FastV; Python's round);
+    * ``keep_geometric``: at the s-th layer of the step keep ``int(n0 * ratio ** (s + 1))`` of
+      the ``n0`` candidates that entered its first layer (PyramidDrop's stages).
+    """
+
+    kind: str
+    value: float | str | tuple[int, ...]
+    #: the value as written, when it came from knobs (``${keep}``), for messages
+    source: str | None = field(default=None, compare=False)
+
+    def shown(self) -> str:
+        """The value for messages, with the knobs it came from."""
+        return f" (from {self.source})" if self.source else ""
+
+    def tokens_to_remove(self, n: int, position: int = 0, first: int | None = None) -> int | None:
+        """Tokens to remove from ``n`` candidates at the ``position``-th layer of the step
+        (``first``: candidates at its first layer); None when the filter decides."""
+        value = self.value[position] if isinstance(self.value, tuple) else self.value
+        if self.kind == "remove":
+            return int(value)
+        if self.kind == "keep":
+            if value == "filter":
+                raise ValueError("keep: filter is planned by the filter (fico.plan.requested_removal)")
+            return None if value == "adaptive" else n - int(value)
+        if self.kind == "keep_ratio":
+            return n - math.ceil(value * n)
+        if self.kind == "keep_geometric":
+            return n - int((n if first is None else first) * value ** (position + 1))
+        return int(round(value * n))
+
+
+@dataclass
+class Step:
+    """One reduction step of a recipe, applied at each of ``layers`` of ``site``."""
+
+    index: int
+    site: str
+    layers: list[int] | str  # indices, "all", or "START:STOP" resolved against the model
+    schedule: Schedule
+    filter: Filter
+    correlator: Correlator
+    compressor: Compressor
+    proportional_attention: bool = False
+    #: point sites: ``original`` token order, or the order the method emits (``Split.order``)
+    order: str = "original"
+    #: llm sites: kept tokens ``keep`` their RoPE positions, or positions are ``renumber``-ed
+    positions: str = "keep"
+    #: llm site: signals from the ``previous`` layer (FastV) or this layer at its input (PyramidDrop)
+    signal_layer: str = "previous"
+    #: vision_output site: [CLS] reaches the projector as a feature (VisionZip)
+    cls_feature: bool = False
+    #: pre_llm site: a local CLIP checkpoint whose text tower gives instruction signals (CDPruner)
+    text_encoder: str | None = None
+    #: the recipe text ``layers`` came from, when it interpolates knobs (for messages)
+    layers_source: str | None = field(default=None, compare=False)
+
+    def required_signals(self) -> set[str]:
+        return self.filter.required_signals() | self.correlator.required_signals() | self.compressor.required_signals()
+
+    @property
+    def where(self) -> str:
+        return f"steps[{self.index}]"
+
+
+@dataclass
+class Recipe:
+    """A loaded, validated recipe. ``config`` is the resolved OmegaConf tree."""
+
+    name: str
+    source: str
+    config: DictConfig
+    steps: list[Step]
+    registry: Registry = field(repr=False)
+    description: str = ""
+    #: How a ``budget_tflops:`` was met (:class:`fico.budget.BudgetSolution`), or None.
+    budget: Any = None
+    #: What differs from the recipe the description was written for (overrides or a
+    #: ``base:`` recipe's own steps), e.g. ``["steps[0].filter: centroid instead of attention_rank"]``.
+    changes: list[str] = field(default_factory=list)
+    #: Local plugin files the recipe's registry loaded (its ``plugins:`` and those given).
+    plugin_files: list[Path] = field(default_factory=list)
+    #: Auxiliary models an adapter loaded for this recipe (CDPruner's CLIP text tower), by
+    #: checkpoint, device and dtype, so that applying it batch after batch loads them once.
+    auxiliary: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def needs_instruction(self) -> bool:
+        """Whether a step reads the instruction text (pass ``instruction=`` to the reduced model)."""
+        return any(step.required_signals() & INSTRUCTION_SIGNALS for step in self.steps)
+
+    def instruction_inputs(self, texts: str | list[str]) -> dict:
+        """The keyword arguments that hand the model this recipe is applied to its instruction
+        texts (one per sample): ``{"instruction": texts}`` where a step reads them, else none
+        (a model without such a recipe takes no ``instruction`` argument)."""
+        return {"instruction": texts} if self.needs_instruction else {}
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        return {k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
+                for k, v in self.config.items() if k not in RESERVED}
+
+    def error(self, key: str, message: str) -> RecipeError:
+        return RecipeError(f"{self.source}: {key}: {message}")
+
+
+def knobs_in(source: str | None) -> list[str]:
+    """The top-level knobs an interpolation reads: ``${fico.pick:${tables.keep},${budget}}`` -> ``['budget']``."""
+    names = re.findall(r"\$\{([A-Za-z_][\w.]*)\}", source or "")
+    return list(dict.fromkeys(n for n in names if "." not in n and n != "tables"))
+
+
+def python_name(key: str) -> str:
+    """A recipe parameter's keyword-argument name (``lambda`` -> ``lambda_``)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def recipe_name(name: str) -> str:
+    """A keyword argument's name as recipes spell it (``lambda_`` -> ``lambda``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
