@@ -27,11 +27,13 @@ lmms: $(LMMS_STAMP)
 demo: $(STAMP)
 	$(BIN)/fico run fastv
 
+# lint-imports checks the architecture's contracts (pyproject.toml, docs/architecture.md)
 test: $(STAMP) $(LMMS_STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m fico.benchmarks.fastv_attention --write docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis .import_linter_cache .grimp_cache

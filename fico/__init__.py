@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .errors import (ApplyError, ComponentError, FicoError, InputError, ModelNotFoundError, RecipeError,
-                     ResultsFileError, UnsupportedModelError)
+                      ResultsFileError, UnsupportedModelError)
 
 __version__ = "0.1.0"
 
@@ -30,8 +30,8 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from . import embedded
     from .hookspecs import hookimpl, hookspec
-    from .recipe import Recipe, Schedule, Step, bundled_recipes
     from .loading import load_recipe
+    from .recipe import Recipe, Schedule, Step, bundled_recipes
     from .registry import Registry, default_registry
     from .run import ReductionRun, StepRecord, Trace
     from .stages import Compressor, Correlation, Correlator, Filter, Split
@@ -66,8 +66,8 @@ def apply(model, recipe: "Recipe | str", provenance: bool = False) -> "Reduction
             absorbed and with what weight (``run.trace.steps[i].sources``).
     """
     from .adapters import llava
-    from .recipe import Recipe
     from .loading import load_recipe
+    from .recipe import Recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)

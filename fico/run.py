@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 from .contract import Boundary
-from .recipe.plan import PlannedStep, RecipePlan, equivalent_tokens
 from .recipe import Recipe
+from .recipe.plan import PlannedStep, RecipePlan, equivalent_tokens
 from .state import TokenState
 
 
@@ -166,6 +166,11 @@ class ReductionRun:
         self.sync_stage_timing = False
         self._undo: list[Callable[[], None]] = []
         self.active = False
+
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Register ``undo`` to run at :meth:`remove`: every change an adapter makes to the
+        model comes with its exact reversal, undone in reverse order."""
+        self._undo.append(undo)
 
     def begin_trace(self, keep_vision: bool = False) -> None:
         """Start the trace of a new forward; ``keep_vision`` keeps the image encoding that

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from fico.cli import main
+from fico.commands.cli import main
 
 
 def test_bench_json_plot_and_markdown(tmp_path, tiny_model, processor):
@@ -46,7 +46,7 @@ def test_budgets_on_another_model_are_solved_for_it_or_labelled(tmp_path, capsys
 
 
 def test_budget_expansion():
-    from fico.bench import expand
+    from fico.commands.bench import expand
 
     assert expand(["tome", "fastv"], ["1.5", "3.3"]) == ["budgets/tome_1.5t", "budgets/tome_3.3t",
                                                          "budgets/fastv_1.5t", "budgets/fastv_3.3t"]
@@ -85,7 +85,7 @@ def test_a_machine_too_busy_to_time_is_reported_not_a_crash(tmp_path, tiny_model
     could not read are printed and stored as unreadable, with the reason."""
     import types
 
-    import fico.bench as bench
+    import fico.commands.bench as bench
 
     model = tiny_model(dtype=torch.float32)
     model.save_pretrained(tmp_path / "model")
@@ -118,7 +118,7 @@ def test_a_machine_too_busy_to_time_is_reported_not_a_crash(tmp_path, tiny_model
 
 
 def test_spreads_of_nothing_are_unreadable_not_errors():
-    from fico.timing import Spread, ratio_text
+    from fico.commands.timing import Spread, ratio_text
 
     assert Spread.of([]).show(" ms") == "unreadable (no measurements)"
     assert not Spread.of([float("nan")]).readable

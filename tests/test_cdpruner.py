@@ -2,13 +2,13 @@
 conditional DPP over the projector outputs; equal to the official algorithm (float64, 1e-6)."""
 
 import pytest
-import torch
-
-import fico
 import reference_wave2 as ref
-from fico import embedded
+import torch
 from test_integration import snapshot
 from test_wave2 import _generate
+
+import fico
+from fico import embedded
 
 PROMPTS = ["USER: <image> what is the color of the circle ? ASSISTANT:", "USER: <image> how many objects ? ASSISTANT:"]
 # the second one runs past CLIP's 77 tokens: two segments

@@ -14,7 +14,7 @@ import pytest
 
 import fico
 from fico.citations import BIBTEX
-from fico.explain import TEX_PACKAGES, explanation, render, summary, tex_escape
+from fico.commands.explain import TEX_PACKAGES, explanation, render, summary, tex_escape
 from fico.recipe import bundled_recipes
 
 ROOT = Path(__file__).resolve().parent.parent

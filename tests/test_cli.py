@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fico.cli import main
+from fico.commands.cli import main
 
 
 def test_run_prints_tokens_time_and_agreement(capsys):
@@ -31,7 +31,7 @@ def test_run_lists_only_the_layers_that_change(capsys):
 
 
 def test_a_wide_spread_is_flagged():
-    from fico.timing import Spread, ratio_text
+    from fico.commands.timing import Spread, ratio_text
 
     steady = Spread.ratio([2.0, 2.02, 1.98, 2.01], [1.0, 1.0, 1.0, 1.0])
     noisy = Spread.ratio([1.0, 3.0, 1.2, 2.5], [1.0, 1.0, 1.0, 1.0])
@@ -163,10 +163,10 @@ def test_help_and_usage_errors_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, fico.cli\n"
+    code = ("import sys, fico.commands.cli\n"
             "for argv in (['--help'], ['run', '--bogus'], ['cost', '--help']):\n"
             "    try:\n"
-            "        fico.cli.main(argv)\n"
+            "        fico.commands.cli.main(argv)\n"
             "    except SystemExit:\n"
             "        pass\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
@@ -189,9 +189,9 @@ def test_a_recipe_that_cannot_run_on_the_model_fails_before_its_weights_load(arg
     def no_loading(*args, **kwargs):
         raise AssertionError("the weights were loaded before the recipe was checked against the config")
 
-    import fico.bench
+    import fico.commands.bench
 
     monkeypatch.setattr(fico.models, "load_model", no_loading)
-    monkeypatch.setattr(fico.bench, "load_model", no_loading)  # bench holds its own reference
+    monkeypatch.setattr(fico.commands.bench, "load_model", no_loading)  # bench holds its own reference
     assert main(argv) == 2
     assert match in capsys.readouterr().err

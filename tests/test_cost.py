@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fico
-from fico.cli import main
+from fico.commands.cli import main
 from fico.cost.model import BUILTIN_SPECS, TokenCounts, llava_config, model_spec, prefill_cost, recipe_cost
 from fico.recipe.plan import plan_recipe
 
@@ -178,7 +178,7 @@ def test_equivalent_tokens_as_the_papers_count_them():
     """SparseVLM's log counts visual tokens after each layer's pruning (192.03 for its '192'
     schedule, 113 reach the output); PyramidDrop's average counts each layer's input (270 for
     its default); FitPrune's tables average 172.6 / 114.5 / 56.0."""
-    from fico.explain import explanation
+    from fico.commands.explain import explanation
 
     sparse = explanation(fico.load_recipe("sparsevlm"))["equivalent_tokens"]
     assert sparse["after_reduction"] == pytest.approx(192.03125) and sparse["at_output"] == 113

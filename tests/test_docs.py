@@ -58,7 +58,7 @@ def test_documented_plugin_commands_run_as_printed(tmp_path, capsys, document, c
     override after --plugin FILE)."""
     import shlex
 
-    from fico.cli import main
+    from fico.commands.cli import main
 
     words = shlex.split(command)
     cwd = os.getcwd()

@@ -4,9 +4,9 @@ import re
 
 import pytest
 import torch
+from test_integration import snapshot
 
 import fico
-from test_integration import snapshot
 
 
 def write(tmp_path, text, name="bad.yaml"):
@@ -91,7 +91,7 @@ def test_override_errors(name, overrides, match):
 
 
 def test_each_suggestion_is_given_once(capsys):
-    from fico.cli import main
+    from fico.commands.cli import main
 
     assert main(["run", "fastv", "kk=3"]) == 2
     assert capsys.readouterr().err.lower().count("did you mean") == 1

@@ -12,7 +12,7 @@ import torch
 lmms_eval = pytest.importorskip("lmms_eval")
 
 import fico  # noqa: E402
-from fico.cli import main  # noqa: E402
+from fico.commands.cli import main  # noqa: E402
 from fico.integrations.lmms import toy_questions, write_toy_task  # noqa: E402
 
 IMAGES = 4  # 24 questions: enough to tell methods apart, quick on 2 cores
@@ -58,9 +58,11 @@ def _evaluate(model, task, folder, **kwargs):
 def _toy_evaluator(model, processor, recipe, choices=False):
     """What fico's own toy evaluator answers on the same questions (argmax of the next token,
     over the vocabulary or over the question's choices)."""
-    from fico.toy.evaluate import answer_logits
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from fico.toy.evaluate import answer_logits
 
     docs = toy_questions(IMAGES)
     images = [Image.open(io.BytesIO(d["image"]["bytes"])).convert("RGB") for d in docs]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fico.cli import main
+from fico.commands.cli import main
 
 
 def cells(text):
@@ -25,7 +25,7 @@ def test_piped_tables_never_cut_a_value(monkeypatch, capsys):
 def test_a_narrow_terminal_folds_values_instead_of_cutting_them():
     from rich.console import Console
 
-    from fico.console import Table
+    from fico.commands.console import Table
 
     console = Console(width=30, record=True, file=open("/dev/null", "w"))
     table = Table()
@@ -44,7 +44,7 @@ def test_cost_tables_have_a_value_in_every_cell(argv, capsys):
 
 
 def test_the_ablate_reference_row_has_every_value():
-    from fico.ablate import summary
+    from fico.commands.ablate import summary
 
     accuracy = {"color": 1.0, "digit": 0.5, "overall": 0.75}
     record = {"cell": "r=8", "recipe": "tome", "model": "toy", "images": 2, "questions": 12,
@@ -106,7 +106,7 @@ def test_an_adaptive_count_that_kept_everything_is_said(capsys, monkeypatch):
 
 
 def test_the_ablate_plot_title_names_the_fixed_overrides():
-    from fico.ablate import plot_title
+    from fico.commands.ablate import plot_title
 
     records = [{"recipe": "fastv", "overrides": ["k=3", "ratio=0.25"]}, {"recipe": "fastv", "overrides": ["k=3", "ratio=0.75"]}]
     assert plot_title(records) == "fastv k=3"
@@ -121,8 +121,8 @@ def test_show_says_how_many_steps_it_drew(tmp_path, capsys):
 def test_ctrl_c_is_one_line_and_results_files_stay_whole(tmp_path, monkeypatch, capsys):
     import json
 
-    import fico.results as results
-    from fico import ablate
+    import fico.commands.results as results
+    from fico.commands import ablate
 
     out = tmp_path / "cells.jsonl"
     conditions = {"model": "toy"}

@@ -129,7 +129,7 @@ def _plugin(tmp_path):
 
 
 def test_a_plugin_file_swaps_into_a_bundled_recipe_from_the_command_line(tmp_path, capsys):
-    from fico.cli import main
+    from fico.commands.cli import main
 
     plugin = _plugin(tmp_path)
     swap = "steps.0.filter={name: centroid}"
@@ -174,7 +174,7 @@ def test_a_component_breaking_its_contract_is_named(tiny_model, batch_inputs, tm
 
 
 def test_a_broken_component_is_one_line_on_the_command_line(tmp_path, capsys):
-    from fico.cli import main
+    from fico.commands.cli import main
 
     assert main(["run", "fastv", "steps.0.filter={name: wrong_shapes}", "--plugin", str(_plugin(tmp_path)),
                  "--model", "embedded", "--repeats", "1"]) == 2

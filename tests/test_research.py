@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fico
-from fico.cli import main
-from fico.explain import explanation, latex_to_text, render
+from fico.commands.cli import main
+from fico.commands.explain import explanation, latex_to_text, render
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -114,7 +114,7 @@ def test_ablate_resumes_only_cells_measured_under_the_same_conditions(tmp_path, 
     assert "holds cells measured under other conditions (images: 2 now, 1 in the file)" in err
     assert len(out.read_text().splitlines()) == 2
     with pytest.raises(ResultsFileError, match=r"dtype: 'bfloat16' now, 'float32' in the file"):
-        from fico.ablate import ablate
+        from fico.commands.ablate import ablate
 
         ablate("fastv", ["k=1,3"], None, "embedded", 1, out, dtype="bfloat16")
     # a changed recipe (a base override here) is a different cell: measured again, not served
@@ -129,7 +129,7 @@ def test_ablate_resumes_only_cells_measured_under_the_same_conditions(tmp_path, 
 
 
 def test_ablate_paper_variants_load():
-    from fico.ablations import PAPER_TABLES
+    from fico.commands.ablations import PAPER_TABLES
 
     for recipe, variants in PAPER_TABLES.items():
         for label, overrides in variants:
@@ -137,7 +137,7 @@ def test_ablate_paper_variants_load():
 
 
 def test_paper_variants_match_the_documented_one_liners():
-    from fico.ablations import PAPER_TABLES
+    from fico.commands.ablations import PAPER_TABLES
 
     documented = (DOCS / "ficoco.md").read_text()
     for recipe, variants in PAPER_TABLES.items():
@@ -148,7 +148,7 @@ def test_paper_variants_match_the_documented_one_liners():
 
 
 def test_component_docs_are_current():
-    from fico.docgen import main as docgen
+    from fico.commands.docgen import main as docgen
 
     assert docgen(["--check"]) == 0
 

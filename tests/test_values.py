@@ -3,12 +3,13 @@
 import shlex
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fico
-from fico.explain import explanation, knob_text, render
-from fico.recipe.values import format_value, parse_value
+from fico.commands.explain import explanation, knob_text, render
 from fico.recipe import bundled_recipes
+from fico.recipe.values import format_value, parse_value
 
 
 @pytest.mark.parametrize("typed", ["11:23", "11: 23", "11 :23", "'11:23'", '"11:23"'])

@@ -2,10 +2,10 @@
 (float64, 1e-6): what they hand the language model, in order, and its logits."""
 
 import pytest
+import reference_wave2 as ref
 import torch
 
 import fico
-import reference_wave2 as ref
 
 
 def handed_features(model, inputs, recipe):

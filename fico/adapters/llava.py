@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ApplyError, InputError, RecipeError, UnsupportedModelError
-from ..recipe.plan import Geometry, PlannedStep, RecipePlan, plan_recipe
 from ..recipe import Recipe
+from ..recipe.plan import Geometry, PlannedStep, RecipePlan, plan_recipe
 from ..run import ReductionRun, StepRecord, run_step
 from ..signals import INSTRUCTION_SIGNALS
 from ..state import TokenState, gather_tokens

@@ -26,8 +26,7 @@ import torch
 
 import fico
 
-from ..bench import architecture
-from .shaped import build_shaped_model, shaped_inputs
+from .shaped import architecture, build_shaped_model, shaped_inputs
 
 MARK_BEGIN = "<!-- fastv-attention:begin -->"
 MARK_END = "<!-- fastv-attention:end -->"

@@ -72,3 +72,11 @@ def shaped_inputs(batch: int = 1, prefix_tokens: int = 5, text_tokens: int = 59,
         "attention_mask": torch.ones_like(ids),
         "pixel_values": torch.randn(batch, 3, 336, 336, generator=g).to(dtype),
     }
+
+
+def architecture(model) -> str:
+    """The model's depths and widths, e.g. ``CLIP 24 x 512 on 577 tokens, Llama 32 x 1024``."""
+    vision, text = model.config.vision_config, model.config.text_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return (f"CLIP {vision.num_hidden_layers} x {vision.hidden_size} on {tokens} tokens, "
+            f"Llama {text.num_hidden_layers} x {text.hidden_size}")

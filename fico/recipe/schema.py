@@ -17,7 +17,6 @@ from ..registry import Registry
 from ..signals import INSTRUCTION_SIGNALS
 from ..stages import Compressor, Correlator, Filter
 
-
 SITES = ("vision", "vision_output", "pre_llm", "llm", "llm_mid")
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import inspect
 import re
 
-from .citations import BIBTEX
-from .cost.model import model_spec
-from .recipe.values import flatten_knobs, format_override, format_value
-from .recipe.plan import equivalent_tokens, plan_recipe
-from .recipe import POINT_SITES, Recipe, recipe_name
-from .signals import INSTRUCTION_SIGNALS
+from ..citations import BIBTEX
+from ..cost.model import model_spec
+from ..recipe import POINT_SITES, Recipe, recipe_name
+from ..recipe.plan import equivalent_tokens, plan_recipe
+from ..recipe.values import flatten_knobs, format_override, format_value
+from ..signals import INSTRUCTION_SIGNALS
 
 #: What a ``--format tex`` snippet needs in the preamble (nothing beyond these).
 TEX_PACKAGES = ("amsmath", "amssymb")

@@ -19,8 +19,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from .cost.conventions import CONVENTIONS
-from .models import dtype_argument
+from ..cost.conventions import CONVENTIONS
+from ..models import dtype_argument
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(parser, sub.choices, sys.argv[1:] if argv is None else list(argv))
     from rich.console import Console
 
+    from ..errors import FicoError
     from .console import output_console
-    from .errors import FicoError
 
     console = output_console()
     try:
@@ -188,14 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cost":
             return show_cost(args, console)
         if args.command == "explain":
+            from ..loading import load_recipe
             from .explain import explanation, render
-            from .loading import load_recipe
 
             recipe = load_recipe(args.recipe, args.overrides, plugins=args.plugin)
             print(render(explanation(recipe, args.model), args.format))
             return 0
         if args.command == "ablate":
-            from .ablate import ablate as run_ablation, plot as plot_ablation, summary
+            from .ablate import ablate as run_ablation
+            from .ablate import plot as plot_ablation
+            from .ablate import summary
 
             records = run_ablation(args.recipe, args.grid, args.variants, args.model, args.images, args.out, console,
                                    overrides=args.overrides, plugins=args.plugin, dtype=args.dtype,
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"plot: {args.plot}")
             return 0
         if args.command == "show":
-            from .loading import load_recipe
+            from ..loading import load_recipe
             from .show import show as draw_show
 
             path, drawn, total = draw_show(load_recipe(args.recipe, args.overrides, plugins=args.plugin), args.model,
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        # results files are written whole or not at all (fico.results), so stopping is safe
+        # results files are written whole or not at all (fico.commands.results), so stopping is safe
         print(f"fico {args.command}: interrupted", file=sys.stderr)
         return 130
 
@@ -241,13 +243,12 @@ def main(argv: list[str] | None = None) -> int:
 def list_components(console: Console) -> int:
     import inspect
 
+    from ..loading import load_recipe
+    from ..recipe import bundled_recipes, recipe_name
+    from ..recipe.values import format_value
+    from ..registry import default_registry
     from .console import Table
-
     from .explain import formulas, knob_text, summary
-    from .recipe.values import format_value
-    from .recipe import bundled_recipes, recipe_name
-    from .loading import load_recipe
-    from .registry import default_registry
 
     registry = default_registry()
     table = Table(title="registered components")
@@ -278,10 +279,9 @@ def list_components(console: Console) -> int:
 
 
 def show_cost(args, console: Console) -> int:
+    from ..cost.model import model_spec, recipe_cost
+    from ..loading import load_recipe
     from .console import Table
-
-    from .cost.model import model_spec, recipe_cost
-    from .loading import load_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin) if args.recipe else None
     report = recipe_cost(args.model, recipe, args.text_tokens, args.convention, args.dtype)
@@ -307,7 +307,7 @@ def show_cost(args, console: Console) -> int:
             ("image features", str(report.tokens["features"]), str(base.tokens["features"])),
             ("LLM tokens per layer", _runs(report.tokens["llm"]), _runs(base.tokens["llm"]))]
     if recipe is not None and any(s.site in ("llm", "llm_mid") for s in recipe.steps):
-        from .recipe.plan import equivalent_tokens, plan_recipe
+        from ..recipe.plan import equivalent_tokens, plan_recipe
 
         plan = plan_recipe(recipe, model_spec(args.model).geometry())
         rows.append(("visual tokens over decoder layers", equivalent_text(
@@ -379,8 +379,8 @@ def _questions(args):
     """(images, prompts, questions, true answers or None) for the run."""
     from PIL import Image
 
-    from . import embedded
-    from .toy.data import TEST_SEEDS, example, prompt
+    from .. import embedded
+    from ..toy.data import TEST_SEEDS, example, prompt
 
     if args.model == "toy" and not args.image:
         ex = example(TEST_SEEDS.start + args.seed)
@@ -405,17 +405,17 @@ def run_recipe(args, console: Console) -> int:
     import time
 
     import torch
-    from .console import Table
 
-    from . import apply
-    from .cost.model import TokenCounts, model_spec, prefill_cost, recipe_cost
-    from .models import check_recipes, load_model, torch_dtype
-    from .loading import load_recipe
+    from .. import apply
+    from ..cost.model import TokenCounts, model_spec, prefill_cost, recipe_cost
+    from ..loading import load_recipe
+    from ..models import check_recipes, load_model, torch_dtype
+    from .console import Table
     from .timing import Spread, ratio_text
 
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin)
     if args.model is None:
-        from .toy.model import WEIGHTS
+        from ..toy.model import WEIGHTS
 
         args.model = "toy" if (WEIGHTS / "config.json").is_file() else "embedded"
     dtype = torch_dtype(args.dtype)

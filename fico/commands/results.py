@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .errors import ResultsFileError
+from ..errors import ResultsFileError
 
 
 def recipe_digest(recipe) -> str:
@@ -35,8 +35,8 @@ def measurement_conditions(model: str, dtype: str, threads: int, **measured_on) 
     import torch
     import transformers
 
-    from . import __version__
-    from .models import describe_checkpoint
+    from .. import __version__
+    from ..models import describe_checkpoint
 
     return {"fico": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             **describe_checkpoint(model), **measured_on, "dtype": dtype, "attn": "sdpa", "threads": threads}

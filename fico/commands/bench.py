@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from .console import Table
 
-from .cost.model import TokenCounts, model_spec, prefill_cost
-from .errors import RecipeError
-from .models import RUNNABLE, check_recipes, load_model, model_source, torch_dtype
-from .recipe import Recipe
-from .loading import load_recipe
+from ..benchmarks.shaped import architecture
+from ..cost.model import TokenCounts, model_spec, prefill_cost
+from ..errors import RecipeError
+from ..loading import load_recipe
+from ..models import RUNNABLE, check_recipes, load_model, model_source, torch_dtype
+from ..recipe import Recipe
+from .console import Table
 from .results import save_figure, write_whole
 from .timing import READABLE_SPREAD, Spread
 
@@ -52,11 +53,11 @@ def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", dev
     """``shaped`` (LLaVA-1.5's layer and token counts at reduced widths, random weights), or
     any model ``fico run`` takes: ``toy`` (the trained fico-toy), ``embedded``, a local
     checkpoint directory."""
-    from .toy.data import example, prompt
+    from ..toy.data import example, prompt
 
     which = model_source(which, BENCH_MODELS)
     if which in ("shaped", "shaped-7b"):
-        from .benchmarks.shaped import build_shaped_7b, build_shaped_model, shaped_inputs
+        from ..benchmarks.shaped import build_shaped_7b, build_shaped_model, shaped_inputs
 
         if which == "shaped":
             model = build_shaped_model(dtype=torch_dtype(dtype), attn_implementation=attn).to(device)
@@ -79,7 +80,7 @@ def expand(recipes: list[str], budgets: list[str] | None, tokens: list[str] | No
     tokens) variants for each budget."""
     if not budgets and not tokens:
         return list(recipes)
-    from .recipe import bundled_recipes
+    from ..recipe import bundled_recipes
 
     bundled = set(bundled_recipes())
     out = []
@@ -108,7 +109,7 @@ def with_instruction(inputs: dict, recipe: Recipe | None, instruction: str) -> d
 def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int, progress=None,
                     instruction: str = BenchModel.instruction) -> dict:
     """Interleaved prefill timings: {name: {"prefill": [...], "stage": [...]}} (warm-up excluded)."""
-    from . import apply
+    from .. import apply
 
     times = {name: {"prefill": [], "stage": [], "trace": None} for name in recipes}
     task = progress.add_task("prefill timing", total=(reps + 1) * len(recipes)) if progress else None
@@ -137,7 +138,7 @@ def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int
     after another, the first configuration ran consistently faster on a shared VM)."""
     from contextlib import nullcontext
 
-    from . import apply
+    from .. import apply
 
     def generate(n: int, recipe: Recipe | None) -> float:
         start = time.perf_counter()
@@ -173,7 +174,7 @@ def peak_memory_mb(model, inputs, recipe: Recipe | None, instruction: str = Benc
         return None
     from contextlib import nullcontext
 
-    from . import apply
+    from .. import apply
 
     torch.cuda.reset_peak_memory_stats()
     with apply(model, recipe) if recipe is not None else nullcontext():
@@ -185,9 +186,9 @@ def answer_distribution(bm: BenchModel, recipe: Recipe | None, images: int) -> t
     """Toy test set: per-type accuracy, next-token log-probabilities, question kinds."""
     from contextlib import nullcontext
 
-    from . import apply
-    from .toy.data import TEST_SEEDS, example
-    from .toy.evaluate import answer_logits
+    from .. import apply
+    from ..toy.data import TEST_SEEDS, example
+    from ..toy.evaluate import answer_logits
 
     pictures, questions, answers, kinds = [], [], [], []
     for seed in range(TEST_SEEDS.start, TEST_SEEDS.start + images):
@@ -212,7 +213,7 @@ def answer_distribution(bm: BenchModel, recipe: Recipe | None, images: int) -> t
 def measure_replay(model, counts: dict[str, TokenCounts], reps: int) -> dict[str, list[float]]:
     """Median seconds of the vanilla modules on each configuration's token counts, in
     interleaved rounds (see ``fico.benchmarks.replay``)."""
-    from .benchmarks.replay import replay_seconds
+    from ..benchmarks.replay import replay_seconds
 
     seconds: dict[str, list[float]] = {name: [] for name in counts}
     for rep in range(reps + 1):
@@ -305,14 +306,6 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
         "baseline": base,
         "results": [entry for name, entry in results.items() if name != "unreduced"],
     }
-
-
-def architecture(model) -> str:
-    """The model's depths and widths, e.g. ``CLIP 24 x 512 on 577 tokens, Llama 32 x 1024``."""
-    vision, text = model.config.vision_config, model.config.text_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    return (f"CLIP {vision.num_hidden_layers} x {vision.hidden_size} on {tokens} tokens, "
-            f"Llama {text.num_hidden_layers} x {text.hidden_size}")
 
 
 UNREADABLE = "*"
@@ -521,7 +514,7 @@ def main_bench(args, console: Console) -> int:
     report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console, args.replay,
                    plugins=args.plugin, tokens=tokens, device=args.device, dtype=args.dtype)
     console.print(table(report))
-    from .cost.budget import BudgetSolution
+    from ..cost.budget import BudgetSolution
 
     for entry in report["results"]:
         if entry.get("budget"):

@@ -8,7 +8,7 @@ fico's lmms-eval model (:class:`fico.integrations.lmms_model.FicoLMM`) and the r
 applied around every batch; the unreduced model is the same model with no recipe. A
 finished cell is appended to ``OUT/results.jsonl`` with the conditions it ran under (the
 model and its files, dtype, threads, versions, ``--limit``, the batch size, the toy tasks'
-size or the ``--include-path`` folders' hash) and the hash of the recipe, so a rerun skips it (:mod:`fico.results`). Then
+size or the ``--include-path`` folders' hash) and the hash of the recipe, so a rerun skips it (:mod:`fico.commands.results`). Then
 ``OUT/eval.json`` and ``OUT/eval.png`` (score against TFLOPs per method, per task: the
 shape of the FiCoCo paper's Fig. 1) are written and the table printed: per task, each
 configuration's score, its retention against the unreduced score, the TFLOPs of the
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from .console import Table
 
-from .errors import InputError
-from .integrations.lmms import TOY_IMAGES, TOY_TASKS, write_toy_task
-from .loading import load_recipe
+from ..errors import InputError
+from ..integrations.lmms import TOY_IMAGES, TOY_TASKS, write_toy_task
+from ..loading import load_recipe
+from .console import Table
 from .results import (append_result, conditions_key, measurement_conditions, read_results, recipe_digest, save_figure,
                       write_whole)
 from .timing import Spread
@@ -79,9 +79,9 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
              toy_images: int = TOY_IMAGES, convention: str = "llm-viewer", plugins: list[str] | None = None,
              threads: int | None = None, console: Console | None = None) -> dict:
     """Evaluate every (configuration, task) cell not yet in ``OUT/results.jsonl``; the report."""
+    from ..cost.model import model_spec
+    from ..models import model_source
     from .bench import expand
-    from .cost.model import model_spec
-    from .models import model_source
 
     require_lmms()
     console = console or Console()
@@ -123,7 +123,7 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
         raise InputError(f"--tasks: unknown task {unknown[0]!r} (fico's own: {', '.join(TOY_TASKS)}; others come "
                          f"from lmms-eval or an --include-path folder)")
 
-    from .models import check_recipes
+    from ..models import check_recipes
 
     check_recipes(recipes_by_name.values(), model)  # before the weights load
     cells = [(configuration, task) for configuration in [UNREDUCED, *names] for task in tasks]
@@ -161,8 +161,8 @@ def evaluate(recipes: list[str], tasks: list[str], model: str = "toy", budgets: 
 
 def _model(model: str, dtype: str, batch_size: int, convention: str):
     """One lmms-eval model for every cell: the recipe is set per cell, the weights load once."""
-    from .integrations.lmms_model import FicoLMM
-    from .models import load_model
+    from ..integrations.lmms_model import FicoLMM
+    from ..models import load_model
 
     return FicoLMM(pretrained=model, dtype=dtype, batch_size=batch_size, convention=convention,
                    model=load_model(model, dtype, "sdpa"))

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from .console import Table
 
-from .cost.model import recipe_cost
-from .errors import RecipeError
-from .loading import load_recipe
-from .recipe.overrides import override_list
+from ..cost.model import recipe_cost
+from ..errors import RecipeError
+from ..loading import load_recipe
+from ..recipe.overrides import override_list
+from .console import Table
 from .results import append_result, conditions_key, measurement_conditions, read_results, recipe_digest, save_figure
 
 STAGE_KEYS = {"filter", "correlate", "compress"}
@@ -89,7 +89,7 @@ def fidelity_logprobs(bm, recipe, images: int) -> torch.Tensor:
     """Next-token log-probabilities on generated pictures (models without a test set)."""
     from contextlib import nullcontext
 
-    from . import apply, embedded
+    from .. import apply, embedded
 
     question = "what is the color of the circle ?" if bm.name == "embedded" else "Describe the image."
     text = f"USER: <image> {question} ASSISTANT:" if bm.name == "embedded" else f"USER: <image>\n{question} ASSISTANT:"
@@ -116,9 +116,9 @@ def ablate(recipe_name: str, grids: list[str], variants: str | None, model: str 
         overrides: applied to every cell before the cell's own overrides.
         plugins: local plugin files the recipe, the overrides and the grids may name.
     """
+    from ..models import check_recipes, load_model, model_source
     from .ablations import paper_table
     from .bench import BenchModel
-    from .models import check_recipes, load_model, model_source
 
     console = console or Console()
     model_source(model)  # a bad --model is reported before anything runs

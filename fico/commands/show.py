@@ -109,9 +109,9 @@ def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 
     the reducing steps drawn and how many there were."""
     from PIL import Image
 
-    from . import apply
-    from .models import check_recipes, load_model
-    from .toy.data import TEST_SEEDS, example, prompt
+    from .. import apply
+    from ..models import check_recipes, load_model
+    from ..toy.data import TEST_SEEDS, example, prompt
 
     check_recipes([recipe], model)
     model_obj, processor = load_model(model, "float32", "sdpa")
