@@ -20,7 +20,7 @@ from ..registry import BUILTIN_PLUGINS, Registry
 from ..stages import Component
 from .explain import formulas, latex_to_text, summary
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "components"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "components"
 
 
 def builtin_components() -> list[type]:
