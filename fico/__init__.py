@@ -60,18 +60,19 @@ def apply(model, recipe: "Recipe | str", provenance: bool = False) -> "Reduction
     the vanilla model. On any error the model is left untouched.
 
     Args:
-        model: a ``transformers.LlavaForConditionalGeneration`` (CLIP + Llama).
+        model: a model of a supported family (``fico.adapters``), e.g. a
+            ``transformers.LlavaForConditionalGeneration`` (CLIP + Llama).
         recipe: a loaded recipe, or a bundled name / path to load with no overrides.
         provenance: record, at every step, which original tokens each surviving token
             absorbed and with what weight (``run.trace.steps[i].sources``).
     """
-    from .adapters import llava
+    from . import adapters
     from .loading import load_recipe
     from .recipe import Recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    return llava.apply(model, recipe, provenance=provenance)
+    return adapters.apply(model, recipe, provenance=provenance)
 
 
 __all__ = [

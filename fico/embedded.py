@@ -148,7 +148,10 @@ def example_image(seed: int = 0):
 
 def example_inputs(processor, prompts: list[str] | None = None, seeds: list[int] | None = None):
     """Processor outputs for ``prompts`` (one image each), left-padded as for generation."""
-    prompts = prompts or ["USER: <image> what is the color of the circle ? ASSISTANT:"]
+    if prompts is None:
+        from .adapters.families.llava import Llava
+
+        prompts = [Llava().prompt("what is the color of the circle ?")]
     seeds = seeds or list(range(len(prompts)))
     images = [example_image(s) for s in seeds]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)

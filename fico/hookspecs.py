@@ -34,7 +34,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class FicoSpec:
-    """Hooks a plugin may implement; each returns a list of component classes."""
+    """Hooks a plugin may implement; each returns a list of classes."""
 
     @hookspec
     def fico_filters(self) -> list[type]:
@@ -47,3 +47,8 @@ class FicoSpec:
     @hookspec
     def fico_compressors(self) -> list[type]:
         """Return :class:`fico.Compressor` subclasses to register by their ``name``."""
+
+    @hookspec
+    def fico_model_families(self) -> list[type]:
+        """Return :class:`fico.adapters.ModelFamily` subclasses: the model families fico can
+        apply recipes to (LLaVA-1.5 is registered this way too)."""

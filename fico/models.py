@@ -22,9 +22,6 @@ RUNNABLE = {
     "toy": "fico-toy, the trained LLaVA-architecture model (synthetic VQA)",
     "embedded": "a random tiny LLaVA-1.5-shaped model, built offline",
 }
-#: Checkpoint ``model_type`` -> the transformers class that loads it (one entry per family
-#: fico has an adapter for).
-CHECKPOINT_CLASSES = {"llava": "LlavaForConditionalGeneration"}
 
 #: Bytes per element of each dtype name (int8/int4 are weight/KV precisions for the cost model only).
 DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "float64": 8.0, "int8": 1.0, "int4": 0.5}
@@ -86,9 +83,10 @@ def model_source(which: str, names: dict[str, str] | None = None, label: str = "
             model_type = json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError) as error:
             raise ModelNotFoundError(f"{label} {which}: cannot read config.json: {error}") from error
-        if model_type not in CHECKPOINT_CLASSES:
+        classes = checkpoint_classes()
+        if model_type not in classes:
             raise ModelNotFoundError(f"{label} {which}: a {model_type!r} checkpoint; fico has adapters for "
-                                     f"{', '.join(sorted(CHECKPOINT_CLASSES))}")
+                                     f"{', '.join(sorted(classes))}")
         return str(path)
     close = difflib.get_close_matches(which, list(names), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -128,7 +126,14 @@ def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
 def checkpoint_class(directory: str | Path) -> str:
     """The transformers class name that loads the checkpoint in ``directory``, a directory
     :func:`model_source` returned (it has checked that the config reads and has an adapter)."""
-    return CHECKPOINT_CLASSES[json.loads((Path(directory) / "config.json").read_text())["model_type"]]
+    return checkpoint_classes()[json.loads((Path(directory) / "config.json").read_text())["model_type"]]
+
+
+def checkpoint_classes() -> dict[str, str]:
+    """Checkpoint ``model_type`` -> the transformers class that loads it, from every model family."""
+    from .adapters.family import default_families
+
+    return default_families().checkpoint_classes()
 
 
 def load_config(which: str):
@@ -152,7 +157,7 @@ def load_config(which: str):
 def check_recipes(recipes, which: str) -> None:
     """Check each recipe against the config of the model ``which`` before its weights load:
     a recipe that cannot run there fails in a second, not after minutes of loading."""
-    from .adapters.llava import check_recipe
+    from .adapters import check_recipe
 
     config = load_config(which)
     for recipe in recipes:

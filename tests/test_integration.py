@@ -92,7 +92,7 @@ def test_apply_twice_raises_and_keeps_the_first(tiny_model, single_inputs):
 
 
 def test_failed_apply_leaves_model_untouched(tiny_model, monkeypatch):
-    from fico.adapters import llava
+    from fico.adapters.families import llava
 
     model = tiny_model(dtype=torch.float32)
     before = snapshot(model)

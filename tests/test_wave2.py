@@ -187,7 +187,7 @@ def test_vision_side_generate_cache_equals_recompute(tiny_model, single_inputs, 
 
 
 def test_rebuild_placeholders_cuts_each_image_to_its_count():
-    from fico.adapters.llava import rebuild_placeholders
+    from fico.adapters.placeholders import rebuild_placeholders
 
     image, pad = 9, 0
     ids = torch.tensor([[pad, 1, 9, 9, 9, 9, 2], [1, 9, 9, 9, 9, 3, 2]])

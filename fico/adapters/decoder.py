@@ -17,8 +17,9 @@ of the shorter per-layer KV cache. Everything a forward needs across layers live
 :class:`LLMPass`, created at each prefill and used by the decode steps that follow it.
 
 The site knows no method: it builds a :class:`fico.TokenState` and runs the planned step.
-A family adapter hands it the decoder layers, the language model (final norm, rotary
-embedding) and the module whose forward starts a pass.
+A family hands it the decoder layers, the language model (final norm, rotary embedding),
+the module whose forward starts a pass and its position strategy
+(:mod:`fico.adapters.positions`); it imports no model code.
 """
 
 from __future__ import annotations
@@ -34,38 +35,15 @@ from ..errors import InputError, RecipeError
 from ..recipe.plan import PlannedStep, SitePlan, requested_removal
 from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
+from .attention import masked_logits, reduce_heads, softmax_heads
+from .forward import ForwardPasses
+from .hooks import hook, swap_forward
+from .positions import RotaryPositions
+from .steps import record_provenance
 
 #: signals the decoder sites give (see ``fico.signals``)
 LLM_SIGNALS = {"keys", "last_query_attention", "text_attention", "attention", "attention_logits", "attention_rows",
                "key_norms", "rope_gravity", "final_normed_hidden", "input_embeddings"}
-
-
-def hook(run: ReductionRun, handle) -> None:
-    run._undo.append(handle.remove)
-
-
-def softmax_heads(logits: Tensor, heads: str = "mean") -> Tensor:
-    """Softmax over the last axis, reduced over the head axis (1): ``mean``, ``max`` or ``sum``.
-
-    float32 softmax for half dtypes (as HF's eager attention), the model's dtype otherwise;
-    a fully masked row (left padding) attends to nothing, not NaN.
-    """
-    probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
-    return reduce_heads(torch.nan_to_num(probs, nan=0.0), heads)
-
-
-def reduce_heads(probs: Tensor, heads: str = "mean") -> Tensor:
-    """``(B, H, R, N)`` attention probabilities reduced over the head axis: ``mean``, ``max``,
-    ``sum``, or ``all`` (kept)."""
-    if heads == "all":
-        return probs
-    if heads == "mean":
-        return probs.mean(dim=1)
-    if heads == "max":
-        return probs.amax(dim=1)
-    if heads == "sum":
-        return probs.sum(dim=1)
-    raise ValueError(f"heads must be mean, max, sum or all, got {heads!r}")
 
 
 class DecoderAttention:
@@ -77,33 +55,31 @@ class DecoderAttention:
         queries: rows ``(B, R)`` -> ``(B, R, H * d)`` their q projection.
         position_embeddings: ``(cos, sin)`` ``(B, N, d)`` of the tokens present.
         mask: the layer's 4D mask over the tokens present, or None (plain causal).
+        positions: the family's position strategy (how cos/sin rotate a query or key).
         probabilities: ``(B, H, N, N)`` the layer's attention when it was formed whole
             (:func:`attention_with_probabilities`), or None.
     """
 
     def __init__(self, attn: nn.Module, keys: Tensor, queries: Callable[[Tensor], Tensor],
-                 position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None,
+                 position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None, positions: RotaryPositions,
                  probabilities: Tensor | None = None):
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        self.attn, self.mask, self._queries, self._rotate = attn, mask, queries, rotate_half
+        self.attn, self.mask, self._queries, self.positions = attn, mask, queries, positions
         self.probabilities = probabilities
         self.cos, self.sin = position_embeddings
         b, n, _ = keys.shape
         self.batch, self.tokens = b, n
         heads = keys.view(b, n, -1, attn.head_dim).transpose(1, 2)
-        self.keys = heads * self.cos.unsqueeze(1) + rotate_half(heads) * self.sin.unsqueeze(1)  # (B, H_kv, N, d)
+        self.keys = positions.rotate(heads, self.cos.unsqueeze(1), self.sin.unsqueeze(1))  # (B, H_kv, N, d)
 
     def logits(self, rows: Tensor) -> Tensor:
         """``(B, H, R, N)`` scaled pre-softmax logits of query rows ``rows`` (no mask)."""
-        from transformers.models.llama.modeling_llama import repeat_kv
-
         b, r = rows.shape
         queries = self._queries(rows).view(b, r, -1, self.attn.head_dim).transpose(1, 2)
         cos = gather_tokens(self.cos.expand(b, -1, -1), rows).unsqueeze(1)
         sin = gather_tokens(self.sin.expand(b, -1, -1), rows).unsqueeze(1)
-        queries = queries * cos + self._rotate(queries) * sin
-        return (queries @ repeat_kv(self.keys, self.attn.num_key_value_groups).transpose(-1, -2)) * self.attn.scaling
+        queries = self.positions.rotate(queries, cos, sin)
+        keys = self.positions.repeat_kv(self.keys, self.attn.num_key_value_groups)
+        return (queries @ keys.transpose(-1, -2)) * self.attn.scaling
 
     def masked(self, logits: Tensor, rows: Tensor) -> Tensor:
         """``logits`` of ``rows`` with the layer's mask (causal, padding) applied."""
@@ -124,7 +100,7 @@ class DecoderAttention:
         :math:`G_{mn} = \frac{2}{\sqrt d} \sum_i \cos((p_m - p_n)\theta_i)` (SparseVLM v2's
         "gravity"): the scaled dot product of the rotated ones vectors."""
         ones = torch.ones_like(self.cos)
-        rotated = ones * self.cos + self._rotate(ones) * self.sin  # (B, N, d)
+        rotated = self.positions.rotate(ones, self.cos, self.sin)  # (B, N, d)
         return (gather_tokens(rotated, rows) @ rotated.transpose(1, 2)) * self.attn.scaling
 
     def key_norms(self) -> Tensor:
@@ -133,20 +109,9 @@ class DecoderAttention:
         return self.keys.abs().sum(dim=(1, 3)) * self.attn.num_key_value_groups
 
 
-def masked_logits(logits: Tensor, rows: Tensor, mask: Tensor | None) -> Tensor:
-    """``(B, H, R, N)`` logits of query rows ``rows`` with a layer's 4D mask (bool: True
-    attends; float: added) applied, or plain causal masking where ``mask`` is None."""
-    b = rows.shape[0]
-    if mask is None:
-        allowed = torch.arange(logits.shape[-1], device=rows.device)[None, None, :] <= rows[:, :, None]
-        return logits.masked_fill(~allowed[:, None], float("-inf"))
-    mask = mask.expand(b, -1, -1, -1)
-    mask_rows = torch.gather(mask, 2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
-    return logits.masked_fill(~mask_rows, float("-inf")) if mask_rows.dtype == torch.bool else logits + mask_rows
-
-
 def attention_with_probabilities(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                                 mask: Tensor | None, cache=None, **kwargs) -> tuple[Tensor, Tensor]:
+                                 mask: Tensor | None, positions: RotaryPositions, cache=None,
+                                 **kwargs) -> tuple[Tensor, Tensor]:
     r"""A Llama attention module's prefill forward, formed explicitly: its output and its
     ``(B, H, N, N)`` probabilities :math:`\mathrm{softmax}(QK^\top / \sqrt d + M)`.
 
@@ -157,23 +122,21 @@ def attention_with_probabilities(attn: nn.Module, hidden: Tensor, position_embed
     softmax is float32 for half dtypes and the model's dtype otherwise; a fully masked row
     (left padding) attends to nothing.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
     b, n, _ = hidden.shape
     shape = (b, n, -1, attn.head_dim)
     queries, keys, values = (proj(hidden).view(shape).transpose(1, 2)
                              for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     cos, sin = position_embeddings
-    queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
+    queries, keys = positions.apply_rotary_pos_emb(queries, keys, cos, sin)
     if cache is not None:
         keys, values = cache.update(keys, values, attn.layer_idx, kwargs=kwargs)
     groups = attn.num_key_value_groups
-    logits = (queries @ repeat_kv(keys, groups).transpose(-1, -2)) * attn.scaling
+    logits = (queries @ positions.repeat_kv(keys, groups).transpose(-1, -2)) * attn.scaling
     rows = torch.arange(n, device=hidden.device).expand(b, n)
     logits = masked_logits(logits, rows, mask)
     probabilities = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
     probabilities = torch.nan_to_num(probabilities, nan=0.0)
-    out = (probabilities.to(values.dtype) @ repeat_kv(values, groups)).transpose(1, 2).reshape(b, n, -1)
+    out = (probabilities.to(values.dtype) @ positions.repeat_kv(values, groups)).transpose(1, 2).reshape(b, n, -1)
     return attn.o_proj(out), probabilities
 
 
@@ -228,16 +191,6 @@ def attention_signals(names: set[str], source: DecoderAttention, last_row: Tenso
     return out
 
 
-def record_provenance(record: StepRecord, before: Tensor, after: Tensor, sources: Tensor) -> None:
-    """Store a step's provenance on its record (on the CPU)."""
-    gone = ~torch.isin(before, after) if before.shape[0] == 1 else torch.stack(
-        [~torch.isin(b, a) for b, a in zip(before, after)])
-    record.sources = sources.detach().float().cpu()
-    record.positions_in = before.detach().cpu()
-    record.positions_out = after.detach().cpu()
-    record.discarded = [row[mask].tolist() for row, mask in zip(before.cpu(), gone.cpu())]
-
-
 @dataclass
 class LLMPass:
     """Token bookkeeping of one prefill and the decode steps that follow it.
@@ -271,11 +224,6 @@ class LLMPass:
     visual_count: int | None = None  # visual tokens present (first sample), for the trace
 
 
-@functools.cache
-def _mid_layer_class(base: type) -> type:
-    return type(f"Fico{base.__name__}", (base,), {"forward": _decoder_layer_forward, "__module__": __name__})
-
-
 def _decoder_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
                            position_ids: Tensor | None = None, cache=None, use_cache: bool | None = False,
                            position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs) -> Tensor:
@@ -285,7 +233,8 @@ def _decoder_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor |
     site, layer = self._fico_site, self._fico_layer
     if site.forms_attention(layer, hidden_states):
         hidden_states, probabilities = attention_with_probabilities(self.self_attn, hidden_states,
-                                                                    position_embeddings, attention_mask, cache)
+                                                                    position_embeddings, attention_mask,
+                                                                    site.positions, cache)
         site.keep_attention(layer, probabilities, position_embeddings, attention_mask)
     else:
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
@@ -307,17 +256,18 @@ class LLMSite:
             and runs the language model (LLaVA's ``LlavaModel``).
         language_model: the decoder (``layers``, ``norm``, ``rotary_emb``).
         visual_token_id: the placeholder id whose positions hold visual tokens.
-        image_patches: a function giving the grid cell of every visual token of the batch
-            (flattened in order) as the vision side left them, or None.
+        passes: the forward passes of this run; the vision side leaves the grid cell of every
+            visual token of the batch (flattened in order) on the pass in flight.
         tokens_per_image, grid: the unreduced visual tokens of one image and their grid.
+        positions: the family's position strategy.
     """
 
     def __init__(self, run: ReductionRun, plan: SitePlan, outer: nn.Module, language_model: nn.Module,
-                 visual_token_id: int, image_patches: Callable[[], Tensor | None], tokens_per_image: int,
-                 grid: tuple[int, int]):
+                 visual_token_id: int, passes: ForwardPasses, tokens_per_image: int, grid: tuple[int, int],
+                 positions: RotaryPositions):
         self.run, self.plan, self.outer, self.lm = run, plan, outer, language_model
         self.layers = language_model.layers
-        self.visual_token_id, self.image_patches = visual_token_id, image_patches
+        self.visual_token_id, self.passes, self.positions = visual_token_id, passes, positions
         self.tokens_per_image, self.grid = tokens_per_image, grid
         self.current: LLMPass | None = None
         # which layers' q/k to capture: the previous layer's for input steps (FastV's slot),
@@ -353,17 +303,11 @@ class LLMSite:
             hook(run, attn.register_forward_pre_hook(functools.partial(self._attention_input, index),
                                                      with_kwargs=True))
         for index in self.plan.mid_steps:
-            layer = self.layers[index]
-            original = type(layer)
-            layer.__class__ = _mid_layer_class(original)
-            run._undo.append(functools.partial(setattr, layer, "__class__", original))
-            for name, value in (("_fico_site", self), ("_fico_layer", index)):
-                object.__setattr__(layer, name, value)
-                run._undo.append(functools.partial(layer.__dict__.pop, name, None))
+            swap_forward(run, self.layers[index], _decoder_layer_forward, _fico_site=self, _fico_layer=index)
 
     # -- forward boundaries
     def _begin_forward(self, module, args, kwargs):
-        self.run._in_llava_forward = True
+        self.passes.ensure().inside_model = True
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = cache is None or cache.get_seq_length() == 0
         if not prefill:
@@ -388,8 +332,7 @@ class LLMSite:
         return None
 
     def _end_forward(self, module, args, output):
-        self.run._in_llava_forward = False
-        self.run.image_patches = None
+        self.passes.end()
         if self.current is not None:
             self.current.captured.clear()
             self.current.input_hidden = None
@@ -411,7 +354,7 @@ class LLMSite:
         """Grid cell of every visual token: from the vision side's kept positions if it
         reduced, else the token's rank within its image."""
         visual = lp.visual
-        patches = self.image_patches()
+        patches = self.passes.current.image_patches if self.passes.current is not None else None
         patch = torch.full_like(visual, -1, dtype=torch.long)
         if visual.is_meta:
             return patch
@@ -487,7 +430,7 @@ class LLMSite:
         q = capture.get("q")
         return DecoderAttention(self.layers[layer].self_attn, capture["k"],
                                 (lambda rows: gather_tokens(q, rows)) if q is not None else None,
-                                capture["position_embeddings"], capture["attention_mask"],
+                                capture["position_embeddings"], capture["attention_mask"], self.positions,
                                 capture.get("probabilities"))
 
     def _input_source(self, layer: int, planned: PlannedStep, lp: LLMPass, hidden: Tensor
@@ -505,7 +448,7 @@ class LLMSite:
         cos_sin = lp.position_embeddings or lp.full_position_embeddings
         mask = lp.attention_mask if lp.keep is not None else lp.full_attention_mask
         return DecoderAttention(attn, attn.k_proj(normed), lambda rows: attn.q_proj(gather_tokens(normed, rows)),
-                                cos_sin, mask)
+                                cos_sin, mask, self.positions)
 
     def _signals(self, names: set[str], source: DecoderAttention | None, lp: LLMPass, keep: Tensor,
                  hidden: Tensor, text: Tensor, first_visual: Tensor) -> dict:
@@ -603,7 +546,7 @@ class LLMSite:
             if position_ids is None:
                 raise InputError("fico: renumbered positions need position_ids in decode steps (generate passes them)")
             hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids - shift)
+            kwargs["position_embeddings"] = self.positions.embeddings(self.lm, hidden, position_ids - shift)
             changed = True
         mask = kwargs.get("attention_mask")
         if mask is not None:

@@ -91,8 +91,10 @@ def fidelity_logprobs(bm, recipe, images: int) -> torch.Tensor:
 
     from .. import apply, embedded
 
+    from ..adapters import family_of
+
     question = "what is the color of the circle ?" if bm.name == "embedded" else "Describe the image."
-    text = f"USER: <image> {question} ASSISTANT:" if bm.name == "embedded" else f"USER: <image>\n{question} ASSISTANT:"
+    text = family_of(bm.model).prompt(question, 1, bm.processor)
     instruction = recipe.instruction_inputs([question]) if recipe is not None else {}
     rows = []
     with apply(bm.model, recipe) if recipe is not None else nullcontext():

@@ -53,7 +53,8 @@ def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", dev
     """``shaped`` (LLaVA-1.5's layer and token counts at reduced widths, random weights), or
     any model ``fico run`` takes: ``toy`` (the trained fico-toy), ``embedded``, a local
     checkpoint directory."""
-    from ..toy.data import example, prompt
+    from ..adapters import family_of
+    from ..toy.data import example
 
     which = model_source(which, BENCH_MODELS)
     if which in ("shaped", "shaped-7b"):
@@ -69,7 +70,7 @@ def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", dev
     model = model.to(device)
     ex = example(10_000_000)
     question = ex.questions[0].text if which == "toy" else BenchModel.instruction
-    text = prompt(question) if which == "toy" else f"USER: <image>\n{question} ASSISTANT:"
+    text = family_of(model).prompt(question, 1, processor)
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype(dtype))
     return BenchModel(which, model, processor, {k: v.to(device) for k, v in inputs.items()}, question)

@@ -375,29 +375,27 @@ def _runs(values: list[int]) -> str:
     return ", ".join(out)
 
 
-def _questions(args):
-    """(images, prompts, questions, true answers or None) for the run."""
+def _questions(args, family, processor):
+    """(images, prompts, questions, true answers or None) for the run, prompts in the format of
+    the model's ``family``."""
     from PIL import Image
 
     from .. import embedded
-    from ..toy.data import TEST_SEEDS, example, prompt
+    from ..toy.data import TEST_SEEDS, example
 
     if args.model == "toy" and not args.image:
         ex = example(TEST_SEEDS.start + args.seed)
         if args.prompt:
-            return [ex.image], [prompt(args.prompt)], [args.prompt], None
-        return ([ex.image] * len(ex.questions), [prompt(q.text) for q in ex.questions], [q.text for q in ex.questions],
-                [q.answer for q in ex.questions])
+            return [ex.image], [family.prompt(args.prompt, 1, processor)], [args.prompt], None
+        return ([ex.image] * len(ex.questions), [family.prompt(q.text, 1, processor) for q in ex.questions],
+                [q.text for q in ex.questions], [q.answer for q in ex.questions])
     image = Image.open(args.image).convert("RGB") if args.image else embedded.example_image(args.seed)
     if args.prompt:
         question = args.prompt
-        text = args.prompt if "<image>" in args.prompt else f"USER: <image>\n{args.prompt} ASSISTANT:"
-    elif args.model == "embedded":
-        question = "what is the color of the circle ?"
-        text = f"USER: <image> {question} ASSISTANT:"
+        text = args.prompt if "<image>" in args.prompt else family.prompt(args.prompt, 1, processor)
     else:
-        question = "Describe the image."
-        text = f"USER: <image>\n{question} ASSISTANT:"
+        question = "what is the color of the circle ?" if args.model == "embedded" else "Describe the image."
+        text = family.prompt(question, 1, processor)
     return [image], [text], [question], None
 
 
@@ -407,6 +405,7 @@ def run_recipe(args, console: Console) -> int:
     import torch
 
     from .. import apply
+    from ..adapters import family_of
     from ..cost.model import TokenCounts, model_spec, prefill_cost, recipe_cost
     from ..loading import load_recipe
     from ..models import check_recipes, load_model, torch_dtype
@@ -421,7 +420,7 @@ def run_recipe(args, console: Console) -> int:
     dtype = torch_dtype(args.dtype)
     check_recipes([recipe], args.model)  # before minutes of loading weights
     model, processor = load_model(args.model, args.dtype, args.attn)
-    images, prompts, questions, truths = _questions(args)
+    images, prompts, questions, truths = _questions(args, family_of(model), processor)
     max_new = args.max_new_tokens or {"toy": 1, "embedded": 3}.get(args.model, 8)
 
     def encode(pictures, texts):

@@ -110,17 +110,19 @@ def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 
     from PIL import Image
 
     from .. import apply
+    from ..adapters import family_of
     from ..models import check_recipes, load_model
-    from ..toy.data import TEST_SEEDS, example, prompt
+    from ..toy.data import TEST_SEEDS, example
 
     check_recipes([recipe], model)
     model_obj, processor = load_model(model, "float32", "sdpa")
     if image_path:
         image = Image.open(image_path).convert("RGB").resize((336, 336))
-        text = "USER: <image> what digit is written ? ASSISTANT:" if model == "toy" else "USER: <image>\nDescribe. ASSISTANT:"
+        question = "what digit is written ?" if model == "toy" else "Describe."
     else:
         ex = example(TEST_SEEDS.start + seed)
-        image, text = ex.image, prompt(ex.questions[0].text)
+        image, question = ex.image, ex.questions[0].text
+    text = family_of(model_obj).prompt(question, 1, processor)
     inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
     with torch.inference_mode(), apply(model_obj, recipe, provenance=True) as run:
         model_obj(**inputs, logits_to_keep=1)

@@ -3,8 +3,8 @@
     lmms-eval --model fico --model_args pretrained=toy|embedded|DIR,recipe=NAME,overrides="k=2;ratio=0.5" ...
 
 The class knows no model family: it loads what :func:`fico.models.load_model` loads, builds
-prompts with the processor's chat template (or LLaVA-1.5's ``USER: <image> ... ASSISTANT:``
-where the processor has none, as the toy) and lets :func:`fico.apply` find the sites. The
+prompts with the family's prompt builder (the processor's chat template, or the family's own
+format where the processor has none, as the toy's) and lets :func:`fico.apply` find the sites. The
 recipe is loaded and validated in ``__init__``, before lmms-eval reads any data, so a bad
 recipe is a :class:`fico.RecipeError`; errors during evaluation propagate (lmms-eval's own
 LLaVA backend turns a failed ``generate()`` into an empty answer, which hides them).
@@ -31,13 +31,13 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from .. import apply, load_recipe
+from ..adapters import family_of
 from ..cost.model import TokenCounts, model_spec, prefill_cost
 from ..errors import InputError
 from ..models import load_model, parse_dtype
 from .lmms import split_overrides_arg
 
 #: the prompt where the processor has no chat template (LLaVA-1.5's, which the toy was trained on)
-FALLBACK_PROMPT = "USER: {images}{context} ASSISTANT:"
 
 
 class FicoLMM(lmms):
@@ -135,12 +135,7 @@ class FicoLMM(lmms):
         token = getattr(self.processor, "image_token", "<image>")
         if self.prompt is not None:
             return self.prompt.format(context=context, images=f"{token} " * images)
-        template = getattr(self.processor, "chat_template", None)
-        if template:
-            content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": context}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True)
-        return FALLBACK_PROMPT.format(context=context, images=f"{token} " * images)
+        return family_of(self.model).prompt(context, images, self.processor)
 
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []

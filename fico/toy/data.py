@@ -168,4 +168,8 @@ def pixel_values(images: list[Image.Image]) -> np.ndarray:
 
 
 def prompt(question: str) -> str:
-    return f"USER: <image> {question} ASSISTANT:"
+    """The toy's prompt for ``question``: LLaVA-1.5's format, which its processor (no chat
+    template) is trained on."""
+    from ..adapters.families.llava import Llava
+
+    return Llava().prompt(question)

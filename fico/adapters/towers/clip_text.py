@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import RecipeError
+from ...errors import RecipeError
 
 
 class ClipTextTower(nn.Module):
@@ -76,3 +76,29 @@ def instruction_similarity(image: Tensor, text: Tensor) -> Tensor:
     r"""``(N,)`` mean cosine similarity of each unit image embedding ``image`` ``(N, P)`` to the
     instruction's unit segment embeddings ``text`` ``(M, P)``: :math:`\bar s_i = \frac1M \sum_m e^v_i \cdot e^t_m`."""
     return (image @ text.T).mean(-1)
+
+
+def text_tower_for(recipe, step, device: torch.device, model_dtype: torch.dtype, vision_width: int) -> ClipTextTower:
+    """The text tower ``step`` names (``text_encoder:``) for a vision tower ``vision_width`` wide,
+    loaded once per recipe, device and dtype (float64 models get a float64 tower, others float32)."""
+    key = f"{recipe.source}: {step.where}.text_encoder"
+    dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
+    cache = (step.text_encoder, str(device), dtype)
+    if cache not in recipe.auxiliary:
+        tower = ClipTextTower.load(step.text_encoder, device, dtype, key)
+        if tower.visual_projection.in_features != vision_width:
+            raise RecipeError(f"{key}: {step.text_encoder!r} projects {tower.visual_projection.in_features}-wide "
+                              f"vision states; this model's vision tower is {vision_width} wide (a different CLIP?)")
+        recipe.auxiliary[cache] = tower
+    return recipe.auxiliary[cache]
+
+
+def instruction_signals(tower: ClipTextTower, post_layernorm: nn.Module, tokens: Tensor,
+                        instructions: list[str]) -> dict[str, Tensor]:
+    """``instruction_similarity`` of the feature-layer states ``tokens`` ``(B, N, C)`` of images
+    whose instructions are ``instructions``: CLIP's image side is the vision tower's
+    ``post_layernorm`` (which LLaVA itself leaves unused) and CLIP's visual projection."""
+    image = tower.image_embeddings(post_layernorm(tokens))
+    texts = {text: tower.text_embeddings(text) for text in dict.fromkeys(instructions)}
+    return {"instruction_similarity": torch.stack([instruction_similarity(image[i], texts[text])
+                                                   for i, text in enumerate(instructions)])}

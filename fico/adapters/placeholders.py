@@ -1,0 +1,69 @@
+"""The image placeholders in ``input_ids``: rebuilt to each image's own feature count when a
+recipe changes it, and the caller's prompt given back in ``generate``'s output."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def padding_token_id(config) -> int:
+    """The id written into the slots a rebuilt row gains as padding. Those slots are masked,
+    so any id in the vocabulary does; the text config's ``pad_token_id`` (a field every text
+    config class declares, possibly None) where set, else 0. The top-level config has no
+    ``pad_token_id`` when built as ``LlavaConfig(text_config=...)``, so it is never read."""
+    pad = getattr(config.get_text_config(), "pad_token_id", None)
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
+
+
+def rebuild_placeholders(call: dict, counts: list[int], image_token_id: int, per_image: int, pad_id: int) -> dict:
+    """``call`` with image i's run of ``per_image`` placeholders made ``counts[i]`` tokens long
+    (cut, or extended at its end where a method emits more features than patches, such as
+    PruMerge's extra token when it discards nothing); images in the order the model fills
+    them (by sample, then left to right), rows padded back to one length on the side the
+    batch was padded (left unless it is right-padded)."""
+    ids = call["input_ids"]
+    b, length = ids.shape
+    placeholder = ids == image_token_id
+    image_of = ((placeholder.reshape(-1).long().cumsum(0) - 1).reshape(b, length) // per_image).clamp(0, len(counts) - 1)
+    rank = (placeholder.long().cumsum(1) - 1) % per_image
+    count = torch.tensor(counts, device=ids.device, dtype=torch.long)[image_of]
+    # how many times each position appears in the rebuilt row
+    repeats = torch.where(placeholder, (rank < count).long(), 1)
+    last = placeholder & (rank == per_image - 1)
+    repeats = repeats + torch.where(last, (count - per_image).clamp_min(0), 0)
+    if bool((repeats == 1).all()):
+        return call
+    lengths = repeats.sum(1)
+    width = int(lengths.max())
+    mask = call.get("attention_mask")
+    right = mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
+    offset = torch.zeros_like(lengths) if right else width - lengths
+    sources = [torch.repeat_interleave(torch.arange(length, device=ids.device), repeats[row]) for row in range(b)]
+    new = dict(call)
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100), ("token_type_ids", 0)):
+        value = call.get(key)
+        if value is None or value.dim() != 2 or value.shape != ids.shape:
+            continue
+        out = value.new_full((b, width), fill)
+        for row, source in enumerate(sources):
+            start = int(offset[row])
+            out[row, start:start + len(source)] = value[row, source]
+        new[key] = out
+    if mask is None and bool((lengths != width).any()):
+        new["attention_mask"] = (torch.arange(width, device=ids.device)[None] >= offset[:, None]) if not right else \
+            (torch.arange(width, device=ids.device)[None] < lengths[:, None])
+        new["attention_mask"] = new["attention_mask"].long()
+    return new
+
+
+def restore_prompt(out, original_ids: Tensor, shrunk_length: int):
+    """Give generate's output the caller's original prompt, so slicing by its length works."""
+    def fix(sequences: Tensor) -> Tensor:
+        return torch.cat([original_ids.to(sequences.device), sequences[:, shrunk_length:]], dim=1)
+
+    if isinstance(out, Tensor):
+        return fix(out)
+    if hasattr(out, "sequences"):
+        out.sequences = fix(out.sequences)
+    return out

@@ -1,0 +1,67 @@
+"""Running a planned step where a site has built its :class:`fico.TokenState`, and recording it
+on the run's trace (with provenance where the run keeps it)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError, RecipeError
+from ..recipe.plan import PlannedStep
+from ..run import ReductionRun, StepRecord, run_step
+from ..state import TokenState
+
+
+def run_point_step(run: ReductionRun, planned: PlannedStep, state: TokenState) -> list[TokenState]:
+    """Run a ``vision_output`` or ``pre_llm`` step on ``state`` (a batch of images): batched, or
+    image by image where the filter chooses the count from the image (``keep: adaptive``)."""
+    step = planned.step
+    site = step.site
+    if planned.remove is not None:
+        new, seconds = run_step(planned, state, planned.remove, run.sync_stage_timing)
+        _record(run, site, state, new, planned.remove, seconds)
+        return [new]
+    results = []
+    for index in range(state.hidden.shape[0]):
+        one = select_image(state, index)
+        if one.hidden.is_meta:
+            raise InputError(f"fico: {step.where} chooses its count from the image; it cannot run on the "
+                             f"meta device")
+        keep = step.filter.adaptive_keep(one)
+        remove = int(one.candidate.sum()) - keep
+        if keep < 0 or remove < 0:
+            raise RecipeError(f"{run.recipe.source}: {step.where}: the filter {step.filter.name!r} "
+                              f"chose to keep {keep} of {int(one.candidate.sum())} candidates")
+        new, seconds = run_step(planned, one, remove, run.sync_stage_timing)
+        _record(run, site, one, new, remove, seconds)
+        results.append(new)
+    return results
+
+
+def _record(run: ReductionRun, site: str, state: TokenState, new: TokenState, remove: int, seconds: float) -> None:
+    record = StepRecord(site, 0, state.num_tokens, new.num_tokens, remove, seconds)
+    if new.sources is not None:
+        record_provenance(record, state.positions, new.positions, new.sources)
+    run.trace.steps.append(record)
+
+
+def record_provenance(record: StepRecord, before: Tensor, after: Tensor, sources: Tensor) -> None:
+    """Store a step's provenance on its record (on the CPU)."""
+    gone = ~torch.isin(before, after) if before.shape[0] == 1 else torch.stack(
+        [~torch.isin(b, a) for b, a in zip(before, after)])
+    record.sources = sources.detach().float().cpu()
+    record.positions_in = before.detach().cpu()
+    record.positions_out = after.detach().cpu()
+    record.discarded = [row[mask].tolist() for row, mask in zip(before.cpu(), gone.cpu())]
+
+
+def select_image(state: TokenState, index: int) -> TokenState:
+    """Image ``index`` of a batched state, as a batch of one."""
+    pick = lambda t: None if t is None else t[index:index + 1]
+    return replace(state, hidden=pick(state.hidden), positions=pick(state.positions), candidate=pick(state.candidate),
+                   visual=pick(state.visual), text=pick(state.text), patch=pick(state.patch),
+                   sources=pick(state.sources), size=pick(state.size),
+                   signals={k: v[index:index + 1] if torch.is_tensor(v) else v for k, v in state.signals.items()},
+                   extras={k: v[index:index + 1] for k, v in state.extras.items()})
