@@ -14,6 +14,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from .layout import grid_layout
+
 
 @dataclass
 class TokenState:
@@ -32,6 +34,10 @@ class TokenState:
         patch: ``(B, N)`` long, the token's cell on the image's patch grid (row-major),
             -1 for tokens that are not patches ([CLS], text, fused tokens).
         grid: ``(rows, cols)`` of the patch grid (24 x 24 for LLaVA-1.5).
+        layout: ``(B, N, 4)`` long, each token's place ``(image, part, row, column)``
+            (:mod:`fico.layout`), -1 throughout for tokens with no cell. Built from
+            ``patch`` and ``grid`` (one image, one part) where a site gives none.
+        grids: ``(rows, cols)`` of each part's grid, by part (``(grid,)`` by default).
         sources: ``(B, N, N0)`` provenance, when the run tracks it: the weight of each
             original token in each token present (a row of the identity at first).
             Compressors need not handle it: it travels with the hidden states.
@@ -59,6 +65,14 @@ class TokenState:
     extras: dict[str, Tensor] = field(default_factory=dict)
     site: str = "vision"
     layer: int = 0
+    layout: Tensor | None = None
+    grids: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        if self.layout is None and self.patch is not None and self.grid is not None:
+            self.layout = grid_layout(self.patch, self.grid)
+        if self.grids is None and self.grid is not None:
+            self.grids = (tuple(self.grid),)
 
     @property
     def protected(self) -> Tensor:
@@ -92,6 +106,7 @@ class TokenState:
             visual=gather_tokens(self.visual, index),
             text=None if self.text is None else gather_tokens(self.text, index),
             patch=None if self.patch is None else gather_tokens(self.patch, index),
+            layout=None if self.layout is None else gather_tokens(self.layout, index),
             sources=None if self.sources is None else gather_tokens(self.sources, index),
             size=None if self.size is None else gather_tokens(self.size, index),
             extras={k: gather_tokens(v, index) for k, v in self.extras.items()},
@@ -111,6 +126,8 @@ class TokenState:
             visual=torch.cat([self.visual, self.visual.new_ones(b, k)], dim=1),
             text=None if self.text is None else torch.cat([self.text, self.text.new_zeros(b, k)], dim=1),
             patch=None if self.patch is None else torch.cat([self.patch, self.patch.new_full((b, k), -1)], dim=1),
+            layout=None if self.layout is None else torch.cat(
+                [self.layout, self.layout.new_full((b, k, self.layout.shape[-1]), -1)], dim=1),
             sources=None if self.sources is None else torch.cat(
                 [self.sources, self.sources.new_zeros(b, k, self.sources.shape[-1])], dim=1),
             size=None if self.size is None else torch.cat([self.size, size], dim=1),

@@ -62,6 +62,6 @@ def select_image(state: TokenState, index: int) -> TokenState:
     pick = lambda t: None if t is None else t[index:index + 1]
     return replace(state, hidden=pick(state.hidden), positions=pick(state.positions), candidate=pick(state.candidate),
                    visual=pick(state.visual), text=pick(state.text), patch=pick(state.patch),
-                   sources=pick(state.sources), size=pick(state.size),
+                   layout=pick(state.layout), sources=pick(state.sources), size=pick(state.size),
                    signals={k: v[index:index + 1] if torch.is_tensor(v) else v for k, v in state.signals.items()},
                    extras={k: v[index:index + 1] for k, v in state.extras.items()})

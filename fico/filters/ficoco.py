@@ -10,7 +10,7 @@ from ..hookspecs import hookimpl
 from ..selection import mask_scores, split_by_scores
 from ..stages import Filter, Split
 from ..state import TokenState
-from .local_penalty import local_penalty
+from .local_penalty import penalise_windows
 
 VISION_AWARE = ("received", "given")
 SCORES = ("softmax", "logits")
@@ -61,8 +61,8 @@ class _RedundancyFilter(Filter):
 
     def split(self, state: TokenState, r: int) -> Split:
         scores = mask_scores(self.redundancy(state), state.candidate)
-        if state.patch is not None and state.grid is not None:
-            scores = local_penalty(scores, state.patch, state.grid, self.window, self.c)
+        if state.layout is not None and state.grids is not None:
+            scores = penalise_windows(scores, state.layout, state.grids, self.window, self.c)
         return split_by_scores(scores, r, targets=state.candidate)
 
 
@@ -74,7 +74,7 @@ class FiCoCoV(_RedundancyFilter):
     .. math::  s_i = \lambda\, \frac{1}{N}\sum_{q \in V} A_{qi} \;-\; (1-\lambda)\, A_{\mathrm{cls},i}
 
     (vision-aware redundancy minus semantic-aware redundancy; higher = more redundant),
-    then the local penalty (:func:`fico.filters.local_penalty.local_penalty`): in each
+    then the local penalty (:func:`fico.filters.local_penalty.penalise_windows`): in each
     non-overlapping w x w window W of the patch grid, the highest score is raised,
 
     .. math::  \tilde s_i = \begin{cases} c\, s_i & i = i^*_W,\ s_i > 0 \\ s_i / c & i = i^*_W,\ s_i \le 0 \\
