@@ -32,6 +32,18 @@ def test_cost_doc_example_runs():
         exec(compile(block, "docs/cost.md", "exec"), {})
 
 
+def test_architecture_doc_family_example_registers_a_family():
+    from fico.adapters.family import FamilyRegistry
+
+    text = (DOC.parent / "architecture.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    namespace = {}
+    exec(compile(block, "docs/architecture.md", "exec"), namespace)
+    registry = FamilyRegistry()
+    registry.register(type("Plugin", (), {"fico_model_families": staticmethod(namespace["fico_model_families"])}))
+    assert "My-VLM" in [family.name for family in registry.families]
+
+
 ROOT = DOC.parent.parent
 
 

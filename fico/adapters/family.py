@@ -65,9 +65,10 @@ class ModelFamily:
 
     def check_recipe(self, recipe: Recipe, config, runs: bool = True) -> RecipePlan:
         """Every check of ``recipe`` that needs only the config; returns the plan. Families add
-        their own checks around :func:`check_declared`."""
+        their own checks around these (sites and options, the plan, signals)."""
+        check_sites_and_options(recipe, self)
         plan = plan_recipe(recipe, self.planning_geometry(config))
-        check_declared(recipe, plan, self)
+        check_signals(recipe, plan, self)
         return plan
 
     def attach(self, run: ReductionRun, model, plan: RecipePlan) -> None:
@@ -80,8 +81,8 @@ class ModelFamily:
         raise NotImplementedError
 
 
-def check_declared(recipe: Recipe, plan: RecipePlan, family: ModelFamily) -> None:
-    """Each step at a site the family offers, with options it supports and signals its site gives."""
+def check_sites_and_options(recipe: Recipe, family: ModelFamily) -> None:
+    """Each step at a site the family offers, with options it supports."""
     for step in recipe.steps:
         if step.site not in family.site_signals:
             raise RecipeError(f"{recipe.source}: {step.where}.site: {family.name} has no {step.site} site; it offers "
@@ -89,6 +90,10 @@ def check_declared(recipe: Recipe, plan: RecipePlan, family: ModelFamily) -> Non
         for option, unused in FAMILY_OPTIONS.items():
             if getattr(step, option) != unused and option not in family.options:
                 raise RecipeError(f"{recipe.source}: {step.where}.{option}: {family.name} does not offer this option")
+
+
+def check_signals(recipe: Recipe, plan: RecipePlan, family: ModelFamily) -> None:
+    """Each planned step reads only signals its site gives on this family."""
     planned = [*plan.vision.all_steps(), plan.vision_output, plan.pre_llm, *plan.llm.all_steps()]
     for p in planned:
         if p is None:

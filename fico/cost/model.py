@@ -136,9 +136,9 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
         return spec_from_config(build_config(), "toy")
     path = Path(key)
     if (path / "config.json").is_file():
-        from transformers import LlavaConfig
+        from transformers import AutoConfig
 
-        return spec_from_config(LlavaConfig.from_pretrained(path, local_files_only=True), key)
+        return spec_from_config(AutoConfig.from_pretrained(path, local_files_only=True), key)
     from ..models import model_source
 
     names = {**{name: "published architecture" for name in BUILTIN_SPECS}, "embedded": "fico's random tiny model",

@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from ..errors import RecipeError
 from .schema import Recipe, Step, knobs_in
 
-#: sites that act at one point of the forward pass, not at layers
-POINT_SITES = ("vision_output", "pre_llm")
-
 
 @dataclass(frozen=True)
 class Geometry:
-    """What planning needs to know of a LLaVA model (from its config or its modules)."""
+    """What planning needs to know of a model: its layer and token counts, from its config (a
+    family's ``planning_geometry``)."""
 
     vision_layers: int
     vision_tokens: int  # [CLS] + patches
