@@ -30,6 +30,10 @@ class StepRecord:
     positions_in: object = None
     positions_out: object = None
     discarded: object = None
+    #: with provenance: the layout (B, tokens_in, 4) of the tokens entering the step
+    #: (``fico.layout``: image, part, row, column) and each part's grid
+    layout_in: object = None
+    grids: object = None
 
 
 @dataclass

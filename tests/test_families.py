@@ -101,3 +101,10 @@ def test_the_llava_prompt_is_the_conversation_format_or_the_chat_template(proces
 
     shown = Llava().prompt("q", processor=Templated())
     assert shown == repr([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}])
+
+
+def test_the_plan_says_which_counts_the_data_chooses(tiny_model):
+    config = tiny_model().config
+    assert Llava().check_recipe(fico.load_recipe("fastv"), config).chosen_by_data() == []
+    adaptive = Llava().check_recipe(fico.load_recipe("prumerge"), config).chosen_by_data()
+    assert [(p.step.site, p.remove) for p in adaptive] == [("vision_output", None)]

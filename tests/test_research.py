@@ -173,3 +173,40 @@ def test_methods_page_examples_run(tiny_model, single_inputs, tmp_path):
         with torch.no_grad(), fico.apply(model, recipe) as run:
             model(**single_inputs(torch.float32), **recipe.instruction_inputs(["what is the color ?"]))
         assert run.trace.steps
+
+
+def _panels_by_offset(trace, image_start, patches=576):
+    """What fico show drew before tokens carried their layout: position - offset on a 24 x 24 grid
+    (right whenever every image feature reaches the decoder, as here)."""
+    import numpy as np
+
+    panels = []
+    for step in trace.steps:
+        offset = 1 if step.site == "vision" else image_start
+        cells = {pos: pos - offset for pos in range(offset, offset + patches)}
+        sources, after = step.sources[0], step.positions_out[0].tolist()
+        moves = []
+        for pos in step.discarded[0]:
+            if pos in cells:
+                weights = sources[:, pos]
+                target = int(weights.argmax())
+                destination = after[target] if float(weights[target]) > 0 else None
+                moves.append((cells[pos], cells.get(destination) if destination is not None else None))
+        owner = np.full(patches, -1)
+        best = sources[:, list(cells)].max(0)
+        owner[best.values.numpy() > 0] = best.indices.numpy()[best.values.numpy() > 0]
+        panels.append((moves, owner.tolist()))
+    return panels
+
+
+@pytest.mark.parametrize("name,overrides", [("tome", ["r=16", "layers=[0,1]"]), ("fastv", [])])
+def test_show_places_tokens_by_their_layout(tiny_model, single_inputs, name, overrides):
+    from fico.commands.show import provenance_panels
+
+    model, inputs = tiny_model(), single_inputs()
+    with torch.no_grad(), fico.apply(model, fico.load_recipe(name, overrides), provenance=True) as run:
+        model(**inputs)
+    panels = provenance_panels(run.trace)
+    image_start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    assert [(p["moves"], p["owner"].tolist()) for p in panels] == _panels_by_offset(run.trace, image_start)
+    assert all(p["grid"] == (24, 24) and p["moves"] for p in panels)

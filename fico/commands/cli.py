@@ -325,14 +325,12 @@ def equivalent_text(equivalent: dict) -> str:
             f"reach the output")
 
 
-def adaptive_notes(recipe, trace) -> list[str]:
+def adaptive_notes(plan, trace) -> list[str]:
     """What to say when a step that chooses its own count per image reduced nothing (as many
     tokens left it as entered): the output can still differ, because its compress stage may
     rewrite the kept tokens (PruMerge+'s kNN merge does, as its official code does)."""
     notes = []
-    for step in recipe.steps:
-        if step.schedule.kind != "keep" or step.schedule.value != "adaptive":
-            continue
+    for step in [p.step for p in plan.chosen_by_data()]:
         kept_all = [r for r in trace.steps if r.site == step.site and r.tokens_out >= r.tokens_in]
         if kept_all:
             notes.append(f"{step.where} chooses its count per image and kept all {kept_all[0].tokens_in} tokens "
@@ -487,7 +485,7 @@ def run_recipe(args, console: Console) -> int:
                     f"({unreduced.tflops / ran.tflops:.2f}x), KV cache {unreduced.kv_cache_mb:.2f} -> "
                     f"{ran.kv_cache_mb:.2f} MB (float16)")
     summary.add_row("image features per image", str(trace.vision_features or "unchanged"))
-    for note in adaptive_notes(recipe, trace):
+    for note in adaptive_notes(run.plan, trace):
         summary.add_row("note", note)
     equivalent = trace.equivalent_tokens()
     if equivalent and any(s.site in ("llm", "llm_mid") for s in trace.steps):

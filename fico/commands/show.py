@@ -16,43 +16,49 @@ import torch
 from .results import save_figure
 
 
-def _patch_grid(step, image_start: int, site: str, patches: int) -> dict[int, int]:
-    """Original position -> patch index for the tokens of a step's site."""
-    offset = 1 if site == "vision" else image_start
-    return {pos: pos - offset for pos in range(offset, offset + patches)}
+#: sites whose steps number the same original tokens (provenance columns)
+SITE_GROUPS = {"vision": "vision", "vision_output": "vision", "pre_llm": "pre_llm", "llm": "llm", "llm_mid": "llm"}
 
 
-def provenance_panels(trace, image_start: int, patches: int = 576) -> list[dict]:
-    """For each step with provenance: moves (patch -> patch or None) and the final owner map."""
+def provenance_panels(trace) -> list[dict]:
+    """For each step with provenance: moves (cell -> cell or None) on the first image's grid
+    and the final owner map. Each token's cell is its layout entry (image, part, row, column)
+    as the step's site recorded it: the first sample's first image, its own grid (part 0)."""
     panels = []
+    cells: dict[str, dict[int, int]] = {}  # site group -> original position -> cell
     for step in trace.steps:
-        if step.sources is None:
+        if step.sources is None or step.layout_in is None:
             continue
-        cells = _patch_grid(step, image_start, step.site, patches)
+        rows, cols = step.grids[0]
+        known = cells.setdefault(SITE_GROUPS[step.site], {})
+        for position, (image, part, row, column) in zip(step.positions_in[0].tolist(), step.layout_in[0].tolist()):
+            if position >= 0 and image == 0 and part == 0 and row >= 0:
+                known.setdefault(position, row * cols + column)
         sources = step.sources[0]  # first sample / image
         after = step.positions_out[0].tolist()
         moves = []
         for pos in step.discarded[0]:
-            if pos not in cells:
+            if pos not in known:
                 continue
             weights = sources[:, pos]
             target = int(weights.argmax())
             destination = after[target] if float(weights[target]) > 0 else None
-            moves.append((cells[pos], cells.get(destination) if destination is not None else None))
-        owner = np.full(patches, -1)
-        columns = [pos for pos in cells]
-        absorbed = sources[:, columns]  # (tokens, patches)
+            moves.append((known[pos], known.get(destination) if destination is not None else None))
+        owner = np.full(rows * cols, -1)
+        columns = list(known)
+        absorbed = sources[:, columns]  # (tokens, cells)
         best = absorbed.max(0)
-        owner[best.values.numpy() > 0] = best.indices.numpy()[best.values.numpy() > 0]
+        held = best.values.numpy() > 0
+        owner[np.array(list(known.values()))[held]] = best.indices.numpy()[held]
         panels.append({"site": step.site, "layer": step.layer, "moves": moves, "owner": owner,
-                       "tokens_out": step.tokens_out})
+                       "tokens_out": step.tokens_out, "grid": (rows, cols)})
     return panels
 
 
-def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5, grid: int = 24) -> int:
+def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5) -> int:
     """Draw at most ``max_panels`` of the reducing steps (evenly spaced, first and last
-    included) and the kept-token map; the title says how many were left out. Returns the
-    number drawn."""
+    included) and the kept-token map, on each panel's grid; the title says how many were left
+    out. Returns the number drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,15 +68,16 @@ def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5,
         raise ValueError("the recipe reduced nothing on this input: nothing to draw")
     chosen = panels if len(panels) <= max_panels else [panels[round(i * (len(panels) - 1) / (max_panels - 1))]
                                                        for i in range(max_panels)]
-    size = image.size[0]
-    cell = size / grid
+    rows, cols = panels[-1]["grid"]
+    width, height = image.size[0] / cols, image.size[1] / rows
     figure, axes = plt.subplots(1, len(chosen) + 1, figsize=(3.2 * (len(chosen) + 1), 3.6))
-    centre = lambda p: ((p % grid + 0.5) * cell, (p // grid + 0.5) * cell)  # noqa: E731
+    centre = lambda p: ((p % cols + 0.5) * width, (p // cols + 0.5) * height)  # noqa: E731
     for ax, panel in zip(axes, chosen):
         ax.imshow(image)
         for source, target in panel["moves"]:
             x, y = centre(source)
-            ax.add_patch(plt.Rectangle((x - cell / 2, y - cell / 2), cell, cell, color="black", alpha=0.45, lw=0))
+            ax.add_patch(plt.Rectangle((x - width / 2, y - height / 2), width, height, color="black", alpha=0.45,
+                                       lw=0))
             if target is None:
                 ax.plot([x], [y], marker="x", color="red", markersize=3)
             else:
@@ -81,8 +88,8 @@ def draw(image, panels: list[dict], path: Path, title: str, max_panels: int = 5,
     owner = chosen[-1]["owner"] if len(chosen) == len(panels) else panels[-1]["owner"]
     rng = np.random.default_rng(0)
     palette = rng.uniform(0.15, 1.0, size=(owner.max() + 2, 3))
-    colours = np.where(owner[:, None] >= 0, palette[owner.clip(0)], 0.0).reshape(grid, grid, 3)
-    axes[-1].imshow(np.asarray(image.resize((grid, grid))) / 255.0 * 0.35 + colours * 0.65, interpolation="nearest")
+    colours = np.where(owner[:, None] >= 0, palette[owner.clip(0)], 0.0).reshape(rows, cols, 3)
+    axes[-1].imshow(np.asarray(image.resize((cols, rows))) / 255.0 * 0.35 + colours * 0.65, interpolation="nearest")
     axes[-1].set_title(f"kept-token map ({panels[-1]['tokens_out']} tokens)", fontsize=9)
     axes[-1].axis("off")
     if len(chosen) < len(panels):
@@ -126,9 +133,7 @@ def show(recipe, model: str = "toy", image_path: str | None = None, seed: int = 
     inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
     with torch.inference_mode(), apply(model_obj, recipe, provenance=True) as run:
         model_obj(**inputs, logits_to_keep=1)
-    image_token = model_obj.config.image_token_id
-    image_start = int((inputs["input_ids"][0] == image_token).nonzero()[0])
-    panels = provenance_panels(run.trace, image_start)
+    panels = provenance_panels(run.trace)
     path = Path(out)
     drawn = draw(image.resize((336, 336)), panels, path, f"{recipe.name}: where discarded tokens went", max_panels)
     return path, drawn, len(panels)

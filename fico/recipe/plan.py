@@ -250,6 +250,11 @@ class RecipePlan:
         """The layers (or point) ``step`` runs at."""
         return [p for p in self.planned_steps() if p.step is step]
 
+    def chosen_by_data(self) -> list[PlannedStep]:
+        """The steps whose count the data chooses (an adaptive filter, per image); every other
+        count of the plan is fixed by the recipe and the model's counts."""
+        return [p for p in self.planned_steps() if p.remove is None]
+
 
 def plan_recipe(recipe: Recipe, geometry: Geometry) -> RecipePlan:
     """Plan every step of ``recipe`` on a model of ``geometry`` (RecipeError if it cannot run)."""
