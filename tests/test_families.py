@@ -108,3 +108,8 @@ def test_the_plan_says_which_counts_the_data_chooses(tiny_model):
     assert Llava().check_recipe(fico.load_recipe("fastv"), config).chosen_by_data() == []
     adaptive = Llava().check_recipe(fico.load_recipe("prumerge"), config).chosen_by_data()
     assert [(p.step.site, p.remove) for p in adaptive] == [("vision_output", None)]
+
+
+def test_without_any_family_the_error_says_how_families_arrive():
+    with pytest.raises(fico.UnsupportedModelError, match=r"no model family is registered .* install fico"):
+        FamilyRegistry(entry_points=False).of_model(Stand())

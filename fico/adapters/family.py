@@ -94,10 +94,7 @@ def check_sites_and_options(recipe: Recipe, family: ModelFamily) -> None:
 
 def check_signals(recipe: Recipe, plan: RecipePlan, family: ModelFamily) -> None:
     """Each planned step reads only signals its site gives on this family."""
-    planned = [*plan.vision.all_steps(), plan.vision_output, plan.pre_llm, *plan.llm.all_steps()]
-    for p in planned:
-        if p is None:
-            continue
+    for p in plan.planned_steps():
         provided = family.site_signals[p.step.site]
         missing = p.step.required_signals() - provided
         if missing:
@@ -137,6 +134,10 @@ class FamilyRegistry:
         return self._families
 
     def unsupported(self, what: str) -> UnsupportedModelError:
+        if not self.families:
+            return UnsupportedModelError(f"fico cannot apply recipes to {what}: no model family is registered (the "
+                                         f"built-in ones come with fico's entry points: install fico, e.g. "
+                                         f"`pip install -e .`)")
         return UnsupportedModelError(f"fico cannot apply recipes to {what}; supported: "
                                      + "; ".join(f.supported for f in self.families))
 

@@ -47,7 +47,6 @@ from ..towers.clip_text import ClipTextTower, instruction_signals, text_tower_fo
 class LlavaGeometry:
     """A LLaVA-1.5 model's counts as its sites use them."""
 
-    vision_tokens: int  # [CLS] + patches
     feature_index: int  # hidden_states index LLaVA feeds to the projector
     drops_cls: bool
     image_token_id: int
@@ -87,8 +86,8 @@ class Llava(ModelFamily):
 
     def geometry(self, config) -> LlavaGeometry:
         counts = self.planning_geometry(config)
-        return LlavaGeometry(vision_tokens=counts.vision_tokens, feature_index=counts.feature_index,
-                             drops_cls=counts.drops_cls, image_token_id=config.image_token_id,
+        return LlavaGeometry(feature_index=counts.feature_index, drops_cls=counts.drops_cls,
+                             image_token_id=config.image_token_id,
                              placeholders_per_image=counts.vision_tokens - (1 if counts.drops_cls else 0))
 
     def check_recipe(self, recipe: Recipe, config, runs: bool = True) -> RecipePlan:
@@ -142,16 +141,11 @@ class Llava(ModelFamily):
 
     def prompt(self, question: str, images: int = 1, processor=None) -> str:
         """The processor's chat template where it has one, else LLaVA-1.5's conversation format
-        ``USER: <image>\n{question} ASSISTANT:``."""
+        ``USER: <image>\\n{question} ASSISTANT:`` (one ``<image>\\n`` per image)."""
         if getattr(processor, "chat_template", None):
             content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
             return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         return "USER: " + "<image>\n" * images + f"{question} ASSISTANT:"
-
-
-@hookimpl
-def fico_model_families():
-    return [Llava]
 
 
 class LlavaEncoder:
@@ -305,3 +299,8 @@ class LlavaEncoder:
             out += [(tokens, cells) for tokens, cells in zip(new.hidden, torch.where(new.positions >= 0,
                                                                                      new.positions, -1))]
         return out
+
+
+@hookimpl
+def fico_model_families():
+    return [Llava]
