@@ -82,7 +82,7 @@ class Schedule:
             return int(value)
         if self.kind == "keep":
             if value == "filter":
-                raise ValueError("keep: filter is planned by the filter (fico.plan.requested_removal)")
+                raise ValueError("keep: filter is planned by the filter (fico.recipe.plan.requested_removal)")
             return None if value == "adaptive" else n - int(value)
         if self.kind == "keep_ratio":
             return n - math.ceil(value * n)
@@ -134,7 +134,7 @@ class Recipe:
     steps: list[Step]
     registry: Registry = field(repr=False)
     description: str = ""
-    #: How a ``budget_tflops:`` was met (:class:`fico.budget.BudgetSolution`), or None.
+    #: How a ``budget_tflops:`` was met (:class:`fico.cost.budget.BudgetSolution`), or None.
     budget: Any = None
     #: What differs from the recipe the description was written for (overrides or a
     #: ``base:`` recipe's own steps), e.g. ``["steps[0].filter: centroid instead of attention_rank"]``.
