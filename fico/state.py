@@ -35,9 +35,10 @@ class TokenState:
             -1 for tokens that are not patches ([CLS], text, fused tokens).
         grid: ``(rows, cols)`` of the patch grid (24 x 24 for LLaVA-1.5).
         layout: ``(B, N, 4)`` long, each token's place ``(image, part, row, column)``
-            (:mod:`fico.layout`), -1 throughout for tokens with no cell. Built from
-            ``patch`` and ``grid`` (one image, one part) where a site gives none.
-        grids: ``(rows, cols)`` of each part's grid, by part (``(grid,)`` by default).
+            (:mod:`fico.layout`), -1 throughout for tokens with no cell, where the site gives
+            it; read it with :meth:`token_layout`, which derives it from ``patch`` and
+            ``grid`` (one image, one part) otherwise.
+        grids: ``(rows, cols)`` of each part's grid, by part, with ``layout``.
         sources: ``(B, N, N0)`` provenance, when the run tracks it: the weight of each
             original token in each token present (a row of the identity at first).
             Compressors need not handle it: it travels with the hidden states.
@@ -68,11 +69,15 @@ class TokenState:
     layout: Tensor | None = None
     grids: tuple[tuple[int, int], ...] | None = None
 
-    def __post_init__(self):
-        if self.layout is None and self.patch is not None and self.grid is not None:
-            self.layout = grid_layout(self.patch, self.grid)
-        if self.grids is None and self.grid is not None:
-            self.grids = (tuple(self.grid),)
+    def token_layout(self) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
+        """``(layout, grids)``: each token's ``(image, part, row, column)`` and each part's grid,
+        as the site gave them or, from ``patch`` and ``grid``, on one grid; None without either.
+        Derived when asked (most stages never read it), so sites that give only cells pay nothing."""
+        if self.layout is not None and self.grids is not None:
+            return self.layout, self.grids
+        if self.patch is not None and self.grid is not None:
+            return grid_layout(self.patch, self.grid), (tuple(self.grid),)
+        return None
 
     @property
     def protected(self) -> Tensor:

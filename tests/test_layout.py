@@ -49,12 +49,38 @@ def test_a_single_grid_reads_as_its_cells():
                        penalise_windows(scores, grid_layout(patch, (6, 6)), ((6, 6),), 2, 3.0))
 
 
-def test_a_state_builds_its_layout_from_cells_and_keeps_it_with_its_tokens():
+def test_a_state_derives_its_layout_from_cells_or_keeps_the_one_its_site_gave():
     hidden = torch.zeros(1, 4, 2)
     patch = torch.tensor([[-1, 0, 1, 5]])
     state = TokenState(hidden=hidden, positions=torch.arange(4)[None], candidate=patch >= 0,
                        visual=torch.ones(1, 4, dtype=torch.bool), patch=patch, grid=(2, 3))
-    assert state.grids == ((2, 3),)
-    assert state.layout[0].tolist() == [[-1, -1, -1, -1], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 2]]
+    layout, grids = state.token_layout()
+    assert grids == ((2, 3),) and state.layout is None, "derived when asked, not stored"
+    assert layout[0].tolist() == [[-1, -1, -1, -1], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 2]]
     kept = state.keep(torch.tensor([[3, 1]])).append(torch.zeros(1, 1, 2))
-    assert kept.layout[0].tolist() == [[0, 0, 1, 2], [0, 0, 0, 0], [-1, -1, -1, -1]]
+    assert kept.token_layout()[0][0].tolist() == [[0, 0, 1, 2], [0, 0, 0, 0], [-1, -1, -1, -1]]
+
+    given = torch.tensor([[[-1, -1, -1, -1], [0, 1, 0, 0], [0, 1, 0, 1], [1, 0, 0, 0]]])
+    state = TokenState(hidden=hidden, positions=torch.arange(4)[None], candidate=patch >= 0,
+                       visual=torch.ones(1, 4, dtype=torch.bool), patch=patch, grid=(2, 3), layout=given,
+                       grids=((2, 3), (1, 2)))
+    kept = state.keep(torch.tensor([[3, 1]])).append(torch.zeros(1, 1, 2))
+    assert kept.token_layout() == (kept.layout, ((2, 3), (1, 2)))
+    assert kept.layout[0].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [-1, -1, -1, -1]]
+
+
+def test_pooling_and_the_local_penalty_read_a_layout_their_site_gives():
+    from fico.filters.window import token_windows
+
+    patch = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    by_cells = TokenState(hidden=torch.zeros(1, 8, 2), positions=torch.arange(8)[None], candidate=patch >= 0,
+                          visual=torch.ones(1, 8, dtype=torch.bool), patch=patch, grid=(2, 2))
+    two_images = torch.cat([grid_layout(patch[:, :4], (2, 2)), grid_layout(patch[:, 4:], (2, 2))], dim=1)
+    two_images[0, 4:, 0] = 1
+    by_layout = TokenState(hidden=torch.zeros(1, 8, 2), positions=torch.arange(8)[None], candidate=patch >= 0,
+                           visual=torch.ones(1, 8, dtype=torch.bool), patch=patch, grid=(2, 2), layout=two_images,
+                           grids=((2, 2),))
+    assert token_windows(by_cells, 2)[0].tolist() == [[0] * 8], "cells alone: one grid, one window"
+    window, corner = token_windows(by_layout, 2)
+    assert window[0, :4].unique().numel() == 1 and window[0, 4:].unique().numel() == 1
+    assert window[0, 0] != window[0, 4] and corner[0].tolist() == [True, False, False, False] * 2

@@ -518,8 +518,8 @@ class LLMSite:
             rope = torch.where(created, anchor, rope)
         record = StepRecord(step.site, layer, n, hidden.shape[1], remove, seconds)
         if sources is not None:
-            record_provenance(record, state.positions, torch.where(created, -1, keep), sources, state.layout,
-                              state.grids)
+            record_provenance(record, state.positions, torch.where(created, -1, keep), sources,
+                              state.token_layout())
         lp.keep, lp.created, lp.extras, lp.sources = keep, created, extras, sources
         if not hidden.is_meta:
             lp.visual_count = int(new.visual[0].sum())

@@ -43,22 +43,22 @@ def run_point_step(run: ReductionRun, planned: PlannedStep, state: TokenState) -
 def _record(run: ReductionRun, site: str, state: TokenState, new: TokenState, remove: int, seconds: float) -> None:
     record = StepRecord(site, 0, state.num_tokens, new.num_tokens, remove, seconds)
     if new.sources is not None:
-        record_provenance(record, state.positions, new.positions, new.sources, state.layout, state.grids)
+        record_provenance(record, state.positions, new.positions, new.sources, state.token_layout())
     run.trace.steps.append(record)
 
 
-def record_provenance(record: StepRecord, before: Tensor, after: Tensor, sources: Tensor, layout: Tensor | None = None,
-                      grids: tuple | None = None) -> None:
-    """Store a step's provenance on its record (on the CPU), with the layout of the tokens
-    entering it (where they have one)."""
+def record_provenance(record: StepRecord, before: Tensor, after: Tensor, sources: Tensor,
+                      placed: tuple | None = None) -> None:
+    """Store a step's provenance on its record (on the CPU), with the layout and grids of the
+    tokens entering it (``TokenState.token_layout()``, where they have one)."""
     gone = ~torch.isin(before, after) if before.shape[0] == 1 else torch.stack(
         [~torch.isin(b, a) for b, a in zip(before, after)])
     record.sources = sources.detach().float().cpu()
     record.positions_in = before.detach().cpu()
     record.positions_out = after.detach().cpu()
     record.discarded = [row[mask].tolist() for row, mask in zip(before.cpu(), gone.cpu())]
-    record.layout_in = None if layout is None else layout.detach().cpu()
-    record.grids = grids
+    if placed is not None:
+        record.layout_in, record.grids = placed[0].detach().cpu(), placed[1]
 
 
 def select_image(state: TokenState, index: int) -> TokenState:

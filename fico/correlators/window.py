@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import RecipeError
+from ..filters.window import token_windows
 from ..hookspecs import hookimpl
-from ..layout import windows
 from ..stages import Correlation, Correlator, Split
 from ..state import TokenState, gather_tokens
 
@@ -29,7 +29,7 @@ class SameWindow(Correlator):
         self.kernel = kernel
 
     def correlate(self, state: TokenState, split: Split) -> Correlation:
-        window, _, _ = windows(state.layout, state.grids, self.kernel, whole=True)
+        window, _ = token_windows(state, self.kernel)
         source = gather_tokens(window, split.discarded)
         target = torch.where(split.targets, gather_tokens(window, split.preserved), -2)
         shares = ((source[:, :, None] == target[:, None, :]) & (source[:, :, None] >= 0)).to(state.hidden.dtype)

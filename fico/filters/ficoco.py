@@ -10,7 +10,7 @@ from ..hookspecs import hookimpl
 from ..selection import mask_scores, split_by_scores
 from ..stages import Filter, Split
 from ..state import TokenState
-from .local_penalty import penalise_windows
+from .local_penalty import local_penalty, penalise_windows
 
 VISION_AWARE = ("received", "given")
 SCORES = ("softmax", "logits")
@@ -63,6 +63,8 @@ class _RedundancyFilter(Filter):
         scores = mask_scores(self.redundancy(state), state.candidate)
         if state.layout is not None and state.grids is not None:
             scores = penalise_windows(scores, state.layout, state.grids, self.window, self.c)
+        elif state.patch is not None and state.grid is not None:
+            scores = local_penalty(scores, state.patch, state.grid, self.window, self.c)
         return split_by_scores(scores, r, targets=state.candidate)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ..layout import grid_layout, windows
+from ..layout import windows
 
 
 def penalise_windows(scores: Tensor, layout: Tensor, grids: tuple[tuple[int, int], ...], window: int,
@@ -52,6 +54,45 @@ def penalise_windows(scores: Tensor, layout: Tensor, grids: tuple[tuple[int, int
 
 
 def local_penalty(scores: Tensor, patch: Tensor, grid: tuple[int, int], window: int, c: float) -> Tensor:
-    """:func:`penalise_windows` for tokens on one grid, placed by their row-major cell ``patch``
-    (-1: none)."""
-    return penalise_windows(scores, grid_layout(patch, grid), (tuple(grid),), window, c)
+    r"""Raise each window's most redundant score (FiCoCo, arXiv 2411.17686, §3.2).
+
+    Tokens on one grid, placed by their original cell ``patch`` (:func:`penalise_windows`
+    computes the same for any layout, several images or parts; this is the one-grid case in
+    fewer operations). The grid is cut into non-overlapping ``window x window`` windows (fixed
+    for all layers). In each window, among the tokens still present with a finite score, the
+    largest score :math:`s^*` becomes
+
+    .. math::  s^* \leftarrow \begin{cases} c\, s^* & s^* > 0 \\ s^* / c & s^* \le 0 \end{cases}
+
+    (the paper: "enhances positive scores and diminishes negative ones"). At most one score
+    changes per window (ties: the lower original position); windows with no token left are
+    skipped; ``c = 1`` is the identity. Tokens with ``patch < 0`` or a ``-inf`` score are
+    never changed.
+
+    Args:
+        scores: ``(B, N)`` redundancy scores (higher = more redundant).
+        patch: ``(B, N)`` grid cell (row-major) of each token, -1 if none.
+        grid: ``(rows, cols)`` of the patch grid.
+        window: window side, >= 1.
+        c: scaling coefficient, > 0.
+    """
+    if c == 1:
+        return scores
+    rows, cols = grid
+    window_cols = math.ceil(cols / window)
+    windows = math.ceil(rows / window) * window_cols
+    valid = (patch >= 0) & torch.isfinite(scores)
+    cell = patch.clamp_min(0)
+    window_of = (cell // cols // window) * window_cols + (cell % cols) // window
+    window_of = torch.where(valid, window_of, windows)  # one spare bucket for the rest
+    b = scores.shape[0]
+    low = torch.finfo(scores.dtype).min
+    masked = torch.where(valid, scores, low)
+    best = scores.new_full((b, windows + 1), low).scatter_reduce(1, window_of, masked, "amax")
+    is_best = valid & (masked == torch.gather(best, 1, window_of))
+    beyond = int(rows * cols)
+    first = torch.full((b, windows + 1), beyond, dtype=torch.long, device=scores.device)
+    first = first.scatter_reduce(1, window_of, torch.where(is_best, cell, beyond), "amin")
+    chosen = is_best & (cell == torch.gather(first, 1, window_of))
+    raised = torch.where(scores > 0, scores * c, scores / c)
+    return torch.where(chosen, raised, scores)

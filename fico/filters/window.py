@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..errors import RecipeError
 from ..hookspecs import hookimpl
-from ..layout import grid_layout, windows
+from ..layout import windows
 from ..selection import split_keeping
 from ..stages import Filter, Split
 from ..state import TokenState
@@ -18,9 +18,24 @@ from ..state import TokenState
 def window_of(patch: Tensor, grid: tuple[int, int], kernel: int) -> tuple[Tensor, Tensor]:
     """``(B, N)`` index of each token's k x k window (row-major over whole windows; -1 for
     tokens outside every whole window, as stride-k pooling drops them) and whether it is the
-    window's top-left cell, for tokens on one grid placed by their row-major cell ``patch``
-    (:func:`fico.layout.windows` for any layout)."""
-    window, corner, _ = windows(grid_layout(patch, grid), (tuple(grid),), kernel, whole=True)
+    window's top-left cell."""
+    rows, cols = grid
+    per_row = cols // kernel
+    cell = patch.clamp_min(0)
+    r, c = cell // cols, cell % cols
+    inside = (patch >= 0) & (r < (rows // kernel) * kernel) & (c < per_row * kernel)
+    window = torch.where(inside, (r // kernel) * per_row + c // kernel, -1)
+    corner = inside & (r % kernel == 0) & (c % kernel == 0)
+    return window, corner
+
+
+def token_windows(state: TokenState, kernel: int) -> tuple[Tensor, Tensor]:
+    """:func:`window_of` for a state's tokens: by their cell where the site gave one grid, by
+    their layout entry (each image's and part's own grid, :func:`fico.layout.windows`) where it
+    gave a layout."""
+    if state.layout is None or state.grids is None:
+        return window_of(state.patch, state.grid, kernel)
+    window, corner, _ = windows(state.layout, state.grids, kernel, whole=True)
     return window, corner
 
 
@@ -54,7 +69,7 @@ class WindowRepresentatives(Filter):
         return (side // self.kernel) ** 2
 
     def split(self, state: TokenState, r: int) -> Split:
-        _, corner, _ = windows(state.layout, state.grids, self.kernel, whole=True)
+        _, corner = token_windows(state, self.kernel)
         keep = corner | ~state.candidate
         return split_keeping(keep, torch.where(keep, float("-inf"), 0.0).to(state.hidden.dtype),
                              targets=corner)

@@ -265,7 +265,7 @@ class VisionSite:
         new, seconds = run_step(planned, state, planned.remove, self.run.sync_stage_timing)
         record = StepRecord("vision", layer, hidden.shape[1], new.hidden.shape[1], planned.remove, seconds)
         if vp.sources is not None:
-            record_provenance(record, vp.positions, new.positions, new.sources, state.layout, state.grids)
+            record_provenance(record, vp.positions, new.positions, new.sources, state.token_layout())
         vp.positions, vp.candidate, vp.size, vp.extras = new.positions, new.candidate, new.size, new.extras
         vp.sources = new.sources
         self.run.trace.steps.append(record)
