@@ -40,17 +40,7 @@ def penalise_windows(scores: Tensor, layout: Tensor, grids: tuple[tuple[int, int
     widest = max(cols for _, cols in grids)
     cell = torch.where(valid, layout[..., 2] * widest + layout[..., 3], 0)  # row-major order within a part
     bucket = torch.where(valid, bucket, count)  # one spare bucket for the rest
-    b = scores.shape[0]
-    low = torch.finfo(scores.dtype).min
-    masked = torch.where(valid, scores, low)
-    best = scores.new_full((b, count + 1), low).scatter_reduce(1, bucket, masked, "amax")
-    is_best = valid & (masked == torch.gather(best, 1, bucket))
-    beyond = max(rows for rows, _ in grids) * widest
-    first = torch.full((b, count + 1), beyond, dtype=torch.long, device=scores.device)
-    first = first.scatter_reduce(1, bucket, torch.where(is_best, cell, beyond), "amin")
-    chosen = is_best & (cell == torch.gather(first, 1, bucket))
-    raised = torch.where(scores > 0, scores * c, scores / c)
-    return torch.where(chosen, raised, scores)
+    return _raise_window_maxima(scores, valid, bucket, count, cell, max(rows for rows, _ in grids) * widest, c)
 
 
 def local_penalty(scores: Tensor, patch: Tensor, grid: tuple[int, int], window: int, c: float) -> Tensor:
@@ -85,14 +75,21 @@ def local_penalty(scores: Tensor, patch: Tensor, grid: tuple[int, int], window: 
     cell = patch.clamp_min(0)
     window_of = (cell // cols // window) * window_cols + (cell % cols) // window
     window_of = torch.where(valid, window_of, windows)  # one spare bucket for the rest
+    return _raise_window_maxima(scores, valid, window_of, windows, cell, int(rows * cols), c)
+
+
+def _raise_window_maxima(scores: Tensor, valid: Tensor, bucket: Tensor, count: int, cell: Tensor, beyond: int,
+                         c: float) -> Tensor:
+    """The penalty itself: in each of ``count`` windows (``bucket``; invalid tokens in the spare
+    bucket ``count``), the valid token with the largest score, the lowest ``cell`` (< ``beyond``)
+    among ties, has its score multiplied by ``c`` (positive) or divided by it."""
     b = scores.shape[0]
     low = torch.finfo(scores.dtype).min
     masked = torch.where(valid, scores, low)
-    best = scores.new_full((b, windows + 1), low).scatter_reduce(1, window_of, masked, "amax")
-    is_best = valid & (masked == torch.gather(best, 1, window_of))
-    beyond = int(rows * cols)
-    first = torch.full((b, windows + 1), beyond, dtype=torch.long, device=scores.device)
-    first = first.scatter_reduce(1, window_of, torch.where(is_best, cell, beyond), "amin")
-    chosen = is_best & (cell == torch.gather(first, 1, window_of))
+    best = scores.new_full((b, count + 1), low).scatter_reduce(1, bucket, masked, "amax")
+    is_best = valid & (masked == torch.gather(best, 1, bucket))
+    first = torch.full((b, count + 1), beyond, dtype=torch.long, device=scores.device)
+    first = first.scatter_reduce(1, bucket, torch.where(is_best, cell, beyond), "amin")
+    chosen = is_best & (cell == torch.gather(first, 1, bucket))
     raised = torch.where(scores > 0, scores * c, scores / c)
     return torch.where(chosen, raised, scores)
