@@ -176,12 +176,12 @@ def test_help_and_usage_errors_do_not_import_torch():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["run", "pdrop"], "layer 8 is out of range"),
+    (["run", "pdrop", "layers=[8,16,24]"], "layer 8 is out of range"),
     (["run", "fitprune"], "the schedule was written for 32 layers"),
     (["run", "cdpruner", "--model", "embedded"], "need CLIP's text tower"),
-    (["ablate", "pdrop", "--grid", "ratio=0.5,0.25"], "layer 8 is out of range"),
-    (["show", "pdrop"], "layer 8 is out of range"),
-    (["bench", "fastv", "pdrop", "--reps", "1"], "layer 8 is out of range"),
+    (["ablate", "pdrop", "layers=[8,16,24]", "--grid", "ratio=0.5,0.25"], "layer 8 is out of range"),
+    (["show", "pdrop", "layers=[8,16,24]"], "layer 8 is out of range"),
+    (["bench", "fastv", "sparsevlm", "--reps", "1"], "layer 7 is out of range"),
 ])
 def test_a_recipe_that_cannot_run_on_the_model_fails_before_its_weights_load(argv, match, monkeypatch, capsys):
     import fico.models

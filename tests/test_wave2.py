@@ -214,7 +214,7 @@ def test_rebuild_placeholders_cuts_each_image_to_its_count():
     ("fitprune", [], r"steps\[0\]\.remove: a list needs one count per layer of the step \(4 layers\), got 32 "
                      r"\(from \$\{fico.pick:.*\}\); the schedule was written for 32 layers: give "
                      r"steps.0.remove=\[...\] 4 counts for this model"),
-    ("pdrop", [], r"steps\[0\]\.layers: layer 8 is out of range: the llm site of this model has layers 0..3 "
+    ("pdrop", ["layers=[8,16,24]"], r"steps\[0\]\.layers: layer 8 is out of range: the llm site of this model has layers 0..3 "
                   r"\(from \$\{layers\}\); the recipe's schedule was written for a deeper model: override "
                   r"layers=\.\.\. with layers this model has"),
 ])
@@ -287,3 +287,19 @@ def test_a_mid_layer_step_that_reads_attention_rows_forms_the_attention_once(tin
     with torch.no_grad():
         expected = reference(model, inputs["input_ids"], inputs["pixel_values"])
     assert (scores[:, 0] - expected[:, -1]).abs().max() < 1e-6
+
+
+def test_pdrop_stages_follow_the_depth(capsys):
+    from fico.commands.cli import main
+    from fico.recipe.plan import Geometry, plan_recipe
+
+    recipe = fico.load_recipe("pdrop")
+    for depth, expected in ((32, [8, 16, 24]), (6, [1, 3, 4]), (4, [1, 2, 3])):
+        assert sorted(plan_recipe(recipe, Geometry(24, 577, 23, True, depth)).llm.steps) == expected
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.layers: 'stages:4' needs at least 4 layers; the llm "
+                                               r"site of this model has 3"):
+        plan_recipe(recipe, Geometry(24, 577, 23, True, 3))
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.layers: 'stages:S' needs S >= 2 stages, got 'stages:1'"):
+        fico.load_recipe("pdrop", ["layers=stages:1"])
+    assert main(["run", "pdrop", "--repeats", "1"]) == 0, "the default (toy) model runs PyramidDrop's own partition"
+    assert "pdrop" in capsys.readouterr().out

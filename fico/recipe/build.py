@@ -21,6 +21,9 @@ from .schema import (POINT_SITES, SCHEDULE_KEYS, SITE_OPTIONS, SITES, STAGE_KEYS
                      Schedule, Step, python_name, recipe_name)
 from .values import LAYER_RANGE
 
+#: ``stages:S``: the first layer of each of S equal stages after the first (PyramidDrop's partition)
+STAGES = re.compile(r"stages:(\d+)")
+
 
 def build_recipe(config: DictConfig, path: Path, source: str, registry: Registry | None,
            extra_plugins: list[Path] = ()) -> Recipe:
@@ -118,6 +121,11 @@ def _parse_text_encoder(cfg: dict, raw: dict, site: str, where: str) -> str | No
 def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:
     if value == "all":
         return "all"
+    stages = STAGES.fullmatch(value.replace(" ", "")) if isinstance(value, str) else None
+    if stages:
+        if int(stages.group(1)) < 2:
+            raise RecipeError(f"{where}: 'stages:S' needs S >= 2 stages, got {shown_value(raw, value)}")
+        return f"stages:{int(stages.group(1))}"
     if isinstance(value, str) and ":" in value and LAYER_RANGE.fullmatch(value):
         start, _, stop = value.replace(" ", "").partition(":")
         start = start or "0"
@@ -127,8 +135,8 @@ def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise RecipeError(f"{where}: must be 'all', 'START:STOP' (either optional, STOP exclusive), a layer index or a list "
-                          f"of layer indices, got {shown_value(raw, value)}")
+        raise RecipeError(f"{where}: must be 'all', 'START:STOP' (either optional, STOP exclusive), 'stages:S', a layer "
+                          f"index or a list of layer indices, got {shown_value(raw, value)}")
     if any(v < 0 for v in value):
         raise RecipeError(f"{where}: layer indices are 0-based and non-negative, got {shown_value(raw, value)}")
     if len(set(value)) != len(value):

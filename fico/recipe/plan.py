@@ -95,9 +95,26 @@ def equivalent_tokens(at_input: list[int], output: int) -> dict[str, float] | No
             "at_output": float(output)}
 
 
+def stage_starts(stages: int, num_layers: int) -> list[int]:
+    r"""The first layer of each of ``stages`` equal stages of ``num_layers`` layers, after the
+    first stage: :math:`\lfloor i L / S \rfloor` for :math:`i = 1 .. S-1` (PyramidDrop divides
+    the decoder into equal stages; its 32-layer ``layer_list`` [8, 16, 24] is ``stages:4``).
+
+    >>> stage_starts(4, 32), stage_starts(4, 6)
+    ([8, 16, 24], [1, 3, 4])
+    """
+    return [i * num_layers // stages for i in range(1, stages)]
+
+
 def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
     if step.layers == "all":
         layers = list(range(num_layers))
+    elif isinstance(step.layers, str) and step.layers.startswith("stages:"):
+        stages = int(step.layers.partition(":")[2])
+        if stages > num_layers:
+            raise recipe.error(f"{step.where}.layers", f"{step.layers!r} needs at least {stages} layers; the "
+                               f"{step.site} site of this model has {num_layers}")
+        layers = stage_starts(stages, num_layers)
     elif isinstance(step.layers, str):  # "START:STOP", STOP exclusive and optional
         start, _, stop = step.layers.partition(":")
         layers = list(range(int(start), int(stop) if stop else num_layers))

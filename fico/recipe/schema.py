@@ -97,7 +97,7 @@ class Step:
 
     index: int
     site: str
-    layers: list[int] | str  # indices, "all", or "START:STOP" resolved against the model
+    layers: list[int] | str  # indices, "all", "START:STOP" or "stages:S", resolved against the model
     schedule: Schedule
     filter: Filter
     correlator: Correlator
