@@ -26,11 +26,13 @@ from ..errors import RecipeError, UnsupportedModelError
 from ..hookspecs import PROJECT, FicoSpec
 from ..recipe import Recipe
 from ..recipe.plan import Geometry, RecipePlan, plan_recipe
+from ..recipe.schema import STEP_DEFAULTS
 from ..run import ReductionRun
 
 #: step options the recipe schema takes that a family may or may not offer, with the value
 #: that means "not used"
-FAMILY_OPTIONS = {"proportional_attention": False, "cls_feature": False, "text_encoder": None}
+FAMILY_OPTIONS = {"proportional_attention": STEP_DEFAULTS["proportional_attention"],
+                  "cls_feature": STEP_DEFAULTS["cls_feature"], "text_encoder": None}
 
 
 class ModelFamily:
