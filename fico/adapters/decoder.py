@@ -37,6 +37,7 @@ from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
 from .attention import masked_logits, reduce_heads, softmax_heads
 from .forward import ForwardPasses
+from .ghosts import GHOST, causal_mask, hide_ghosts, step_per_sample
 from .hooks import hook, swap_forward
 from .positions import RotaryPositions
 from .steps import record_provenance
@@ -220,7 +221,10 @@ class LLMPass:
     layer_shift: dict = field(default_factory=dict)  # decode position shift of renumbered layers
     captured: dict = field(default_factory=dict)
     sources: Tensor | None = None  # provenance (B, L, L0), when the run records it
-    shift: int = 0  # positions the current frame is shifted by (renumbering: tokens gone so far)
+    shift: int | Tensor = 0  # positions the current frame is shifted by (renumbering: tokens gone so
+    # far; (B, 1) where samples removed different numbers)
+    ghost: Tensor | None = None  # (B, L) ghost slots of a ragged batch (fico.adapters.ghosts), or None
+    layer_ghost: dict = field(default_factory=dict)  # the ghost slots each layer's KV cache holds
     visual_count: int | None = None  # visual tokens present (first sample), for the trace
 
 
@@ -389,7 +393,9 @@ class LLMSite:
         if lp.keep is None:
             return None
         lp.layer_keep[layer] = lp.keep
-        if lp.shift:
+        if lp.ghost is not None:
+            lp.layer_ghost[layer] = lp.ghost
+        if isinstance(lp.shift, Tensor) or lp.shift:
             lp.layer_shift[layer] = lp.shift
         kwargs["attention_mask"] = lp.attention_mask
         kwargs["position_embeddings"] = lp.position_embeddings
@@ -468,23 +474,19 @@ class LLMSite:
         b, n = hidden.shape[:2]
         keep = lp.keep if lp.keep is not None else torch.arange(n, device=hidden.device).expand(b, n)
         created = lp.created if lp.created is not None else torch.zeros(b, n, dtype=torch.bool, device=keep.device)
-        visual = gather_tokens(lp.visual, keep) | created
-        real = gather_tokens(lp.real, keep) | created
+        ghost = lp.ghost if lp.ghost is not None else torch.zeros_like(created)
+        visual = (gather_tokens(lp.visual, keep) | created) & ~ghost
+        real = (gather_tokens(lp.real, keep) | created) & ~ghost
         candidate = visual & real
         step = planned.step
-        if hidden.is_meta:
-            available = planned.candidates_in
-        else:
-            counts = candidate.sum(1)
-            if bool((counts != counts[0]).any()):
-                raise InputError(f"fico: llm layer {layer}: samples have different numbers of visual tokens "
-                                 f"({counts.tolist()}); batch samples with the same number of images")
-            available = int(counts[0])
-        requested = requested_removal(step, available, planned.position, planned.first)
-        if requested > available:
-            raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
-                              f"tokens at {step.site} layer {layer}, where only {available} visual tokens are left")
-        remove = step.filter.discard(requested, n, available)
+        available = [planned.candidates_in] * b if hidden.is_meta else candidate.sum(1).tolist()
+        removals = []
+        for count in available:
+            requested = requested_removal(step, count, planned.position, planned.first)
+            if requested > count:
+                raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
+                                  f"tokens at {step.site} layer {layer}, where only {count} visual tokens are left")
+            removals.append(step.filter.discard(requested, n, count))
         text = real & ~visual
         first_visual = torch.where(visual, keep, torch.iinfo(keep.dtype).max).min(1, keepdim=True).values
         signals = {}
@@ -492,46 +494,75 @@ class LLMSite:
         if names and not hidden.is_meta:
             signals = self._signals(names, source, lp, keep, hidden, text, first_visual)
         patch = torch.where(created, -1, gather_tokens(lp.patch, keep))
-        # the RoPE index of each token present travels with it through the step
+        # the RoPE index of each token present travels with it through the step, and so do
+        # the ghost flags of a ragged batch
         extras = dict(lp.extras, _fico_rope=lp.rope if lp.rope is not None else keep)
+        if lp.ghost is not None:
+            extras[GHOST] = ghost.long()
         # Created tokens (appended by a compressor) have no original position of their own.
         state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
                            visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
                            extras=extras, sources=lp.sources, site=step.site, layer=layer)
-        new, seconds = run_step(planned, state, remove, self.run.sync_stage_timing)
+        appended = any(step.compressor.appended(r) for r in removals)
+        if len(set(available)) > 1 or len(set(removals)) > 1:
+            # each sample has its own candidates and count: ghost slots pad the shorter outputs
+            new, seconds = step_per_sample(planned, state, removals, self.run.sync_stage_timing)
+        else:
+            new, seconds = run_step(planned, state, removals[0], self.run.sync_stage_timing)
         keep, hidden, extras, sources = new.positions, new.hidden, dict(new.extras), new.sources
         created = keep < 0
-        if step.compressor.appended(remove):
-            # Created tokens sit right after the last original visual token present and borrow
-            # its mask row/column (and, while positions are kept, its RoPE position).
-            anchor = torch.where(new.visual & ~created, keep, -1).max(1, keepdim=True).values
-            keep = torch.where(created, anchor, keep)
+        ghost = extras.pop(GHOST) == 1 if GHOST in extras else None
+        if appended or ghost is not None:
+            if appended:
+                # Created tokens sit right after the last original visual token present and
+                # borrow its mask row/column (and, while positions are kept, its RoPE position).
+                anchor = torch.where(new.visual & ~created, keep, -1).max(1, keepdim=True).values
+                keep = torch.where(created, anchor, keep)
             order = torch.sort(keep * 2 + created.long(), dim=1, stable=True).indices
             keep, hidden, created = (gather_tokens(t, order) for t in (keep, hidden, created))
             extras = {k: gather_tokens(v, order) for k, v in extras.items()}
             sources = None if sources is None else gather_tokens(sources, order)
+            ghost = None if ghost is None else gather_tokens(ghost, order)
         rope = extras.pop("_fico_rope")
-        if step.compressor.appended(remove):
+        if appended:
             # a created token borrows its anchor's RoPE index, as it borrows its mask index;
             # indices grow along the sequence, so the anchor's is the largest of the visual tokens'
-            anchor = torch.where(~created & gather_tokens(lp.visual, keep.clamp_min(0)), rope, -1).amax(1, keepdim=True)
+            present = ~created & gather_tokens(lp.visual, keep.clamp_min(0))
+            if ghost is not None:
+                present &= ~ghost
+            anchor = torch.where(present, rope, -1).amax(1, keepdim=True)
             rope = torch.where(created, anchor, rope)
-        record = StepRecord(step.site, layer, n, hidden.shape[1], remove, seconds)
+        record = StepRecord(step.site, layer, n, hidden.shape[1], removals[0], seconds)
         if sources is not None:
-            record_provenance(record, state.positions, torch.where(created, -1, keep), sources,
-                              state.token_layout())
-        lp.keep, lp.created, lp.extras, lp.sources = keep, created, extras, sources
+            after = torch.where(created, -1, keep)
+            if ghost is not None:  # a ghost slot holds a discarded token
+                after = torch.where(ghost, -2, after)
+            record_provenance(record, state.positions, after, sources, state.token_layout())
+        if ghost is not None and not bool(ghost.any()):
+            ghost = None
+        lp.keep, lp.created, lp.extras, lp.sources, lp.ghost = keep, created, extras, sources, ghost
         if not hidden.is_meta:
-            lp.visual_count = int(new.visual[0].sum())
+            counts = (gather_tokens(lp.visual, keep.clamp_min(0)) | created)
+            counts = (counts if ghost is None else counts & ~ghost).sum(1).tolist()
+            lp.visual_count = counts[0]
         cos, sin = lp.full_position_embeddings
         if step.positions == "renumber":
             # contiguous positions: the i-th token present takes the i-th position of the full
-            # table (real tokens are contiguous there, padding before or after them)
+            # table (real tokens are contiguous there, padding before or after them; ghost
+            # slots take no position, and each sample's frame is shifted by what it removed)
             rope = torch.arange(hidden.shape[1], device=keep.device).expand(b, -1)
             lp.shift = lp.real.shape[1] - hidden.shape[1]
+            if ghost is not None:
+                rope = ((~ghost).long().cumsum(1) - 1).clamp_min(0)
+                lp.shift = lp.shift + ghost.sum(1, keepdim=True)
         lp.rope = rope
         lp.position_embeddings = (gather_tokens(cos, rope), gather_tokens(sin, rope))
-        lp.attention_mask = _gather_square(lp.full_attention_mask, keep)
+        full_mask = lp.full_attention_mask
+        if ghost is not None and full_mask is None:
+            full_mask = lp.full_attention_mask = causal_mask(b, lp.real.shape[1], keep.device)
+        lp.attention_mask = _gather_square(full_mask, keep)
+        if ghost is not None:
+            lp.attention_mask = hide_ghosts(lp.attention_mask, ghost)
         self.run.trace.steps.append(record)
         return hidden
 
@@ -541,7 +572,7 @@ class LLMSite:
             return None
         changed = False
         shift = lp.layer_shift.get(layer)
-        if shift:
+        if shift is not None:
             # renumbered layers: the new token's position in that layer's own frame
             position_ids = kwargs.get("position_ids")
             if position_ids is None:
@@ -550,14 +581,26 @@ class LLMSite:
             kwargs["position_embeddings"] = self.positions.embeddings(self.lm, hidden, position_ids - shift)
             changed = True
         mask = kwargs.get("attention_mask")
+        ghost = lp.layer_ghost.get(layer)
+        b = keep.shape[0]
         if mask is not None:
-            b = keep.shape[0]
             full = lp.real.shape[1]
             new_columns = torch.arange(full, mask.shape[-1], device=keep.device).expand(b, -1)
             columns = torch.cat([keep, new_columns], dim=1)
             mask = mask.expand(b, *mask.shape[1:])
-            kwargs["attention_mask"] = torch.gather(
-                mask, 3, columns[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], columns.shape[1]))
+            mask = torch.gather(mask, 3, columns[:, None, None, :].expand(b, mask.shape[1], mask.shape[2],
+                                                                          columns.shape[1]))
+        elif ghost is not None:
+            # the model leaves a decode step's mask implicit; ghost slots need one
+            hidden = args[0] if args else kwargs["hidden_states"]
+            queries, held = hidden.shape[1], kwargs["cache"].get_seq_length(layer)
+            new = torch.ones(queries, queries, dtype=torch.bool, device=keep.device).tril()
+            mask = torch.cat([new.new_ones(queries, held), new], 1).expand(b, 1, queries, held + queries)
+        if ghost is not None:  # no decode query attends to a ghost slot
+            ghost = torch.cat([ghost, ghost.new_zeros(b, mask.shape[-1] - ghost.shape[1])], 1)
+            mask = hide_ghosts(mask, ghost, rows=torch.full((b, mask.shape[2]), -1, device=keep.device))
+        if mask is not None:
+            kwargs["attention_mask"] = mask
             changed = True
         # without a mask, one query attends to everything its (shorter) cache holds
         return (args, kwargs) if changed else None
