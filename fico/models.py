@@ -21,6 +21,7 @@ from .errors import ModelNotFoundError
 RUNNABLE = {
     "toy": "fico-toy, the trained LLaVA-architecture model (synthetic VQA)",
     "embedded": "a random tiny LLaVA-1.5-shaped model, built offline",
+    "embedded-next": "a random tiny LLaVA-NeXT-shaped model (anyres crops of 336 px), built offline",
 }
 
 #: Bytes per element of each dtype name (int8/int4 are weight/KV precisions for the cost model only).
@@ -97,7 +98,8 @@ def model_source(which: str, names: dict[str, str] | None = None, label: str = "
 
 
 def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
-    """The model and processor for ``which``: ``toy``, ``embedded`` or a local checkpoint directory.
+    """The model and processor for ``which``: a built-in name (:data:`RUNNABLE`) or a local checkpoint
+    directory.
 
     Checkpoints are read with ``local_files_only`` and their tokenizer set to pad on the left
     (batched prompts then end in a real token).
@@ -112,6 +114,11 @@ def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
         return load(dtype=torch_type, attn_implementation=attn)
     if source == "embedded":
         return embedded.build_model(dtype=torch_type, attn_implementation=attn), embedded.build_processor()
+    if source == "embedded-next":
+        from . import embedded_next
+
+        return (embedded_next.build_model(dtype=torch_type, attn_implementation=attn),
+                embedded_next.build_processor())
     import transformers
     from transformers import AutoProcessor
 
@@ -146,6 +153,10 @@ def load_config(which: str):
         source = str(WEIGHTS)
     elif source == "embedded":
         from .embedded import build_config
+
+        return build_config()
+    elif source == "embedded-next":
+        from .embedded_next import build_config
 
         return build_config()
     import transformers

@@ -122,6 +122,12 @@ class Filter(Component):
         """For ``keep: filter``: how many of ``num_candidates`` the filter's own rule keeps."""
         raise RecipeError(f"the filter {self.name!r} has no count rule of its own; give the step keep: N")
 
+    def planned_keep_on(self, grids: tuple[tuple[int, int], ...]) -> int:
+        """``planned_keep`` for candidates that lie on the parts ``grids`` (a family that gives an
+        image several grids, such as LLaVA-NeXT's base and high-resolution ones); a filter whose
+        count follows from the grid overrides it."""
+        return self.planned_keep(sum(rows * cols for rows, cols in grids))
+
     def adaptive_keep(self, state: TokenState) -> int:  # pragma: no cover - interface
         """For ``adaptive`` filters: how many candidates to keep in ``state`` (one image)."""
         raise NotImplementedError

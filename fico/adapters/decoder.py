@@ -208,6 +208,9 @@ class LLMPass:
     last_index: Tensor
     phase: str = "prefill"
     patch: Tensor | None = None  # (B, L0) grid cell of each visual token, -1 elsewhere
+    layout: Tensor | None = None  # (B, L0, 4) layout of each visual token, where the family gives one
+    grids: tuple | None = None  # each part's grid for ``layout``
+    protected: Tensor | None = None  # (B, L0) visual tokens no step may touch (NeXT's newlines)
     keep: Tensor | None = None
     rope: Tensor | None = None
     created: Tensor | None = None  # (B, L) tokens appended by a compressor
@@ -225,6 +228,7 @@ class LLMPass:
     # far; (B, 1) where samples removed different numbers)
     ghost: Tensor | None = None  # (B, L) ghost slots of a ragged batch (fico.adapters.ghosts), or None
     layer_ghost: dict = field(default_factory=dict)  # the ghost slots each layer's KV cache holds
+    first_counts: dict = field(default_factory=dict)  # each step's candidates per sample at its first layer
     visual_count: int | None = None  # visual tokens present (first sample), for the trace
 
 
@@ -367,6 +371,21 @@ class LLMSite:
         rank = visual.long().cumsum(1) - 1
         return torch.where(visual, rank % self.tokens_per_image, patch)
 
+    def _place_layout(self, lp: LLMPass) -> None:
+        """The family's per-token layout and protected visual tokens, placed on the sequence."""
+        current = self.passes.current
+        if current is None or current.visual_layout is None or lp.visual.is_meta:
+            return
+        visual = lp.visual
+        if current.visual_layout.shape[0] != int(visual.sum()):
+            raise InputError(f"fico: the image features give {current.visual_layout.shape[0]} visual tokens, "
+                             f"input_ids holds {int(visual.sum())} placeholders")
+        layout = torch.full((*visual.shape, 4), -1, dtype=torch.long, device=visual.device)
+        lp.layout = layout.masked_scatter(visual[..., None], current.visual_layout.to(visual.device))
+        lp.grids = current.visual_grids
+        if current.protected_visual is not None:
+            lp.protected = torch.zeros_like(visual).masked_scatter(visual, current.protected_visual.to(visual.device))
+
     # -- per layer
     def _layer_input(self, layer: int, module, args, kwargs):
         lp = self.current
@@ -379,6 +398,7 @@ class LLMSite:
             lp.full_position_embeddings = kwargs.get("position_embeddings")
             lp.full_attention_mask = kwargs.get("attention_mask")
             lp.patch = self._patch_cells(lp)
+            self._place_layout(lp)
             lp.input_hidden = hidden
             if self.run.provenance:
                 n0 = hidden.shape[1]
@@ -478,11 +498,15 @@ class LLMSite:
         visual = (gather_tokens(lp.visual, keep) | created) & ~ghost
         real = (gather_tokens(lp.real, keep) | created) & ~ghost
         candidate = visual & real
+        if lp.protected is not None:
+            candidate &= ~(gather_tokens(lp.protected, keep) & ~created)
         step = planned.step
         available = [planned.candidates_in] * b if hidden.is_meta else candidate.sum(1).tolist()
+        # a schedule relative to the step's first layer (PyramidDrop's) counts each sample's own
+        firsts = lp.first_counts.setdefault(step.index, available) if not hidden.is_meta else [planned.first] * b
         removals = []
-        for count in available:
-            requested = requested_removal(step, count, planned.position, planned.first)
+        for count, first in zip(available, firsts):
+            requested = requested_removal(step, count, planned.position, first)
             if requested > count:
                 raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
                                   f"tokens at {step.site} layer {layer}, where only {count} visual tokens are left")
@@ -494,6 +518,7 @@ class LLMSite:
         if names and not hidden.is_meta:
             signals = self._signals(names, source, lp, keep, hidden, text, first_visual)
         patch = torch.where(created, -1, gather_tokens(lp.patch, keep))
+        layout = None if lp.layout is None else torch.where(created[..., None], -1, gather_tokens(lp.layout, keep))
         # the RoPE index of each token present travels with it through the step, and so do
         # the ghost flags of a ragged batch
         extras = dict(lp.extras, _fico_rope=lp.rope if lp.rope is not None else keep)
@@ -502,11 +527,14 @@ class LLMSite:
         # Created tokens (appended by a compressor) have no original position of their own.
         state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
                            visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
-                           extras=extras, sources=lp.sources, site=step.site, layer=layer)
+                           extras=extras, sources=lp.sources, site=step.site, layer=layer, layout=layout,
+                           grids=lp.grids if layout is not None else None)
         appended = any(step.compressor.appended(r) for r in removals)
         if len(set(available)) > 1 or len(set(removals)) > 1:
             # each sample has its own candidates and count: ghost slots pad the shorter outputs
             new, seconds = step_per_sample(planned, state, removals, self.run.sync_stage_timing)
+        elif removals[0] == 0 and not hidden.is_meta:  # (a budget above every sample's count)
+            new, seconds = state, 0.0
         else:
             new, seconds = run_step(planned, state, removals[0], self.run.sync_stage_timing)
         keep, hidden, extras, sources = new.positions, new.hidden, dict(new.extras), new.sources

@@ -18,10 +18,20 @@ class ForwardPass:
             unreduced patches in order).
         inside_model: the language model's forward has begun (a vision tower that runs now
             is part of it, not called on its own).
+        visual_layout: ``(V, 4)`` the layout entry (:mod:`fico.layout`) of every visual token
+            reaching the language model, in the same order, where the family gives one (images
+            with several parts); None: ``image_patches`` on one grid.
+        visual_grids: each part's ``(rows, cols)`` for ``visual_layout`` (the largest over the
+            batch's images, which keeps window indices distinct).
+        protected_visual: ``(V,)`` bool, visual tokens no step may discard or merge (LLaVA-NeXT's
+            row newlines), or None.
     """
 
     image_patches: Tensor | None = None
     inside_model: bool = False
+    visual_layout: Tensor | None = None
+    visual_grids: tuple[tuple[int, int], ...] | None = None
+    protected_visual: Tensor | None = None
 
 
 class ForwardPasses:

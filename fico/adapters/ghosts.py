@@ -79,7 +79,8 @@ def step_per_sample(planned: PlannedStep, state: TokenState, removals: list[int]
     outputs, seconds = [], 0.0
     for index, remove in enumerate(removals):
         one = select_sample(state, index)
-        new, spent = run_step(planned, one, remove, synchronize)
+        # a sample the step leaves whole is left as it is, as it would be alone
+        new, spent = (one, 0.0) if remove == 0 else run_step(planned, one, remove, synchronize)
         outputs.append((one, new))
         seconds += spent
     width = max(new.num_tokens for _, new in outputs)

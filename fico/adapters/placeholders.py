@@ -16,22 +16,32 @@ def padding_token_id(config) -> int:
     return pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
 
 
-def rebuild_placeholders(call: dict, counts: list[int], image_token_id: int, per_image: int, pad_id: int) -> dict:
-    """``call`` with image i's run of ``per_image`` placeholders made ``counts[i]`` tokens long
-    (cut, or extended at its end where a method emits more features than patches, such as
-    PruMerge's extra token when it discards nothing); images in the order the model fills
-    them (by sample, then left to right), rows padded back to one length on the side the
-    batch was padded (left unless it is right-padded)."""
+def rebuild_placeholders(call: dict, counts: list[int], image_token_id: int, per_image: int | list[int],
+                         pad_id: int) -> dict:
+    """``call`` with image i's run of placeholders (``per_image`` tokens, or ``per_image[i]`` where
+    images differ) made ``counts[i]`` tokens long (cut, or extended at its end where a method
+    emits more features than patches, such as PruMerge's extra token when it discards
+    nothing); images in the order the model fills them (by sample, then left to right), rows
+    padded back to one length on the side the batch was padded (left unless it is right-padded)."""
     ids = call["input_ids"]
     b, length = ids.shape
     placeholder = ids == image_token_id
-    image_of = ((placeholder.reshape(-1).long().cumsum(0) - 1).reshape(b, length) // per_image).clamp(0, len(counts) - 1)
-    rank = (placeholder.long().cumsum(1) - 1) % per_image
+    overall = (placeholder.reshape(-1).long().cumsum(0) - 1).reshape(b, length)  # rank over the batch
+    if isinstance(per_image, int):
+        image_of = (overall // per_image).clamp(0, len(counts) - 1)
+        rank = overall % per_image
+        run = torch.full_like(overall, per_image)
+    else:
+        runs = torch.tensor(per_image, device=ids.device, dtype=torch.long)
+        ends = runs.cumsum(0)
+        image_of = torch.bucketize(overall, ends, right=True).clamp(0, len(counts) - 1)
+        rank = overall - (ends - runs)[image_of]
+        run = runs[image_of]
     count = torch.tensor(counts, device=ids.device, dtype=torch.long)[image_of]
     # how many times each position appears in the rebuilt row
     repeats = torch.where(placeholder, (rank < count).long(), 1)
-    last = placeholder & (rank == per_image - 1)
-    repeats = repeats + torch.where(last, (count - per_image).clamp_min(0), 0)
+    last = placeholder & (rank == run - 1)
+    repeats = repeats + torch.where(last, (count - run).clamp_min(0), 0)
     if bool((repeats == 1).all()):
         return call
     lengths = repeats.sum(1)

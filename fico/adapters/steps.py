@@ -14,14 +14,17 @@ from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState
 
 
-def run_point_step(run: ReductionRun, planned: PlannedStep, state: TokenState) -> list[TokenState]:
-    """Run a ``vision_output`` or ``pre_llm`` step on ``state`` (a batch of images): batched, or
+def run_point_step(run: ReductionRun, planned: PlannedStep, state: TokenState, remove: int | None = None
+                   ) -> list[TokenState]:
+    """Run a ``vision_output`` or ``pre_llm`` step on ``state`` (a batch of images): batched,
+    removing the plan's count (or ``remove``, where the site counts the image itself), or
     image by image where the filter chooses the count from the image (``keep: adaptive``)."""
     step = planned.step
     site = step.site
-    if planned.remove is not None:
-        new, seconds = run_step(planned, state, planned.remove, run.sync_stage_timing)
-        _record(run, site, state, new, planned.remove, seconds)
+    remove = planned.remove if remove is None else remove
+    if remove is not None:
+        new, seconds = run_step(planned, state, remove, run.sync_stage_timing)
+        _record(run, site, state, new, remove, seconds)
         return [new]
     results = []
     for index in range(state.hidden.shape[0]):

@@ -61,6 +61,8 @@ class PivotDuplicates(Filter):
         return self.image_pivots + self.pivots * (budget // self.pivots)
 
     def discard(self, requested: int, num_tokens: int, num_candidates: int) -> int:
+        if requested <= 0:  # a budget of at least every token present keeps them all
+            return 0
         kept = self.kept(num_candidates - requested)
         if kept > num_candidates:
             raise RecipeError(f"keeps {kept} tokens ({self.image_pivots} pivots + {self.pivots} x "

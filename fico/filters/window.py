@@ -68,6 +68,10 @@ class WindowRepresentatives(Filter):
             raise RecipeError(f"kernel={self.kernel} is larger than the {side} x {side} grid")
         return (side // self.kernel) ** 2
 
+    def planned_keep_on(self, grids: tuple[tuple[int, int], ...]) -> int:
+        """One token per whole window of each part's own grid."""
+        return sum((rows // self.kernel) * (cols // self.kernel) for rows, cols in grids)
+
     def split(self, state: TokenState, r: int) -> Split:
         _, corner = token_windows(state, self.kernel)
         keep = corner | ~state.candidate

@@ -33,6 +33,13 @@ class Geometry:
     feature_index: int  # hidden_states index LLaVA feeds to the projector
     drops_cls: bool  # vision_feature_select_strategy == "default"
     llm_layers: int
+    #: visual tokens one image gives the language model where a family packs several tower
+    #: passes into one image (LLaVA-NeXT's anyres: its largest count); None: the feature layer's
+    #: count. The plan counts pre_llm and decoder steps on it; runs count each image's own.
+    image_tokens: int | None = None
+    #: the grids of that image's parts (the cells; its other tokens, such as newlines, are
+    #: visual but never reduced)
+    image_grids: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,19 +143,23 @@ def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
     return layers
 
 
-def requested_removal(step: Step, candidates: int, position: int = 0, first: int | None = None) -> int | None:
-    """What ``step``'s schedule asks to remove of ``candidates`` (None: the filter decides per image)."""
+def requested_removal(step: Step, candidates: int, position: int = 0, first: int | None = None,
+                      grids: tuple[tuple[int, int], ...] | None = None) -> int | None:
+    """What ``step``'s schedule asks to remove of ``candidates`` (None: the filter decides per
+    image); ``grids``: the parts the candidates lie on, where an image has several."""
     if step.schedule.kind == "keep" and step.schedule.value == "filter":
-        return candidates - step.filter.planned_keep(candidates)
+        if grids is None:
+            return candidates - step.filter.planned_keep(candidates)
+        return sum(rows * cols for rows, cols in grids) - step.filter.planned_keep_on(grids)
     return step.schedule.tokens_to_remove(candidates, position, first)
 
 
 def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: int, position: int,
-              first_candidates: int, where: str) -> PlannedStep:
+              first_candidates: int, where: str, grids: tuple[tuple[int, int], ...] | None = None) -> PlannedStep:
     """How many of ``candidates`` the step removes here (a RecipeError if its schedule cannot run)."""
     key = f"{step.where}.{step.schedule.kind}"
     try:
-        requested = requested_removal(step, candidates, position, first_candidates)
+        requested = requested_removal(step, candidates, position, first_candidates, grids)
     except RecipeError as error:
         raise recipe.error(f"{step.where}.filter", str(error)) from error
     if requested is None:
@@ -235,14 +246,15 @@ def plan_layers(recipe: Recipe, site: str, num_layers: int, tokens: int, candida
     return SitePlan(site, steps, mid_steps, attention, mlp)
 
 
-def plan_point(recipe: Recipe, site: str, tokens: int, candidates: int) -> PlannedStep | None:
+def plan_point(recipe: Recipe, site: str, tokens: int, candidates: int,
+               grids: tuple[tuple[int, int], ...] | None = None) -> PlannedStep | None:
     steps = [s for s in recipe.steps if s.site == site]
     if len(steps) > 1:
         raise recipe.error(f"{steps[1].where}.site", f"the {site} site takes one step; {steps[0].where} is "
                            f"already there")
     if not steps:
         return None
-    return plan_step(recipe, steps[0], 0, tokens, candidates, 0, candidates, f"the {site} site")
+    return plan_step(recipe, steps[0], 0, tokens, candidates, 0, candidates, f"the {site} site", grids)
 
 
 @dataclass(frozen=True)
@@ -287,9 +299,12 @@ def plan_recipe(recipe: Recipe, geometry: Geometry) -> RecipePlan:
         features = None
     else:
         features = vision_output.tokens_out - (1 if geometry.drops_cls and not cls_feature else 0)
+    if geometry.image_tokens is not None:
+        per_pass = at_feature - (1 if geometry.drops_cls else 0)
+        features = geometry.image_tokens if features is None else round(geometry.image_tokens * features / per_pass)
     pre_llm = None
     if features is not None:
-        pre_llm = plan_point(recipe, "pre_llm", features, features)
+        pre_llm = plan_point(recipe, "pre_llm", features, features, geometry.image_grids)
         if pre_llm is not None:
             features = pre_llm.tokens_out
     elif any(s.site == "pre_llm" for s in recipe.steps):

@@ -222,6 +222,29 @@ class LlavaEncoder:
         """Per image: the features reaching the LLM, and each one's patch cell (-1: none);
         ``instructions``: each image's instruction text, for instruction signals."""
         llava = self.model.model
+        features, cells, first = [], [], 0
+        for tokens, pos in self.select_features(pixel_values):
+            projected = llava.multi_modal_projector(tokens)
+            patch = torch.where(pos > 0, pos - 1, -1)
+            signals = {}
+            if instructions is not None and not tokens.is_meta:
+                signals = instruction_signals(self.text_tower, llava.vision_tower.post_layernorm, tokens,
+                                              instructions[first:first + tokens.shape[0]])
+            first += tokens.shape[0]
+            if self.plan.pre_llm is not None:
+                for image, image_patch in self._pre_llm(projected, patch, signals):
+                    features.append(image)
+                    cells.append(image_patch)
+            else:
+                features += list(projected)
+                cells += list(patch)
+        return features, cells
+
+    def select_features(self, pixel_values: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The tower's feature-layer tokens after the vision_output step and feature selection,
+        with their positions in the tower's sequence ([CLS] 0, -1: created): one batch of
+        images (tower passes), or one per image where the step's count is the image's own."""
+        llava = self.model.model
         out = llava.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         vp = self.vision.last
         hidden = out.hidden_states[self.geo.feature_index]
@@ -244,23 +267,7 @@ class LlavaEncoder:
                         tokens.shape[0], -1)
                 tokens, pos = gather_tokens(tokens, index), gather_tokens(pos, index)
             selected.append((tokens, pos))
-        features, cells, first = [], [], 0
-        for tokens, pos in selected:
-            projected = llava.multi_modal_projector(tokens)
-            patch = torch.where(pos > 0, pos - 1, -1)
-            signals = {}
-            if instructions is not None and not tokens.is_meta:
-                signals = instruction_signals(self.text_tower, llava.vision_tower.post_layernorm, tokens,
-                                              instructions[first:first + tokens.shape[0]])
-            first += tokens.shape[0]
-            if self.plan.pre_llm is not None:
-                for image, image_patch in self._pre_llm(projected, patch, signals):
-                    features.append(image)
-                    cells.append(image_patch)
-            else:
-                features += list(projected)
-                cells += list(patch)
-        return features, cells
+        return selected
 
     def _vision_output(self, hidden: Tensor, positions: Tensor, size: Tensor | None, sources: Tensor | None,
                        vp: VisionPass | None) -> list[tuple]:
