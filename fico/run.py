@@ -46,19 +46,26 @@ class Trace:
             step's output.
         vision_features: image features per image reaching the language model (after any
             vision_output and pre_llm step); a list when the images of the batch differ.
+        vision_passes: vision-tower passes per image (LLaVA-NeXT: base image + crops; None:
+            one), a list when the images differ; ``vision`` counts the tokens of each pass.
         llm: sequence length each decoder layer runs on during prefill, after any step at
             its input (text and padding included); this is also its KV-cache length.
         llm_mlp: sequence length each decoder layer's MLP runs on (differs from ``llm`` at
             layers with an ``llm_mid`` step).
         visual: visual tokens entering each decoder layer's attention (first sample).
+        ghosts: where samples of a ragged batch hold different numbers of tokens, the ghost
+            slots (``fico.adapters.ghosts``) of each sample in each decoder layer, by layer;
+            sample i runs ``llm[layer] - ghosts[layer][i]`` real tokens and padding.
         steps: the reduction steps that ran, in order.
     """
 
     vision: list[int] = field(default_factory=list)
     vision_features: int | list[int] | None = None
+    vision_passes: int | list[int] | None = None
     llm: list[int] = field(default_factory=list)
     llm_mlp: list[int] = field(default_factory=list)
     visual: list[int] = field(default_factory=list)
+    ghosts: dict[int, list[int]] = field(default_factory=dict)
     steps: list[StepRecord] = field(default_factory=list)
 
     @property
@@ -183,6 +190,7 @@ class ReductionRun:
         self.trace = Trace()
         if keep_vision:
             self.trace.vision, self.trace.vision_features = old.vision, old.vision_features
+            self.trace.vision_passes = old.vision_passes
             self.trace.steps = [s for s in old.steps if s.site in ("vision", "vision_output", "pre_llm")]
 
     def remove(self) -> None:

@@ -70,7 +70,7 @@ def test_the_circle_finder_finds_circles():
 
 
 ADAPTERS = Path(fico.__file__).parent / "adapters"
-FAMILY_FILES = {ADAPTERS / "families" / "llava.py", ADAPTERS / "families" / "llava_next.py"}
+FAMILY_FILES = {ADAPTERS / "families" / name for name in ("llava.py", "llava_next.py", "anyres.py")}
 
 
 def code_words(path: Path) -> set[str]:

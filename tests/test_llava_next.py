@@ -197,3 +197,82 @@ def test_a_positional_input_ids_reaches_the_decoder_site():
     with torch.no_grad(), fico.apply(model, fico.load_recipe("fastv", ["k=2"])) as run:
         model(**inputs([1]))
     assert run.trace.visual[2] == (234 - 10) // 2 + 10
+
+
+@pytest.mark.parametrize("size,passes,tokens", [((336, 336), 3, 1176), ((480, 640), 5, 2340), ((640, 480), 5, 2352),
+                                                ((1080, 1920), 5, 1948), ((2000, 500), 4, 1944), (None, 5, 2928)])
+def test_the_cost_model_counts_crops_base_image_and_newlines(size, passes, tokens):
+    """LLaVA-NeXT-7B's visual tokens by image size (the processor's own counts), and the
+    vision tower's cost once per pass."""
+    from fico.cost.model import TokenCounts, model_spec, prefill_cost, recipe_cost
+
+    spec = model_spec("llava-next-7b")
+    assert spec.image(size)[:2] == (passes, tokens)
+    report = recipe_cost(spec, None, 60, "full", image_size=size)
+    assert report.tokens["features"] == tokens and report.tokens["llm"][0] == tokens + 60
+    vision = [e["flops"] for e in report.per_layer if e["site"] == "vision"]
+    one_pass = prefill_cost(model_spec("llava-1.5-7b"), TokenCounts.unreduced(model_spec("llava-1.5-7b"), 60), "full")
+    assert sum(vision) == pytest.approx(passes * sum(e["flops"] for e in one_pass.per_layer if e["site"] == "vision"))
+
+
+def test_the_cost_model_reads_a_next_config():
+    from fico.cost.model import model_spec
+
+    spec = model_spec(embedded_next.build_config())
+    assert spec.grid_pinpoints and spec.image((336, 448))[1] == 1368
+    assert model_spec("embedded-next").image((336, 336))[1] == 1176
+
+
+def test_a_decoder_schedule_counts_cells_and_keep_counts_rows():
+    """FastV halves the 2304 cells of a 640 x 480 image (its 36 newlines stay); a pre_llm
+    ``keep: 640`` keeps 640 rows, newlines included."""
+    from fico.cost.model import recipe_cost
+
+    fastv = recipe_cost("llava-next-7b", fico.load_recipe("fastv"), 60, image_size=(480, 640))
+    assert fastv.tokens["llm"][-1] == 60 + 2340 - 1152
+    random = recipe_cost("llava-next-7b", fico.load_recipe("random", ["keep=640"]), 60, image_size=(480, 640))
+    assert random.tokens["features"] == 640
+
+
+def test_fico_cost_takes_the_image_size(capsys):
+    from fico.commands.cli import main
+
+    assert main(["cost", "llava-next-7b", "--image-size", "640x480"]) == 0
+    out = capsys.readouterr().out
+    assert "5 CLIP passes" in out and "36 newlines = 2340 visual tokens" in out
+    assert main(["cost", "llava-1.5-7b", "--image-size", "640x480"]) != 0
+    assert "the option is for models whose count depends on it" in capsys.readouterr().err
+
+
+def test_fico_run_takes_the_embedded_next_model(capsys):
+    from fico.commands.cli import main
+
+    assert main(["run", "fastv", "--model", "embedded-next", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "embedded tiny LLaVA-NeXT-shaped" in out and "image features per image" in out
+
+
+def test_every_bundled_recipe_runs_on_a_next_model_of_real_depth_or_names_what_it_lacks():
+    """All bundled recipes and budget variants, at LLaVA-NeXT's real depth and crop size (24
+    CLIP layers, 32 decoder layers, 336 px crops), on a batch of two image sizes (772 and 792
+    visual tokens); CDPruner alone refuses, naming the signal the family lacks."""
+    model = _model(dtype=torch.float32, crop=336, vision_layers=24, llm_layers=32)
+    processor = _processor(336)
+    batch = embedded_next.example_inputs(processor, prompts=PROMPTS, sizes=[(60, 600), (336, 100)], seeds=[1, 2])
+    refused = {}
+    for name in fico.bundled_recipes():
+        recipe = fico.load_recipe(name)
+        try:
+            with torch.no_grad(), fico.apply(model, recipe) as run:
+                logits = model(**batch).logits
+        except fico.RecipeError as error:
+            refused[name] = str(error)
+            continue
+        assert torch.isfinite(logits).all(), name
+        features = run.trace.vision_features
+        if any(s.site in ("vision", "vision_output", "pre_llm") for s in recipe.steps):
+            assert all(n < 772 for n in (features if isinstance(features, list) else [features])), name
+        else:  # the sequence entering the decoder is the processor's
+            assert features == [772, 792] and run.trace.llm[0] == batch["input_ids"].shape[1], name
+    assert sorted(refused) == sorted(n for n in fico.bundled_recipes() if "cdpruner" in n)
+    assert all("instruction_similarity" in m and "LLaVA-NeXT" in m for m in refused.values())

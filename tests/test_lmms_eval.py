@@ -245,3 +245,22 @@ def test_fico_eval_refuses_bad_input_before_evaluating(args, message, tmp_path, 
     assert main(["eval", *args, "--out", str(tmp_path / "eval"), "--toy-images", "1"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "eval" / "results.jsonl").exists()
+
+
+def test_a_llava_next_checkpoint_answers_a_local_task(tasks, tmp_path):
+    """`--model fico` with a LLaVA-NeXT checkpoint directory: its processor's anyres inputs, its
+    prompt format, and a cost per request that counts its own crops and tokens."""
+    from fico import embedded_next
+    from fico.integrations.lmms_model import FicoLMM
+
+    directory = tmp_path / "next"
+    embedded_next.build_model(crop=112, vision_layers=2, llm_layers=4).save_pretrained(directory)
+    embedded_next.build_processor(crop=112).save_pretrained(directory)
+    costs = {}
+    for recipe in (None, "fastv", "pool"):
+        lm = FicoLMM(pretrained=str(directory), recipe=recipe, batch_size=3)
+        result = _evaluate(lm, "fico_toy_vqa", tasks, limit=6)
+        assert 0 <= result["exact_match,none"] <= 1
+        costs[recipe] = sum(s["tflops"] for s in lm.statistics)
+        assert len(lm.statistics) == 6
+    assert costs["fastv"] < costs[None] and costs["pool"] < costs[None]

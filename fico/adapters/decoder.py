@@ -408,6 +408,8 @@ class LLMSite:
         if planned is not None and planned.remove:
             hidden = self._reduce(layer, planned, lp, hidden, self._input_source(layer, planned, lp, hidden))
         self.run.trace.llm.append(hidden.shape[1])
+        if lp.ghost is not None:
+            self.run.trace.ghosts[layer] = lp.ghost.sum(1).tolist()
         if lp.visual_count is not None:
             self.run.trace.visual.append(lp.visual_count)
         if lp.keep is None:

@@ -20,6 +20,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..cost.conventions import CONVENTIONS
+from ..errors import RecipeError
 from ..models import dtype_argument
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +40,19 @@ def _token_counts(text: str):
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values[0] if len(values) == 1 and "," not in text else values
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``WxH`` (width by height, in pixels, as an image viewer says it) -> ``(height, width)``,
+    the order transformers' ``image_sizes`` use."""
+    width, sep, height = text.lower().partition("x")
+    try:
+        size = (int(height), int(width))
+    except ValueError:
+        size = None
+    if not sep or size is None or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, such as 640x480, got {text!r}")
+    return size
 
 
 def _positive_int(text: str) -> int:
@@ -93,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     _plugin_option(run)
     sub.add_parser("list", help="list registered components and bundled recipes")
     cost = sub.add_parser("cost", help="analytic prefill cost (FLOPs, KV cache, memory) of a recipe on a model")
-    cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, embedded, toy, or a local checkpoint directory")
+    cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, embedded, embedded-next, toy, or a "
+                                    "local checkpoint directory")
     cost.add_argument("recipe", nargs="?", default=None, help="bundled name or YAML path (default: unreduced)")
     cost.add_argument("overrides", nargs="*", default=[], help="knob overrides, key=value")
     cost.add_argument("--text-tokens", type=_token_counts, default=60,
@@ -102,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--dtype", type=dtype_argument(quantized=True), default="float16",
                       help="weight and KV-cache precision: float16 (default), bfloat16, float32, float64, int8, int4; "
                            "aliases fp16, bf16, ...")
+    cost.add_argument("--image-size", type=_image_size, default=None, metavar="WxH",
+                      help="the image's width x height, for models whose token count depends on it (LLaVA-NeXT: "
+                           "its crops, base image and newlines; default: its largest resolution)")
     cost.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _plugin_option(cost)
     explain = sub.add_parser("explain", help="a recipe as filter/correlate/compress with formulas and BibTeX")
@@ -284,8 +302,12 @@ def show_cost(args, console: Console) -> int:
     from .console import Table
 
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin) if args.recipe else None
-    report = recipe_cost(args.model, recipe, args.text_tokens, args.convention, args.dtype)
-    base = recipe_cost(args.model, None, args.text_tokens, args.convention, args.dtype)
+    spec = model_spec(args.model)
+    if args.image_size is not None and not spec.grid_pinpoints:
+        raise RecipeError(f"--image-size: {spec.name} gives every image {spec.patches} tokens whatever its size; "
+                          f"the option is for models whose count depends on it (LLaVA-NeXT)")
+    report = recipe_cost(spec, recipe, args.text_tokens, args.convention, args.dtype, args.image_size)
+    base = recipe_cost(spec, None, args.text_tokens, args.convention, args.dtype, args.image_size)
     if recipe is not None and recipe.budget is not None:
         report.schedule = dict(report.schedule or {}, budget=recipe.budget.as_dict())
     if args.json:
@@ -295,6 +317,12 @@ def show_cost(args, console: Console) -> int:
         console.print(recipe.budget.describe(), highlight=False)
     texts = (f"{report.text_tokens} text tokens" if isinstance(report.text_tokens, int)
              else f"averaged over {len(report.text_tokens)} text lengths {report.text_tokens}")
+    passes, _, grids = spec.image(args.image_size)
+    if grids is not None:
+        (height, width) = args.image_size or max(spec.grid_pinpoints, key=lambda size: spec.image(size)[1])
+        console.print(f"a {width}x{height} image: {passes} CLIP passes (base image + {passes - 1} crops), "
+                      f"{grids[0][0]}x{grids[0][1]} base cells + {grids[1][0]}x{grids[1][1]} unpadded cells + "
+                      f"{grids[1][0]} newlines = {base.tokens['features']} visual tokens", highlight=False)
     table = Table(title=f"prefill cost of {report.recipe or 'the unreduced model'} on {report.model} "
                         f"({report.convention}, {texts}, {report.dtype})")
     for column in ("", "reduced", "unreduced") if recipe else ("", "value"):
@@ -309,7 +337,7 @@ def show_cost(args, console: Console) -> int:
     if recipe is not None and any(s.site in ("llm", "llm_mid") for s in recipe.steps):
         from ..recipe.plan import equivalent_tokens, plan_recipe
 
-        plan = plan_recipe(recipe, model_spec(args.model).geometry())
+        plan = plan_recipe(recipe, spec.geometry(args.image_size))
         rows.append(("visual tokens over decoder layers", equivalent_text(
             equivalent_tokens(plan.llm.attention, plan.llm.mlp[-1])), f"{base.tokens['features']} at every layer"))
     for row in rows:
@@ -392,7 +420,7 @@ def _questions(args, family, processor):
         question = args.prompt
         text = args.prompt if "<image>" in args.prompt else family.prompt(args.prompt, 1, processor)
     else:
-        question = "what is the color of the circle ?" if args.model == "embedded" else "Describe the image."
+        question = "what is the color of the circle ?" if args.model.startswith("embedded") else "Describe the image."
         text = family.prompt(question, 1, processor)
     return [image], [text], [question], None
 
@@ -419,7 +447,7 @@ def run_recipe(args, console: Console) -> int:
     check_recipes([recipe], args.model)  # before minutes of loading weights
     model, processor = load_model(args.model, args.dtype, args.attn)
     images, prompts, questions, truths = _questions(args, family_of(model), processor)
-    max_new = args.max_new_tokens or {"toy": 1, "embedded": 3}.get(args.model, 8)
+    max_new = args.max_new_tokens or {"toy": 1, "embedded": 3, "embedded-next": 3}.get(args.model, 8)
 
     def encode(pictures, texts):
         inputs = dict(processor(images=pictures, text=texts, return_tensors="pt", padding=True))
@@ -472,7 +500,8 @@ def run_recipe(args, console: Console) -> int:
     vanilla, reduced = Spread.of(times["vanilla"]).scaled(1e3), Spread.of(times["reduced"]).scaled(1e3)
     speedup = Spread.ratio(times["vanilla"], times["reduced"])
     summary = Table(title="reduced vs unreduced model", show_header=False)
-    names = {"toy": "fico-toy (trained on synthetic VQA)", "embedded": "embedded tiny LLaVA-1.5-shaped (random)"}
+    names = {"toy": "fico-toy (trained on synthetic VQA)", "embedded": "embedded tiny LLaVA-1.5-shaped (random)",
+             "embedded-next": "embedded tiny LLaVA-NeXT-shaped (random)"}
     summary.add_row("model", names.get(args.model, args.model))
     summary.add_row("recipe", f"{recipe.source} {' '.join(args.overrides)}")
     summary.add_row("what it does", recipe.description)
@@ -480,7 +509,9 @@ def run_recipe(args, console: Console) -> int:
         summary.add_row("budget", recipe.budget.describe())
     spec = model_spec(model)
     ran = prefill_cost(spec, TokenCounts.from_trace(trace, spec), "llm-viewer")
-    unreduced = recipe_cost(spec, None, ran.text_tokens, "llm-viewer")
+    sizes = timed.get("image_sizes")  # where the model's count depends on the image's size
+    unreduced = recipe_cost(spec, None, ran.text_tokens, "llm-viewer",
+                            image_size=None if sizes is None else sizes[0].tolist())
     summary.add_row("cost of what ran (llm-viewer)", f"{unreduced.tflops * 1e3:.2f} -> {ran.tflops * 1e3:.2f} GFLOPs "
                     f"({unreduced.tflops / ran.tflops:.2f}x), KV cache {unreduced.kv_cache_mb:.2f} -> "
                     f"{ran.kv_cache_mb:.2f} MB (float16)")

@@ -1,5 +1,9 @@
 """Analytic prefill cost of a LLaVA model under a token schedule: FLOPs, KV cache, memory.
 
+LLaVA-NeXT (a spec with ``grid_pinpoints``) encodes an image in several tower passes (the base
+image and its anyres crops) and gives the language model its packed tokens (base cells,
+unpadded high-resolution cells and one newline per row): both depend on the image's size.
+
 Everything is computed from the architecture numbers alone (no weights), for the token
 counts a recipe's plan produces (or that a run recorded). Two named conventions:
 
@@ -60,6 +64,8 @@ class ModelSpec:
     llm_kv_heads: int
     vocab: int
     tied_embeddings: bool = False
+    #: LLaVA-NeXT's anyres resolutions (height, width in pixels); empty: one pass per image
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @property
     def patches(self) -> int:
@@ -69,9 +75,29 @@ class ModelSpec:
     def kv_width(self) -> int:
         return self.llm_kv_heads * (self.llm_hidden // self.llm_heads)
 
-    def geometry(self) -> Geometry:
+    def image(self, image_size=None) -> tuple[int, int, tuple | None]:
+        """``(tower passes, visual tokens reaching the LLM, grids)`` of one image of ``image_size``
+        (height, width): one pass of every patch, or LLaVA-NeXT's anyres count (default: its
+        largest resolution, the most tokens)."""
+        if not self.grid_pinpoints:
+            return 1, self.patches, None
+        from ..adapters.families.anyres import anyres_grids, anyres_tokens
+
+        def counts(size):
+            passes, _, grids = anyres_grids(size, self.grid_pinpoints, self.image_size, self.patch_size)
+            return passes, anyres_tokens(grids), grids
+
+        if image_size is None:
+            return max((counts(size) for size in self.grid_pinpoints), key=lambda c: c[1])
+        return counts(image_size)
+
+    def geometry(self, image_size=None) -> Geometry:
         index = self.feature_layer if self.feature_layer >= 0 else self.vision_layers + 1 + self.feature_layer
-        return Geometry(self.vision_layers, self.patches + 1, index, self.drops_cls, self.llm_layers)
+        if not self.grid_pinpoints:
+            return Geometry(self.vision_layers, self.patches + 1, index, self.drops_cls, self.llm_layers)
+        _, tokens, grids = self.image(image_size)
+        return Geometry(self.vision_layers, self.patches + 1, index, self.drops_cls, self.llm_layers,
+                        image_tokens=tokens, image_grids=grids)
 
     def parameters(self) -> dict[str, int]:
         """Parameter counts by part (weights and biases, as the HF modules hold them)."""
@@ -93,11 +119,16 @@ BUILTIN_SPECS = {
                               32, 4096, 11008, 32, 32, 32064),
     "llava-1.5-13b": ModelSpec("llava-1.5-13b", 336, 14, 24, 1024, 4096, 16, -2, True,
                                40, 5120, 13824, 40, 40, 32064),
+    # the same towers with anyres, as published in llava-hf/llava-v1.6-vicuna-7b-hf
+    "llava-next-7b": ModelSpec("llava-next-7b", 336, 14, 24, 1024, 4096, 16, -2, True,
+                               32, 4096, 11008, 32, 32, 32064,
+                               grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))),
 }
 
 
 def spec_from_config(config, name: str = "config") -> ModelSpec:
-    """A :class:`ModelSpec` from a ``transformers.LlavaConfig``."""
+    """A :class:`ModelSpec` from a ``transformers.LlavaConfig`` or ``LlavaNextConfig`` (whose class
+    declares ``image_grid_pinpoints``)."""
     vision, text = config.vision_config, config.text_config
     feature = config.vision_feature_layer
     if not isinstance(feature, int):
@@ -111,6 +142,7 @@ def spec_from_config(config, name: str = "config") -> ModelSpec:
         llm_heads=text.num_attention_heads,
         llm_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         vocab=text.vocab_size, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        grid_pinpoints=tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ()),
     )
 
 
@@ -130,6 +162,10 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
         from .. import embedded
 
         return spec_from_config(embedded.build_config(), "embedded")
+    if key == "embedded-next":
+        from .. import embedded_next
+
+        return spec_from_config(embedded_next.build_config(), "embedded-next")
     if key == "toy":
         from ..toy.model import build_config
 
@@ -142,7 +178,7 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
     from ..models import model_source
 
     names = {**{name: "published architecture" for name in BUILTIN_SPECS}, "embedded": "fico's random tiny model",
-             "toy": "fico-toy"}
+             "embedded-next": "fico's random tiny LLaVA-NeXT", "toy": "fico-toy"}
     model_source(key, names, label="model")  # raises, naming the built-in models and any close match
     raise ModelNotFoundError(f"unknown model {key!r}")  # pragma: no cover - model_source raised
 
@@ -152,7 +188,8 @@ class TokenCounts:
     """Per-layer token counts of one prefill (one sample, one image).
 
     ``vision_in[i]`` enters CLIP layer i (its attention), ``vision_out[i]`` leaves its step
-    (its MLP); ``projected`` enters the projector and ``features`` the language model;
+    (its MLP), in each of ``vision_passes`` tower passes; ``projected`` enters the projector
+    (all passes) and ``features`` the language model;
     ``llm[i]`` is what decoder layer i's attention runs on (also its KV-cache length) and
     ``llm_mlp[i]`` what its MLP runs on (fewer after an ``llm_mid`` step).
     """
@@ -164,6 +201,7 @@ class TokenCounts:
     text_tokens: int
     llm_mlp: list[int] | None = None
     projected: int | None = None
+    vision_passes: int = 1
 
     def __post_init__(self):
         if self.llm_mlp is None:
@@ -172,20 +210,25 @@ class TokenCounts:
             self.projected = self.features
 
     @classmethod
-    def unreduced(cls, spec: "ModelSpec", text_tokens: int) -> "TokenCounts":
-        """Every layer on every token."""
+    def unreduced(cls, spec: "ModelSpec", text_tokens: int, image_size=None) -> "TokenCounts":
+        """Every layer on every token (of an image of ``image_size`` where the count depends on it)."""
+        passes, features, _ = spec.image(image_size)
         vision = [spec.patches + 1] * spec.vision_layers
-        return cls(vision, list(vision), spec.patches, [spec.patches + text_tokens] * spec.llm_layers, text_tokens)
+        return cls(vision, list(vision), features, [features + text_tokens] * spec.llm_layers, text_tokens,
+                   projected=passes * spec.patches, vision_passes=passes)
 
     @classmethod
-    def from_plan(cls, plan: RecipePlan, text_tokens: int) -> "TokenCounts":
-        if plan.features is None:
+    def from_plan(cls, plan: RecipePlan, text_tokens: int, passes: int = 1) -> "TokenCounts":
+        if plan.features is None or (passes > 1 and plan.pass_features is None):
             raise RecipeError("the recipe chooses its token count per image (an adaptive step), so its cost "
                               "depends on the image: `fico run` prints the cost of what ran on one")
         llm = [text_tokens + n for n in plan.llm.attention]
         llm_mlp = [text_tokens + n for n in plan.llm.mlp]
         projected = plan.pre_llm.tokens_in if plan.pre_llm is not None else plan.features
-        return cls(plan.vision.attention, plan.vision.mlp, plan.features, llm, text_tokens, llm_mlp, projected)
+        if plan.pass_features is not None:
+            projected = passes * plan.pass_features
+        return cls(plan.vision.attention, plan.vision.mlp, plan.features, llm, text_tokens, llm_mlp, projected,
+                   passes)
 
     @classmethod
     def from_trace(cls, trace, spec: ModelSpec) -> "TokenCounts":
@@ -197,12 +240,17 @@ class TokenCounts:
         features = features[0] if isinstance(features, list) else features
         pre = [s for s in trace.steps if s.site == "pre_llm"]
         projected = pre[0].tokens_in if pre else features
+        passes = trace.vision_passes[0] if isinstance(trace.vision_passes, list) else (trace.vision_passes or 1)
+        if trace.vision_passes is not None:  # the projector ran on every pass's features
+            at_feature = ([n for n in vision_out] + [vision_out[-1]])[spec.geometry().feature_index - 1]
+            projected = passes * (at_feature - (1 if spec.drops_cls else 0))
         llm_first = trace.llm[0] if trace.llm else features
         llm_steps = {s.layer: s for s in trace.steps if s.site == "llm"}
         mid_steps = {s.layer: s for s in trace.steps if s.site == "llm_mid"}
         first_in = llm_steps[0].tokens_in if 0 in llm_steps else llm_first
         llm_mlp = [mid_steps[i].tokens_out if i in mid_steps else n for i, n in enumerate(trace.llm)]
-        return cls(vision_in, vision_out, features, list(trace.llm), first_in - features, llm_mlp, projected)
+        return cls(vision_in, vision_out, features, list(trace.llm), first_in - features, llm_mlp, projected,
+                   passes)
 
 
 @dataclass
@@ -255,13 +303,15 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
     per_layer = []
     total = 0.0
     if convention == "full":
-        conv = 2.0 * spec.patches * 3 * spec.patch_size ** 2 * spec.vision_hidden
-        per_layer.append({"site": "vision", "layer": "patch_embedding", "tokens": spec.patches, "flops": conv})
+        passes = counts.vision_passes  # each tower pass (LLaVA-NeXT: base image and crops) costs the same
+        conv = passes * 2.0 * spec.patches * 3 * spec.patch_size ** 2 * spec.vision_hidden
+        per_layer.append({"site": "vision", "layer": "patch_embedding", "tokens": spec.patches, "passes": passes,
+                          "flops": conv})
         total += conv
         for layer, (n_in, n_out) in enumerate(zip(counts.vision_in, counts.vision_out)):
-            flops = vision_layer_flops(spec, n_in, n_out)
+            flops = passes * vision_layer_flops(spec, n_in, n_out)
             per_layer.append({"site": "vision", "layer": layer, "tokens": n_in, "tokens_after_step": n_out,
-                              "flops": flops})
+                              "passes": passes, "flops": flops})
             total += flops
         projector = 2.0 * counts.projected * spec.llm_hidden * (spec.vision_hidden + spec.llm_hidden)
         per_layer.append({"site": "projector", "layer": 0, "tokens": counts.projected, "flops": projector})
@@ -300,8 +350,10 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
 
 
 def recipe_cost(model, recipe=None, text_tokens: int | list[int] = 60, convention: str = "llm-viewer",
-                dtype: str = "float16") -> CostReport:
-    """Cost of ``recipe`` (None: the unreduced model) on ``model`` (see :func:`model_spec`).
+                dtype: str = "float16", image_size=None) -> CostReport:
+    """Cost of ``recipe`` (None: the unreduced model) on ``model`` (see :func:`model_spec`), for
+    one image of ``image_size`` (height, width) where the model's count depends on it
+    (LLaVA-NeXT; default: its largest resolution).
 
     ``text_tokens`` may be a list (DivPrune's per-benchmark text lengths): the report then
     averages FLOPs, KV cache and memory over those lengths.
@@ -315,7 +367,7 @@ def recipe_cost(model, recipe=None, text_tokens: int | list[int] = 60, conventio
     if isinstance(text_tokens, (list, tuple)):
         if not text_tokens:
             raise RecipeError("text_tokens: an empty list")
-        reports = [recipe_cost(spec, recipe, t, convention, dtype) for t in text_tokens]
+        reports = [recipe_cost(spec, recipe, t, convention, dtype, image_size) for t in text_tokens]
         mean = lambda key: sum(getattr(r, key) for r in reports) / len(reports)
         first = reports[0]
         return CostReport(model=first.model, convention=convention, dtype=first.dtype, text_tokens=list(text_tokens),
@@ -325,9 +377,10 @@ def recipe_cost(model, recipe=None, text_tokens: int | list[int] = 60, conventio
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
         raise RecipeError(f"text_tokens must be an integer >= 1 (or a list of them), got {text_tokens!r}")
     if recipe is None:
-        return prefill_cost(spec, TokenCounts.unreduced(spec, text_tokens), convention, dtype)
-    plan = plan_recipe(recipe, spec.geometry())
-    report = prefill_cost(spec, TokenCounts.from_plan(plan, text_tokens), convention, dtype)
+        return prefill_cost(spec, TokenCounts.unreduced(spec, text_tokens, image_size), convention, dtype)
+    plan = plan_recipe(recipe, spec.geometry(image_size))
+    passes = spec.image(image_size)[0]
+    report = prefill_cost(spec, TokenCounts.from_plan(plan, text_tokens, passes), convention, dtype)
     report.recipe = recipe.name
     report.schedule = recipe.knobs
     return report

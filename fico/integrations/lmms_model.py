@@ -301,26 +301,33 @@ class FicoLMM(lmms):
         placeholders = (inputs["input_ids"] == getattr(self.model.config, "image_token_id", -1)).sum(1).tolist()
         trace = run.trace if run is not None else None
         features = trace.vision_features if trace is not None else None
+        sizes = inputs.get("image_sizes")  # where the model's count depends on the image's size
         image = 0
         for i, request in enumerate(requests):
             images = per_sample[i]
             text = real[i] - placeholders[i]
+            stock = [self.spec.image(None if sizes is None else sizes[j].tolist())
+                     for j in range(image, image + images)]
             if isinstance(features, list):
                 mine = sum(features[image:image + images]) if images else 0
             else:
-                mine = (features if features is not None else self.spec.patches) * images
+                mine = features * images if features is not None else sum(n for _, n, _ in stock)
+            passes = stock[0][0] if stock else 1
             image += images
             if trace is None or not trace.llm:
-                counts = TokenCounts.unreduced(self.spec, text)
+                counts = TokenCounts.unreduced(self.spec, text, None if sizes is None else sizes[image - 1].tolist())
                 counts = replace(counts, features=mine, llm=[text + mine] * self.spec.llm_layers,
-                                 llm_mlp=None, projected=None)
+                                 llm_mlp=None, projected=None, vision_passes=passes)
             else:
                 counts = TokenCounts.from_trace(trace, self.spec)
                 # every layer of the batch holds this sample's padding (and re-padding where images
-                # kept different counts) besides its own tokens; reduction never removes padding
+                # kept different counts) besides its own tokens; reduction never removes padding;
+                # ghost slots (samples of a ragged batch that kept more) are not this sample's
                 extra = trace.llm[0] - (text + mine)
-                counts = replace(counts, features=mine, text_tokens=text, llm=[n - extra for n in counts.llm],
-                                 llm_mlp=[n - extra for n in counts.llm_mlp])
+                ghosts = [trace.ghosts.get(layer, [0] * len(requests))[i] for layer in range(len(counts.llm))]
+                counts = replace(counts, features=mine, text_tokens=text, vision_passes=passes,
+                                 llm=[n - extra - g for n, g in zip(counts.llm, ghosts)],
+                                 llm_mlp=[n - extra - g for n, g in zip(counts.llm_mlp, ghosts)])
             if not images:  # a text-only request never runs the vision tower
                 counts = replace(counts, vision_in=[0] * len(counts.vision_in),
                                  vision_out=[0] * len(counts.vision_out), projected=0)

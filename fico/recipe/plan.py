@@ -155,11 +155,17 @@ def requested_removal(step: Step, candidates: int, position: int = 0, first: int
 
 
 def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: int, position: int,
-              first_candidates: int, where: str, grids: tuple[tuple[int, int], ...] | None = None) -> PlannedStep:
-    """How many of ``candidates`` the step removes here (a RecipeError if its schedule cannot run)."""
+              first_candidates: int, where: str, grids: tuple[tuple[int, int], ...] | None = None,
+              protected: int = 0) -> PlannedStep:
+    """How many of ``candidates`` the step removes here (a RecipeError if its schedule cannot
+    run); ``protected``: visual tokens that stay whatever the step does, which a fixed ``keep``
+    counts (:attr:`Schedule.counts_kept`)."""
     key = f"{step.where}.{step.schedule.kind}"
     try:
-        requested = requested_removal(step, candidates, position, first_candidates, grids)
+        if protected and step.schedule.counts_kept:
+            requested = requested_removal(step, candidates + protected, position, first_candidates, grids)
+        else:
+            requested = requested_removal(step, candidates, position, first_candidates, grids)
     except RecipeError as error:
         raise recipe.error(f"{step.where}.filter", str(error)) from error
     if requested is None:
@@ -247,14 +253,14 @@ def plan_layers(recipe: Recipe, site: str, num_layers: int, tokens: int, candida
 
 
 def plan_point(recipe: Recipe, site: str, tokens: int, candidates: int,
-               grids: tuple[tuple[int, int], ...] | None = None) -> PlannedStep | None:
+               grids: tuple[tuple[int, int], ...] | None = None, protected: int = 0) -> PlannedStep | None:
     steps = [s for s in recipe.steps if s.site == site]
     if len(steps) > 1:
         raise recipe.error(f"{steps[1].where}.site", f"the {site} site takes one step; {steps[0].where} is "
                            f"already there")
     if not steps:
         return None
-    return plan_step(recipe, steps[0], 0, tokens, candidates, 0, candidates, f"the {site} site", grids)
+    return plan_step(recipe, steps[0], 0, tokens, candidates, 0, candidates, f"the {site} site", grids, protected)
 
 
 @dataclass(frozen=True)
@@ -269,6 +275,9 @@ class RecipePlan:
     features: int | None
     cls_feature: bool = False  # [CLS] is among the features (VisionZip)
     notes: list[str] = field(default_factory=list)
+    #: features of one tower pass reaching the projector, where an image takes several passes
+    #: (``Geometry.image_tokens``); ``features`` then counts the packed image
+    pass_features: int | None = None
 
     def planned_steps(self) -> list[PlannedStep]:
         """Every planned step, in the order a forward pass runs them."""
@@ -299,12 +308,16 @@ def plan_recipe(recipe: Recipe, geometry: Geometry) -> RecipePlan:
         features = None
     else:
         features = vision_output.tokens_out - (1 if geometry.drops_cls and not cls_feature else 0)
+    pass_features, protected = None, 0
+    if geometry.image_grids is not None:  # visual tokens off the grids (newlines) are never reduced
+        protected = geometry.image_tokens - sum(rows * cols for rows, cols in geometry.image_grids)
     if geometry.image_tokens is not None:
-        per_pass = at_feature - (1 if geometry.drops_cls else 0)
+        per_pass = geometry.vision_tokens - (1 if geometry.drops_cls else 0)  # unreduced
+        pass_features = features
         features = geometry.image_tokens if features is None else round(geometry.image_tokens * features / per_pass)
     pre_llm = None
     if features is not None:
-        pre_llm = plan_point(recipe, "pre_llm", features, features, geometry.image_grids)
+        pre_llm = plan_point(recipe, "pre_llm", features, features - protected, geometry.image_grids, protected)
         if pre_llm is not None:
             features = pre_llm.tokens_out
     elif any(s.site == "pre_llm" for s in recipe.steps):
@@ -318,6 +331,6 @@ def plan_recipe(recipe: Recipe, geometry: Geometry) -> RecipePlan:
                                "they need the same number of visual tokens in every sample")
         llm = SitePlan("llm", {}, {}, [], [])
     else:
-        llm = plan_layers(recipe, "llm", geometry.llm_layers, features, features, mid_site="llm_mid",
+        llm = plan_layers(recipe, "llm", geometry.llm_layers, features, features - protected, mid_site="llm_mid",
                           input_site="llm", first_layer=1)
-    return RecipePlan(vision, vision_output, pre_llm, llm, features, cls_feature)
+    return RecipePlan(vision, vision_output, pre_llm, llm, features, cls_feature, pass_features=pass_features)

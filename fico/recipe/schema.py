@@ -74,6 +74,12 @@ class Schedule:
         """The value for messages, with the knobs it came from."""
         return f" (from {self.source})" if self.source else ""
 
+    @property
+    def counts_kept(self) -> bool:
+        """A fixed ``keep`` count: it counts every visual token that stays, the protected ones
+        too (LLaVA-NeXT's newlines), where the other schedules count candidates."""
+        return self.kind == "keep" and self.value not in ("filter", "adaptive")
+
     def tokens_to_remove(self, n: int, position: int = 0, first: int | None = None) -> int | None:
         """Tokens to remove from ``n`` candidates at the ``position``-th layer of the step
         (``first``: candidates at its first layer); None when the filter decides."""

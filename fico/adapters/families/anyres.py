@@ -45,6 +45,30 @@ class PackedImage:
     grids: tuple[tuple[int, int], tuple[int, int]]
 
 
+def anyres_grids(image_size, pinpoints, crop: int, patch: int) -> tuple[int, tuple[int, int], tuple[tuple[int, int],
+                                                                                            tuple[int, int]]]:
+    """``(passes, (nph, npw), (base grid, unpadded grid))`` of an image of ``image_size`` (height,
+    width) under LLaVA-NeXT's anyres with ``pinpoints`` (pixel sizes) and ``crop`` px crops of
+    ``patch`` px patches: the tower passes (base + crops), the crops' arrangement, and the grids
+    its visual tokens lie on, by transformers' own functions. The image gives the language
+    model :func:`anyres_tokens` of them."""
+    from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                    image_size_to_num_patches, unpad_image)
+
+    size = [int(v) for v in image_size]
+    pinpoints = [list(p) for p in pinpoints]
+    shape = tuple(get_anyres_image_grid_shape(size, pinpoints, crop))
+    g = crop // patch
+    rows, cols = unpadded_cells(shape, g, size, unpad_image).shape
+    return image_size_to_num_patches(size, pinpoints, crop), shape, ((g, g), (rows, cols))
+
+
+def anyres_tokens(grids: tuple[tuple[int, int], tuple[int, int]]) -> int:
+    """Visual tokens of an image on ``grids``: the base cells, then each unpadded row and its newline."""
+    (g, h), (rows, cols) = grids
+    return g * h + rows * (cols + 1)
+
+
 def unpadded_cells(grid_shape: tuple[int, int], cell_grid: int, image_size, unpad) -> Tensor:
     """``(rows, cols)`` of the high-resolution grid after unpadding, as the index of each kept
     cell on the padded ``(nph g) x (npw g)`` grid (``unpad``: transformers' ``unpad_image``)."""

@@ -37,7 +37,7 @@ from ..placeholders import padding_token_id, rebuild_placeholders
 from ..positions import RotaryPositions
 from ..steps import run_point_step
 from ..towers.clip import VISION_OUTPUT_SIGNALS, VISION_SIGNALS, VisionSite, patch_grid
-from .anyres import PackedImage, pack_image, unpadded_cells
+from .anyres import PackedImage, anyres_grids, anyres_tokens, pack_image
 from .llava import Llava, LlavaEncoder, LlavaGeometry
 
 
@@ -90,27 +90,15 @@ class LlavaNext(Llava):
                 patch_grid(geo.placeholders_per_image), positions).attach()
 
 
-def crop_grid(config, image_size) -> tuple[int, int]:
-    """``(rows, cols)`` of high-resolution crops anyres chooses for an image of ``image_size``."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-    return get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
-
-
 def image_grids(config, image_size) -> tuple[tuple[int, int], tuple[int, int]]:
     """The base grid and the unpadded high-resolution grid of an image of ``image_size``."""
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
-
-    g = config.vision_config.image_size // config.vision_config.patch_size
-    rows, cols = unpadded_cells(crop_grid(config, image_size), g, list(image_size), unpad_image).shape
-    return (g, g), (rows, cols)
+    vision = config.vision_config
+    return anyres_grids(image_size, config.image_grid_pinpoints, vision.image_size, vision.patch_size)[2]
 
 
 def stock_count(config, image_size) -> int:
-    """Visual tokens LLaVA-NeXT gives an image of ``image_size`` (height, width): the base crop's
-    cells, then each row of the unpadded high-resolution grid and its newline."""
-    (g, _), (rows, cols) = image_grids(config, image_size)
-    return g * g + rows * (cols + 1)
+    """Visual tokens LLaVA-NeXT gives an image of ``image_size`` (height, width)."""
+    return anyres_tokens(image_grids(config, image_size))
 
 
 class NextEncoder(LlavaEncoder):
@@ -155,6 +143,9 @@ class NextEncoder(LlavaEncoder):
         current.visual_grids = tuple(tuple(max(p.grids[part][d] for p in packed) for d in range(2))
                                      for part in range(2))
         self.run.trace.vision_features = counts[0] if len(set(counts)) == 1 else counts
+        passes = [anyres_grids(size, config.image_grid_pinpoints, config.vision_config.image_size,
+                               config.vision_config.patch_size)[0] for size in sizes]
+        self.run.trace.vision_passes = passes[0] if len(set(passes)) == 1 else passes
         return new
 
     def _check_placeholders(self, ids: Tensor, stock: list[int]) -> None:
@@ -173,11 +164,12 @@ class NextEncoder(LlavaEncoder):
 
     def encode_images(self, pixel_values: Tensor, sizes: list[list[int]]) -> list[PackedImage]:
         """Per image: its features packed as LLaVA-NeXT packs them, after every vision-side step."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches, unpad_image
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
 
         config, inner = self.model.config, self.model.model
-        crop = config.vision_config.image_size
-        passes = [image_size_to_num_patches(size, config.image_grid_pinpoints, crop) for size in sizes]
+        crop, patch = config.vision_config.image_size, config.vision_config.patch_size
+        layouts = [anyres_grids(size, config.image_grid_pinpoints, crop, patch) for size in sizes]
+        passes = [n for n, _, _ in layouts]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, passes)])
         crops, cells = [], []
@@ -185,11 +177,11 @@ class NextEncoder(LlavaEncoder):
             projected = inner.multi_modal_projector(tokens)  # the whole batch of crops, as the model does
             crops += list(projected)
             cells += list(torch.where(pos > 0, pos - 1, -1))
-        g = crop // config.vision_config.patch_size
+        g = crop // patch
         packed, first = [], 0
-        for index, (size, n) in enumerate(zip(sizes, passes)):
-            image = pack_image(crops[first:first + n], cells[first:first + n], crop_grid(config, size), g, size,
-                               inner.image_newline, unpad_image, image=index)
+        for index, (size, (n, shape, _)) in enumerate(zip(sizes, layouts)):
+            image = pack_image(crops[first:first + n], cells[first:first + n], shape, g, size, inner.image_newline,
+                               unpad_image, image=index)
             first += n
             packed.append(self._pre_llm_image(image, g) if self.plan.pre_llm is not None else image)
         return packed
@@ -205,7 +197,7 @@ class NextEncoder(LlavaEncoder):
         candidates = int(candidate.sum())
         remove = None
         if planned.remove is not None:
-            if step.schedule.kind == "keep" and step.schedule.value != "filter":
+            if step.schedule.counts_kept:
                 requested = requested_removal(step, n)
             elif step.schedule.kind == "keep":  # the filter's count, on the image's own grids
                 requested = candidates - step.filter.planned_keep_on(image.grids)
