@@ -276,3 +276,32 @@ def test_every_bundled_recipe_runs_on_a_next_model_of_real_depth_or_names_what_i
             assert features == [772, 792] and run.trace.llm[0] == batch["input_ids"].shape[1], name
     assert sorted(refused) == sorted(n for n in fico.bundled_recipes() if "cdpruner" in n)
     assert all("instruction_similarity" in m and "LLaVA-NeXT" in m for m in refused.values())
+
+
+@pytest.mark.parametrize("name", ["tome", "pool", "visionzip", "random"])
+def test_cached_generate_equals_a_recompute_without_cache(name):
+    """Vision-side and pre_llm steps decide once per image, so the cached decode equals
+    recomputing the whole sequence at every step, on a batch of two image sizes."""
+    model = model_of()
+    batch = inputs()
+    with torch.no_grad(), fico.apply(model, _recipe(name)):
+        cached, cached_scores = _generate(model, batch)
+        recomputed, recomputed_scores = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False,
+                                                       output_scores=True, return_dict_in_generate=True)[:2]
+    assert torch.equal(cached, recomputed)
+    assert (cached_scores - torch.stack(recomputed_scores, 1)).abs().max() < 1e-9
+
+
+def test_fico_show_draws_each_part_on_its_own_grid(tmp_path):
+    from fico.commands.cli import main
+    from fico.commands.show import image_parts, provenance_panels
+
+    model = model_of()
+    with torch.no_grad(), fico.apply(model, _recipe("pool"), provenance=True) as run:
+        model(**inputs([1]))
+    assert image_parts(run.trace) == [0, 1]
+    base, high = provenance_panels(run.trace, 0), provenance_panels(run.trace, 1)
+    assert base[0]["grid"] == (8, 8) and high[0]["grid"] == (10, 16)
+    assert len(base[0]["moves"]) == 64 - 16 and len(high[0]["moves"]) == 160 - 5 * 8  # 2 x 2 windows
+    out = tmp_path / "show.png"
+    assert main(["show", "pool", "--model", "embedded-next", "--out", str(out)]) == 0 and out.stat().st_size > 0
