@@ -623,7 +623,8 @@ class LLMSite:
         elif ghost is not None:
             # the model leaves a decode step's mask implicit; ghost slots need one
             hidden = args[0] if args else kwargs["hidden_states"]
-            queries, held = hidden.shape[1], kwargs["cache"].get_seq_length(layer)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            queries, held = hidden.shape[1], cache.get_seq_length(layer)
             new = torch.ones(queries, queries, dtype=torch.bool, device=keep.device).tril()
             mask = torch.cat([new.new_ones(queries, held), new], 1).expand(b, 1, queries, held + queries)
         if ghost is not None:  # no decode query attends to a ghost slot

@@ -122,11 +122,12 @@ class NextEncoder(LlavaEncoder):
         if call.get("position_ids") is not None:
             raise InputError("fico: explicit position_ids cannot be combined with LLaVA-NeXT's image packing; "
                              "leave them to the model")
+        if sizes.is_meta or pixels.is_meta:
+            raise InputError("fico: LLaVA-NeXT's packing reads each image's size; it cannot run on the meta device")
         config = self.model.config
-        sizes = [[int(v) for v in size] for size in sizes.tolist()] if not sizes.is_meta else []
+        sizes = [[int(v) for v in size] for size in sizes.tolist()]
         stock = [stock_count(config, size) for size in sizes]
-        if not ids.is_meta:
-            self._check_placeholders(ids, stock)
+        self._check_placeholders(ids, stock)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         packed = self.encode_images(pixels, sizes)
@@ -134,8 +135,7 @@ class NextEncoder(LlavaEncoder):
         features = [p.features for p in packed]
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         counts = [f.shape[0] for f in features]
-        if not ids.is_meta:
-            new = rebuild_placeholders(new, counts, self.geo.image_token_id, stock, padding_token_id(config))
+        new = rebuild_placeholders(new, counts, self.geo.image_token_id, stock, padding_token_id(config))
         current = self.passes.ensure()
         current.image_patches = torch.cat([p.cells for p in packed])
         current.visual_layout = torch.cat([p.layout for p in packed])
