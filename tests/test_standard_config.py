@@ -13,8 +13,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import fico
 from fico import embedded
 
-# every bundled recipe at its defaults fits a model with LLaVA-1.5's depths (24 CLIP, 32 decoder layers)
-RECIPES = fico.bundled_recipes()
+# every bundled recipe at its defaults fits a model with LLaVA-1.5's depths (24 CLIP, 32 decoder layers),
+# except LLaVA-NeXT budgets whose per-image keep exceeds LLaVA-1.5's 576 visual tokens
+NEXT_ONLY = [n for n in fico.bundled_recipes() if "_next_" in n and fico.load_recipe(n).config.get("keep", 0) > 576]
+RECIPES = [n for n in fico.bundled_recipes() if n not in NEXT_ONLY]
 
 
 def standard_config() -> LlavaConfig:
@@ -49,6 +51,15 @@ def padded_batch():
     processor = embedded.build_processor()
     return embedded.example_inputs(processor, prompts=["USER: <image> what is the color of the circle ? ASSISTANT:",
                                                        "USER: <image> how many objects ? ASSISTANT:"], seeds=[1, 2])
+
+
+@pytest.mark.parametrize("name", NEXT_ONLY)
+def test_a_next_budget_above_576_tokens_is_refused_naming_its_keep(standard_model, name):
+    recipe = fico.load_recipe(name)
+    before = [(type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in standard_model.modules()]
+    with pytest.raises(fico.RecipeError, match=r"keep: keeps 640 tokens .* only 576 reducible tokens"):
+        fico.apply(standard_model, recipe)
+    assert [(type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in standard_model.modules()] == before
 
 
 @pytest.mark.parametrize("name", RECIPES)
