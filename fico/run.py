@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -175,8 +176,17 @@ class ReductionRun:
         self.trace = Trace()
         #: synchronise the accelerator around each step, so its recorded seconds are its own
         self.sync_stage_timing = False
+        #: set by a benchmark: a context manager factory wrapped around each span of fico's own
+        #: work (:meth:`work`), e.g. to measure the memory its signals and stages add
+        self.memory_probe: Callable[[], ContextManager] | None = None
         self._undo: list[Callable[[], None]] = []
         self.active = False
+
+    def work(self) -> ContextManager:
+        """A span of fico's own work at a site: forming a step's signals (an attention matrix,
+        rows of it, a text tower's embedding) and running its stages. Sites wrap each span, so
+        a benchmark's :attr:`memory_probe` sees every one; without a probe it does nothing."""
+        return self.memory_probe() if self.memory_probe is not None else contextlib.nullcontext()
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         """Register ``undo`` to run at :meth:`remove`: every change an adapter makes to the

@@ -125,3 +125,41 @@ def test_spreads_of_nothing_are_unreadable_not_errors():
     ratio = Spread.ratio([1.0, 2.0], [0.0, float("nan")])
     assert ratio.median is None and ratio_text(ratio).startswith("unreadable (")
     assert Spread.from_dict(Spread.of([1.0, 2.0]).as_dict()) == Spread.of([1.0, 2.0])
+
+
+def test_bench_on_llava_next_replays_every_tower_pass(tmp_path):
+    """A NeXT image's tower passes run as one batch in the replay, as in the model; the token
+    counts come from the image's own size; decoding can be left untimed."""
+    from fico import embedded_next
+
+    directory = tmp_path / "next"
+    embedded_next.build_model(crop=112, vision_layers=2, llm_layers=4).save_pretrained(directory)
+    embedded_next.build_processor(crop=112).save_pretrained(directory)
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert main(["bench", "budgets/random_next_160", "fastv", "--model", str(directory), "--reps", "1", "--replay",
+                 "--decode-tokens", "0", "--json", str(out), "--markdown", str(md)]) == 0
+    report = json.loads(out.read_text())
+    base, random_160, fastv = report["baseline"], *report["results"]
+    assert random_160["image_features"] == 160 and base["image_features"] > 160
+    assert random_160["flops_speedup"] > 1 and random_160["replay_ms"] > 0 and fastv["replay_ms"] > 0
+    assert base["decode_ms_per_token"] is None and "decoding was not timed" in md.read_text()
+
+
+def test_the_replay_batches_a_next_images_tower_passes():
+    from fico import embedded_next
+    from fico.benchmarks.replay import replay_seconds
+    from fico.cost.model import TokenCounts
+
+    model = embedded_next.build_model(crop=56, vision_layers=2, llm_layers=2)
+    seen = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape[:2])))
+             for layer in model.model.vision_tower.encoder.layers]
+    counts = TokenCounts(vision_in=[17, 17], vision_out=[17, 12], features=40, llm=[50, 50], text_tokens=10,
+                         projected=48, vision_passes=3)
+    try:
+        with torch.no_grad():
+            assert replay_seconds(model, counts) > 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [(3, 17), (3, 12)]

@@ -41,3 +41,19 @@ def masked_logits(logits: Tensor, rows: Tensor, mask: Tensor | None) -> Tensor:
     mask = mask.expand(b, -1, -1, -1)
     mask_rows = torch.gather(mask, 2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
     return logits.masked_fill(~mask_rows, float("-inf")) if mask_rows.dtype == torch.bool else logits + mask_rows
+
+
+#: elements of attention logits (B x H x rows x N) formed at a time where a signal needs every
+#: row: 2^24 (64 MB in float32), so a full attention matrix over LLaVA-NeXT's ~3000 tokens is
+#: built a band of query rows at a time instead of as 32 heads x N x N at once
+CHUNK_ELEMENTS = 1 << 24
+
+
+def row_bands(rows: int, batch_heads: int, keys: int, elements: int | None = None) -> list[slice]:
+    """Consecutive bands of ``rows`` query rows, each small enough that its ``(B, H, band, N)``
+    logits hold at most ``elements`` values (default :data:`CHUNK_ELEMENTS`; one row at
+    least). Every output element is computed as it would be whole: the bands only bound the
+    memory in flight."""
+    elements = CHUNK_ELEMENTS if elements is None else elements
+    band = max(1, elements // max(1, batch_heads * keys))
+    return [slice(start, min(start + band, rows)) for start in range(0, rows, band)]

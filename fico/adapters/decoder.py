@@ -35,7 +35,7 @@ from ..errors import InputError, RecipeError
 from ..recipe.plan import PlannedStep, SitePlan, requested_removal
 from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
-from .attention import masked_logits, reduce_heads, softmax_heads
+from .attention import masked_logits, reduce_heads, row_bands, softmax_heads
 from .forward import ForwardPasses
 from .ghosts import GHOST, causal_mask, hide_ghosts, step_per_sample
 from .hooks import hook, swap_forward
@@ -57,13 +57,13 @@ class DecoderAttention:
         position_embeddings: ``(cos, sin)`` ``(B, N, d)`` of the tokens present.
         mask: the layer's 4D mask over the tokens present, or None (plain causal).
         positions: the family's position strategy (how cos/sin rotate a query or key).
-        probabilities: ``(B, H, N, N)`` the layer's attention when it was formed whole
-            (:func:`attention_with_probabilities`), or None.
+        probabilities: the layer's attention reduced over heads (``mean``, ``max``: ``(B, N,
+            N)``) when it was formed whole (:func:`attention_with_probabilities`), or None.
     """
 
     def __init__(self, attn: nn.Module, keys: Tensor, queries: Callable[[Tensor], Tensor],
                  position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None, positions: RotaryPositions,
-                 probabilities: Tensor | None = None):
+                 probabilities: dict[str, Tensor] | None = None):
         self.attn, self.mask, self._queries, self.positions = attn, mask, queries, positions
         self.probabilities = probabilities
         self.cos, self.sin = position_embeddings
@@ -88,12 +88,15 @@ class DecoderAttention:
 
     def rows(self, rows: Tensor, heads: str = "mean") -> Tensor:
         """``(B, R, N)`` softmax attention of query rows ``rows`` over every key, heads reduced
-        by ``heads`` (``mean``, ``max``, ``sum``): the ``attention_rows`` signal. Rows of a
-        layer whose attention was formed whole (``probabilities``) are read, not re-formed."""
-        if self.probabilities is not None:
-            h, n = self.probabilities.shape[1], self.probabilities.shape[-1]
-            picked = torch.gather(self.probabilities, 2, rows[:, None, :, None].expand(-1, h, -1, n))
-            return reduce_heads(picked, heads)
+        by ``heads`` (``mean``, ``max``, ``sum``, or ``all``: ``(B, H, R, N)``): the
+        ``attention_rows`` signal. Rows of a layer whose attention was formed whole
+        (``probabilities``) are read, not re-formed, except for ``all``."""
+        if self.probabilities is not None and heads in ("mean", "max", "sum"):
+            kept = self.probabilities["max" if heads == "max" else "mean"]
+            picked = gather_tokens(kept, rows)
+            if heads == "sum":
+                return picked * (self.keys.shape[1] * self.attn.num_key_value_groups)
+            return picked
         return softmax_heads(self.masked(self.logits(rows), rows), heads)
 
     def gravity(self, rows: Tensor) -> Tensor:
@@ -110,18 +113,25 @@ class DecoderAttention:
         return self.keys.abs().sum(dim=(1, 3)) * self.attn.num_key_value_groups
 
 
+#: the head reductions a layer formed whole keeps of its attention (``sum`` is read as mean x H;
+#: a component asking for every head gets its rows re-formed from the captured q/k)
+KEPT_REDUCTIONS = ("mean", "max")
+
+
 def attention_with_probabilities(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
                                  mask: Tensor | None, positions: RotaryPositions, cache=None,
-                                 **kwargs) -> tuple[Tensor, Tensor]:
+                                 **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
     r"""A Llama attention module's prefill forward, formed explicitly: its output and its
-    ``(B, H, N, N)`` probabilities :math:`\mathrm{softmax}(QK^\top / \sqrt d + M)`.
+    probabilities :math:`\mathrm{softmax}(QK^\top / \sqrt d + M)` reduced over the heads
+    (``{"mean": (B, N, N), "max": (B, N, N)}``, :data:`KEPT_REDUCTIONS`).
 
     For a mid-layer step that reads most of the layer's attention rows (FitPrune's visual and
     text queries), forming the attention once costs what the fused kernel costs, where
-    re-forming the rows next to it would add most of that again. The layer's own projections,
-    RoPE and KV-cache update are used, so the cache holds what SDPA would have written; the
-    softmax is float32 for half dtypes and the model's dtype otherwise; a fully masked row
-    (left padding) attends to nothing.
+    re-forming the rows next to it would add most of that again. It is formed a band of query
+    rows at a time (:func:`row_bands`), so what it adds to memory is the reductions, not the
+    ``(B, H, N, N)`` probabilities. The layer's own projections, RoPE and KV-cache update are
+    used, so the cache holds what SDPA would have written; the softmax is float32 for half
+    dtypes and the model's dtype otherwise; a fully masked row (left padding) attends to nothing.
     """
     b, n, _ = hidden.shape
     shape = (b, n, -1, attn.head_dim)
@@ -132,13 +142,46 @@ def attention_with_probabilities(attn: nn.Module, hidden: Tensor, position_embed
     if cache is not None:
         keys, values = cache.update(keys, values, attn.layer_idx, kwargs=kwargs)
     groups = attn.num_key_value_groups
-    logits = (queries @ positions.repeat_kv(keys, groups).transpose(-1, -2)) * attn.scaling
-    rows = torch.arange(n, device=hidden.device).expand(b, n)
-    logits = masked_logits(logits, rows, mask)
-    probabilities = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
-    probabilities = torch.nan_to_num(probabilities, nan=0.0)
-    out = (probabilities.to(values.dtype) @ positions.repeat_kv(values, groups)).transpose(1, 2).reshape(b, n, -1)
-    return attn.o_proj(out), probabilities
+    keys, values = positions.repeat_kv(keys, groups).transpose(-1, -2), positions.repeat_kv(values, groups)
+    heads, rows = queries.shape[1], torch.arange(n, device=hidden.device).expand(b, n)
+    out, reduced = None, {}
+    for band in row_bands(n, b * heads, keys.shape[-1]):
+        logits = masked_logits((queries[:, :, band] @ keys) * attn.scaling, rows[:, band], mask)
+        probabilities = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
+                                      -1)
+        probabilities = torch.nan_to_num(probabilities, nan=0.0)
+        part = probabilities.to(values.dtype) @ values  # (B, H, band, d)
+        out = part.new_empty(b, heads, n, part.shape[-1]) if out is None else out
+        out[:, :, band] = part
+        for how in KEPT_REDUCTIONS:
+            whole = reduced.get(how)
+            if whole is None:
+                whole = reduced[how] = probabilities.new_empty(b, n, probabilities.shape[-1])
+            whole[:, band] = reduce_heads(probabilities, how)
+    out = out.transpose(1, 2).reshape(b, n, -1)
+    return attn.o_proj(out), reduced
+
+
+def whole_attention_mean(source: DecoderAttention, rows: Tensor, with_logits: bool = False
+                         ) -> tuple[Tensor, Tensor | None]:
+    """``(B, N, N)`` head-mean softmax attention of every query row (and, ``with_logits``, the
+    head-mean pre-softmax logits), formed a band of rows at a time (:func:`row_bands`): the
+    full ``(B, H, N, N)`` never exists at once, so the signal's memory is its own ``N x N``
+    rather than ``H`` times that."""
+    b, n = rows.shape
+    heads = source.keys.shape[1] * source.attn.num_key_value_groups
+    probs = logits_mean = None
+    for band in row_bands(rows.shape[1], b * heads, source.tokens):
+        part = rows[:, band]
+        logits = source.logits(part)
+        if with_logits:
+            mean = logits.mean(dim=1)  # pre-softmax, before the causal mask
+            logits_mean = mean.new_empty(b, rows.shape[1], n) if logits_mean is None else logits_mean
+            logits_mean[:, band] = mean
+        band_probs = softmax_heads(source.masked(logits, part))
+        probs = band_probs.new_empty(b, rows.shape[1], n) if probs is None else probs
+        probs[:, band] = band_probs
+    return probs, logits_mean
 
 
 def attention_signals(names: set[str], source: DecoderAttention, last_row: Tensor,
@@ -171,6 +214,9 @@ def attention_signals(names: set[str], source: DecoderAttention, last_row: Tenso
     all_rows = bool(names & {"attention", "attention_logits"})
     if all_rows:
         rows, text_weights = torch.arange(n, device=device).expand(b, n), text_queries
+        probs, logits_mean = whole_attention_mean(source, rows, "attention_logits" in names)
+        if logits_mean is not None:
+            out["attention_logits"] = logits_mean
     else:  # [text rows, padded ..., last row]
         count = text_queries.sum(1)
         longest = int(count.max()) if "text_attention" in names else 0
@@ -178,10 +224,7 @@ def attention_signals(names: set[str], source: DecoderAttention, last_row: Tenso
         valid = torch.arange(longest, device=device) < count[:, None]
         rows = torch.cat([text_rows, last_row[:, None]], 1)
         text_weights = torch.cat([valid, valid.new_zeros(b, 1)], 1)
-    logits = source.logits(rows)
-    if "attention_logits" in names:
-        out["attention_logits"] = logits.mean(dim=1)  # pre-softmax, before the causal mask
-    probs = softmax_heads(source.masked(logits, rows))
+        probs = softmax_heads(source.masked(source.logits(rows), rows))
     if all_rows:
         out["attention"] = probs
         out["last_query_attention"] = torch.gather(probs, 1, last_row[:, None, None].expand(b, 1, n))[:, 0]
@@ -240,9 +283,10 @@ def _decoder_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor |
     hidden_states = self.input_layernorm(hidden_states)
     site, layer = self._fico_site, self._fico_layer
     if site.forms_attention(layer, hidden_states):
-        hidden_states, probabilities = attention_with_probabilities(self.self_attn, hidden_states,
-                                                                    position_embeddings, attention_mask,
-                                                                    site.positions, cache)
+        with site.run.work():
+            hidden_states, probabilities = attention_with_probabilities(self.self_attn, hidden_states,
+                                                                        position_embeddings, attention_mask,
+                                                                        site.positions, cache)
         site.keep_attention(layer, probabilities, position_embeddings, attention_mask)
     else:
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
@@ -406,7 +450,8 @@ class LLMSite:
             lp.visual_count = None if lp.visual.is_meta else int(lp.visual[0].sum())
         planned = self.plan.steps.get(layer)
         if planned is not None and planned.remove:
-            hidden = self._reduce(layer, planned, lp, hidden, self._input_source(layer, planned, lp, hidden))
+            with self.run.work():
+                hidden = self._reduce(layer, planned, lp, hidden, self._input_source(layer, planned, lp, hidden))
         self.run.trace.llm.append(hidden.shape[1])
         if lp.ghost is not None:
             self.run.trace.ghosts[layer] = lp.ghost.sum(1).tolist()
@@ -445,7 +490,8 @@ class LLMSite:
         planned = self.plan.mid_steps.get(layer)
         if lp is None or lp.phase != "prefill" or planned is None or not planned.remove:
             return hidden
-        return self._reduce(layer, planned, lp, hidden, self._captured_source(layer, planned, lp))
+        with self.run.work():
+            return self._reduce(layer, planned, lp, hidden, self._captured_source(layer, planned, lp))
 
     # -- signals
     def _captured_source(self, layer: int, planned: PlannedStep, lp: LLMPass) -> DecoderAttention | None:

@@ -6,7 +6,8 @@ that runs the same products less efficiently on fewer tokens (small matrices). T
 separates them: it times the unmodified modules of the model (CLIP attention and MLP
 halves, decoder layers, patch embedding, projector, final norm and one lm_head row) on
 random inputs of exactly the per-layer token counts a run recorded, with no fico code
-involved. ``replay(unreduced) / replay(reduced)`` is the speedup an implementation without
+involved; a LLaVA-NeXT image's tower passes (base image and crops) run as one batch, as the
+model runs them. ``replay(unreduced) / replay(reduced)`` is the speedup an implementation without
 any overhead would reach on this machine with those counts; fico's measured speedup divided
 by it is fico's own efficiency.
 
@@ -41,14 +42,14 @@ def replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
     text = model.model.language_model
     llm_width = model.config.text_config.hidden_size
 
-    def randn(n: int, width: int) -> torch.Tensor:
-        return torch.randn(1, n, width, generator=g).to(device, dtype)
+    def randn(n: int, width: int, batch: int = 1) -> torch.Tensor:
+        return torch.randn(batch, n, width, generator=g).to(device, dtype)
 
-    pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size,
-                         generator=g).to(device, dtype)
+    passes, side = counts.vision_passes, model.config.vision_config.image_size
+    pixels = torch.randn(passes, 3, side, side, generator=g).to(device, dtype)
     total = _timed(lambda: vision_tower.pre_layrnorm(vision_tower.embeddings(pixels)))
     for layer, n_in, n_out in zip(vision_tower.encoder.layers, counts.vision_in, counts.vision_out):
-        x_in, x_out = randn(n_in, vision_width), randn(n_out, vision_width)
+        x_in, x_out = randn(n_in, vision_width, passes), randn(n_out, vision_width, passes)
         total += _timed(lambda: x_in + layer.self_attn(hidden_states=layer.layer_norm1(x_in), attention_mask=None)[0])
         total += _timed(lambda: x_out + layer.mlp(layer.layer_norm2(x_out)))
     features = randn(counts.projected, vision_width)

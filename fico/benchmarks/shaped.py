@@ -1,10 +1,15 @@
-"""A LLaVA-1.5-shaped model for timing: real layer and token counts, reduced widths.
+"""LLaVA-1.5- and LLaVA-NeXT-shaped models for timing: real layer and token counts, reduced widths.
 
 CLIP ViT-L/14-336's geometry (24 layers on 577 tokens) and Vicuna-7B's depth (32 decoder
 layers on ~640 tokens), at half CLIP's width (512) and a quarter of Vicuna-7B's (1024):
 a few seconds per prefill on two CPU cores. Narrower models measure the CPU's small-matrix
 inefficiency more than the reduction (see docs/benchmarks.md). Weights are random
 (seeded): use it for speed, not for accuracy.
+
+The NeXT-shaped model (``build_shaped_next_model``) is the same towers with
+llava-v1.6's anyres pinpoints; its timed image is 672 x 672, the most tokens NeXT gives one
+image: five CLIP passes of 576 patch tokens (2880), packed into 576 base + 48 x 48
+high-resolution cells + 48 newlines = 2928 visual tokens entering the language model.
 """
 
 from __future__ import annotations
@@ -39,44 +44,122 @@ def build_shaped_7b(dtype: torch.dtype = torch.float16, attn_implementation: str
     return model
 
 
-def build_shaped_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", seed: int = 0,
-                       vision_width: int = 512, llm_width: int = 1024, llm_layers: int = 32):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+#: llava-v1.6's anyres resolutions (height, width), and the NeXT-shaped model's timed image
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+NEXT_IMAGE_SIZE = (672, 672)
+
+
+def _towers(vision_width: int, llm_width: int, llm_layers: int, vision_layers: int = 24):
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=vision_width,
-                              intermediate_size=4 * vision_width, num_hidden_layers=24,
+                              intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
                               num_attention_heads=vision_width // 64, projection_dim=768)
     text = LlamaConfig(vocab_size=32064, hidden_size=llm_width, intermediate_size=int(llm_width * 2.6875),
                        num_hidden_layers=llm_layers, num_attention_heads=llm_width // 64,
                        num_key_value_heads=llm_width // 64, max_position_embeddings=4096,
                        pad_token_id=PAD_TOKEN_ID)
+    return vision, text
+
+
+def _built(config, model_class, dtype: torch.dtype, attn_implementation: str, seed: int):
+    torch.manual_seed(seed)
+    model = model_class(config).eval().to(dtype)
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def build_shaped_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", seed: int = 0,
+                       vision_width: int = 512, llm_width: int = 1024, llm_layers: int = 32):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision, text = _towers(vision_width, llm_width, llm_layers)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=576, pad_token_id=PAD_TOKEN_ID)
+    return _built(config, LlavaForConditionalGeneration, dtype, attn_implementation, seed)
+
+
+def build_shaped_next_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", seed: int = 0,
+                            vision_width: int = 512, llm_width: int = 1024, llm_layers: int = 32,
+                            vision_layers: int = 24):
+    """The shaped model's towers as a ``LlavaNextForConditionalGeneration`` with llava-v1.6's
+    anyres pinpoints (LLaVA-NeXT's token counts: up to 2928 visual tokens per image)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision, text = _towers(vision_width, llm_width, llm_layers, vision_layers)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=NEXT_PINPOINTS, image_seq_length=576)
+    return _built(config, LlavaNextForConditionalGeneration, dtype, attn_implementation, seed)
+
+
+def build_shaped_next_7b(dtype: torch.dtype = torch.float16, attn_implementation: str = "sdpa", seed: int = 0,
+                         device: str = "cpu"):
+    """LLaVA-NeXT-7B's real architecture (llava-v1.6-vicuna-7b: CLIP ViT-L/14-336 with anyres,
+    Vicuna-7B) with random weights, built directly on ``device`` (about 14 GB in float16)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from ..cost.model import BUILTIN_SPECS, llava_config
+
+    flat = llava_config(BUILTIN_SPECS["llava-1.5-7b"])
+    flat.text_config.pad_token_id = PAD_TOKEN_ID
+    flat.text_config.vocab_size = 32064
+    config = LlavaNextConfig(vision_config=flat.vision_config.to_dict(), text_config=flat.text_config.to_dict(),
+                             image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS,
+                             image_seq_length=576)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval().to(dtype)
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlavaNextForConditionalGeneration(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
     model.set_attn_implementation(attn_implementation)
     return model
+
+
+def _prompt(batch: int, prefix_tokens: int, text_tokens: int, image_tokens: int, g: torch.Generator) -> dict:
+    prefix = torch.randint(2, 32000, (batch, prefix_tokens), generator=g)
+    text = torch.randint(2, 32000, (batch, text_tokens), generator=g)
+    image = torch.full((batch, image_tokens), IMAGE_TOKEN_ID)
+    ids = torch.cat([prefix, image, text], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def shaped_inputs(batch: int = 1, prefix_tokens: int = 5, text_tokens: int = 59, seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> dict:
     """``prefix + 576 image placeholders + text`` (640 tokens by default) and a random image."""
     g = torch.Generator().manual_seed(seed)
-    prefix = torch.randint(2, 32000, (batch, prefix_tokens), generator=g)
-    text = torch.randint(2, 32000, (batch, text_tokens), generator=g)
-    image = torch.full((batch, 576), IMAGE_TOKEN_ID)
-    ids = torch.cat([prefix, image, text], dim=1)
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(batch, 3, 336, 336, generator=g).to(dtype),
-    }
+    inputs = _prompt(batch, prefix_tokens, text_tokens, 576, g)
+    return {**inputs, "pixel_values": torch.randn(batch, 3, 336, 336, generator=g).to(dtype)}
+
+
+def shaped_next_inputs(model, batch: int = 1, prefix_tokens: int = 5, text_tokens: int = 59, seed: int = 0,
+                       dtype: torch.dtype = torch.float32, image_size: tuple[int, int] = NEXT_IMAGE_SIZE) -> dict:
+    """What LLaVA-NeXT's processor gives an image of ``image_size`` (random crops): ``prefix +
+    its visual placeholders + text`` (2928 placeholders at 672 x 672) and ``pixel_values`` of
+    shape (B, passes, 3, 336, 336) with ``image_sizes``."""
+    from ..adapters.families.anyres import anyres_grids
+    from ..adapters.families.llava_next import stock_count
+
+    config = model.config
+    crop = config.vision_config.image_size
+    passes = anyres_grids(image_size, tuple(map(tuple, config.image_grid_pinpoints)), crop,
+                          config.vision_config.patch_size)[0]
+    g = torch.Generator().manual_seed(seed)
+    inputs = _prompt(batch, prefix_tokens, text_tokens, stock_count(config, image_size), g)
+    return {**inputs, "pixel_values": torch.randn(batch, passes, 3, crop, crop, generator=g).to(dtype),
+            "image_sizes": torch.tensor([list(image_size)] * batch)}
 
 
 def architecture(model) -> str:
-    """The model's depths and widths, e.g. ``CLIP 24 x 512 on 577 tokens, Llama 32 x 1024``."""
+    """The model's depths and widths, e.g. ``CLIP 24 x 512 on 577 tokens, Llama 32 x 1024``
+    (``anyres`` where the model is a LLaVA-NeXT)."""
     vision, text = model.config.vision_config, model.config.text_config
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    return (f"CLIP {vision.num_hidden_layers} x {vision.hidden_size} on {tokens} tokens, "
+    anyres = " per anyres pass" if getattr(model.config, "image_grid_pinpoints", None) else ""
+    return (f"CLIP {vision.num_hidden_layers} x {vision.hidden_size} on {tokens} tokens{anyres}, "
             f"Llama {text.num_hidden_layers} x {text.hidden_size}")

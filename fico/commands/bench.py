@@ -3,9 +3,10 @@
 For each recipe, on the same inputs: accuracy per question type and its retention (on the
 trained toy model), fidelity to the unreduced model (answer agreement, KL of the answer
 distribution), prefill latency (median of interleaved repeated runs after a warm-up),
-decode time per token, peak memory (CUDA; on the CPU the cost model's estimate, labelled
-so), the time spent in fico's own stages as a share of prefill, and the theoretical FLOPs
-with the measured speedup divided by the FLOPs speedup.
+decode time per token, peak memory and the most memory fico's own work adds (CUDA,
+:mod:`fico.benchmarks.memory`; on the CPU the cost model's estimate, labelled so), the time
+spent in fico's own stages as a share of prefill, and the theoretical FLOPs with the
+measured speedup divided by the FLOPs speedup.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from ..benchmarks.memory import prefill_memory
 from ..benchmarks.shaped import architecture
 from ..cost.model import TokenCounts, model_spec, prefill_cost
 from ..errors import RecipeError
@@ -41,31 +43,44 @@ class BenchModel:
     processor: object | None
     inputs: dict  # the timed prompt
     instruction: str = "What is in the image?"  # its question, for methods that read it
+    image_size: tuple[int, int] | None = None  # where the visual-token count depends on it (LLaVA-NeXT)
 
 
 #: Built-in names ``fico bench --model`` takes, beside the runnable models.
 BENCH_MODELS = {"shaped": "LLaVA-1.5's layer and token counts at CLIP 512 / Llama 1024 widths, random weights",
                 "shaped-7b": "LLaVA-1.5-7B's real widths and depths, random weights (about 14 GB in float16; for a GPU)",
+                "shaped-next": "LLaVA-NeXT's token counts (a 672 x 672 image: 5 CLIP passes, 2928 visual tokens) at "
+                               "CLIP 512 / Llama 1024 widths, random weights",
+                "shaped-next-7b": "LLaVA-NeXT-7B's real widths and depths on a 672 x 672 image, random weights "
+                                  "(about 14 GB in float16; for a GPU)",
                 **RUNNABLE}
+#: the shaped models: built from their architecture with random weights, timed on a random prompt
+SHAPED = ("shaped", "shaped-7b", "shaped-next", "shaped-next-7b")
 
 
 def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", device: str = "cpu") -> BenchModel:
-    """``shaped`` (LLaVA-1.5's layer and token counts at reduced widths, random weights), or
-    any model ``fico run`` takes: ``toy`` (the trained fico-toy), ``embedded``, a local
-    checkpoint directory."""
+    """A shaped model (:data:`SHAPED`: LLaVA-1.5's or LLaVA-NeXT's layer and token counts,
+    random weights), or any model ``fico run`` takes: ``toy`` (the trained fico-toy),
+    ``embedded``, ``embedded-next``, a local checkpoint directory."""
     from ..adapters import family_of
     from ..toy.data import example
 
     which = model_source(which, BENCH_MODELS)
-    if which in ("shaped", "shaped-7b"):
-        from ..benchmarks.shaped import build_shaped_7b, build_shaped_model, shaped_inputs
+    if which in SHAPED:
+        from ..benchmarks import shaped
 
-        if which == "shaped":
-            model = build_shaped_model(dtype=torch_dtype(dtype), attn_implementation=attn).to(device)
+        kind = torch_dtype(dtype)
+        if which in ("shaped-7b", "shaped-next-7b"):
+            build = shaped.build_shaped_7b if which == "shaped-7b" else shaped.build_shaped_next_7b
+            model = build(dtype=kind, attn_implementation=attn, device=device)
         else:
-            model = build_shaped_7b(dtype=torch_dtype(dtype), attn_implementation=attn, device=device)
-        inputs = {k: v.to(device) for k, v in shaped_inputs(dtype=torch_dtype(dtype)).items()}
-        return BenchModel(which, model, None, inputs)
+            build = shaped.build_shaped_model if which == "shaped" else shaped.build_shaped_next_model
+            model = build(dtype=kind, attn_implementation=attn).to(device)
+        if which.startswith("shaped-next"):
+            inputs, size = shaped.shaped_next_inputs(model, dtype=kind), shaped.NEXT_IMAGE_SIZE
+        else:
+            inputs, size = shaped.shaped_inputs(dtype=kind), None
+        return BenchModel(which, model, None, {k: v.to(device) for k, v in inputs.items()}, image_size=size)
     model, processor = load_model(which, dtype, attn)
     model = model.to(device)
     ex = example(10_000_000)
@@ -73,7 +88,8 @@ def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", dev
     text = family_of(model).prompt(question, 1, processor)
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype(dtype))
-    return BenchModel(which, model, processor, {k: v.to(device) for k, v in inputs.items()}, question)
+    size = tuple(int(v) for v in inputs["image_sizes"][0]) if "image_sizes" in inputs else None
+    return BenchModel(which, model, processor, {k: v.to(device) for k, v in inputs.items()}, question, size)
 
 
 def expand(recipes: list[str], budgets: list[str] | None, tokens: list[str] | None = None) -> list[str]:
@@ -163,24 +179,12 @@ def measure_decode(model, inputs, recipes: dict[str, Recipe | None], tokens: int
 #: why a decode time per token can be missing (measure_decode gave every round NaN)
 DECODE_UNREADABLE = ("in no round did the longer generate() take longer than generate() of one token: the machine "
                      "was too busy to time decoding")
+DECODE_SKIPPED = "decoding was not timed (--decode-tokens 0)"
 
 
 def _quotient(a: float | None, b: float | None) -> float | None:
     """``a / b``, None (unreadable) when either is unreadable or b is not above zero."""
     return None if a is None or b is None or b <= 0 else a / b
-
-
-def peak_memory_mb(model, inputs, recipe: Recipe | None, instruction: str = BenchModel.instruction) -> float | None:
-    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
-        return None
-    from contextlib import nullcontext
-
-    from .. import apply
-
-    torch.cuda.reset_peak_memory_stats()
-    with apply(model, recipe) if recipe is not None else nullcontext():
-        model(**with_instruction(inputs, recipe, instruction), logits_to_keep=1)
-    return torch.cuda.max_memory_allocated() / 1e6
 
 
 def answer_distribution(bm: BenchModel, recipe: Recipe | None, images: int) -> tuple[dict, torch.Tensor, list]:
@@ -228,27 +232,31 @@ def measure_replay(model, counts: dict[str, TokenCounts], reps: int) -> dict[str
 def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = None, images: int = 100,
           reps: int = 7, threads: int = 2, console: Console | None = None, replay: bool = False,
           plugins: list[str] | None = None, tokens: list[str] | None = None, device: str = "cpu",
-          dtype: str = "float32") -> dict:
+          dtype: str = "float32", decode_tokens: int = 16) -> dict:
     """Run the benchmark and return the JSON-ready result."""
     console = console or Console()
     torch.set_num_threads(threads)
     names = expand(recipes, budgets, tokens)
     first = [load_recipe(name, plugins=plugins) for name in names]  # a bad recipe fails before the model loads
-    if model_source(model, BENCH_MODELS) not in ("shaped", "shaped-7b"):
+    if model_source(model, BENCH_MODELS) not in SHAPED:
         # and one that cannot run on this model too; a budget is solved for the model once it is loaded
         check_recipes([recipe for recipe in first if recipe.budget is None], model)
     bm = load_bench_model(model, dtype, device=device)
     spec = replace(model_spec(bm.model), name=bm.name)
-    text_tokens = bm.inputs["input_ids"].shape[1] - spec.patches
+    text_tokens = bm.inputs["input_ids"].shape[1] - spec.image(bm.image_size)[1]
     # a budget names a model; on another one it is solved for the same fraction of the unreduced cost
     loaded = {name: load_recipe(name, plugins=plugins, budget_for=(spec, text_tokens)) for name in names}
     configs = {"unreduced": None, **loaded}
     results = {}
     with torch.inference_mode(), Progress(console=console, transient=True) as progress:
         timings = measure_latency(bm.model, bm.inputs, configs, reps, progress, bm.instruction)
-        decode = measure_decode(bm.model, bm.inputs, configs, reps=reps, instruction=bm.instruction)
+        if decode_tokens:
+            decode = measure_decode(bm.model, bm.inputs, configs, tokens=decode_tokens, reps=reps,
+                                    instruction=bm.instruction)
+        else:
+            decode = {name: [] for name in configs}
         counts = {name: TokenCounts.from_trace(timings[name]["trace"], spec) if recipe is not None
-                  else TokenCounts.unreduced(spec, text_tokens) for name, recipe in configs.items()}
+                  else TokenCounts.unreduced(spec, text_tokens, bm.image_size) for name, recipe in configs.items()}
         replayed = measure_replay(bm.model, counts, reps) if replay else {}
         task = progress.add_task("accuracy, decode, memory", total=len(configs))
         base_logprobs = None
@@ -259,7 +267,7 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
             entry.update(tflops=full.tflops, tflops_llm_viewer=viewer.tflops, kv_cache_mb=viewer.kv_cache_mb,
                          image_features=full.tokens["features"])
             prefill, stage = Spread.of(timings[name]["prefill"]), Spread.of(timings[name]["stage"])
-            per_token = Spread.of(decode[name], empty=DECODE_UNREADABLE)
+            per_token = Spread.of(decode[name], empty=DECODE_UNREADABLE if decode_tokens else DECODE_SKIPPED)
             entry.update(prefill_ms=prefill.scaled(1e3).median, prefill_spread_ms=prefill.scaled(1e3).as_dict(),
                          stage_share=_quotient(stage.median, prefill.median),
                          decode_ms_per_token=per_token.scaled(1e3).median,
@@ -267,11 +275,12 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
                          measured_speedup_spread=Spread.ratio(timings["unreduced"]["prefill"],
                                                               timings[name]["prefill"]).as_dict(),
                          decode_speedup_spread=Spread.ratio(decode["unreduced"], decode[name]).as_dict())
-            memory = peak_memory_mb(bm.model, bm.inputs, recipe, bm.instruction)
+            memory = prefill_memory(bm.model, with_instruction(bm.inputs, recipe, bm.instruction), recipe)
             if memory is None:
                 entry["memory_mb_estimate"] = (full.activations_gb * 1e3 + full.kv_cache_mb)
             else:
-                entry["peak_memory_mb"] = memory
+                entry.update(peak_memory_mb=memory.peak / 1e6, activation_peak_mb=memory.activations / 1e6,
+                             work_peak_mb=None if memory.work is None else memory.work / 1e6)
             if bm.name == "toy":
                 accuracy, logprobs, _ = answer_distribution(bm, recipe, images)
                 entry["accuracy"] = accuracy
@@ -290,6 +299,9 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
         entry["flops_speedup"] = base["tflops"] / entry["tflops"]
         entry["measured_speedup"] = entry["measured_speedup_spread"]["median"]  # of interleaved pairs
         entry["speedup_ratio"] = _quotient(entry["measured_speedup"], entry["flops_speedup"])
+        if "peak_memory_mb" in entry:
+            # the most memory fico's work (signals, stages) adds, against the unreduced prefill's peak
+            entry["work_peak_share"] = _quotient(entry["work_peak_mb"] or 0.0, base["peak_memory_mb"])
         if replayed:
             # what the machine gives these token counts without any fico code, and fico's share of the gap
             entry["replay_ms"] = Spread.of(replayed[entry["recipe"]]).scaled(1e3).median
@@ -341,6 +353,7 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """The columns, rows and footnotes every rendering of a report shares."""
     toy = "accuracy" in report["baseline"]
     replayed = "replay_ms" in report["baseline"]
+    memory = "peak_memory_mb" in report["baseline"]
     budgets = any("budget" in e for e in report["results"])
     gflops = report["baseline"]["tflops"] < 1
     columns = ["recipe", "GFLOPs (full)" if gflops else "TFLOPs (full)", "FLOPs speedup",
@@ -350,6 +363,8 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
         columns.insert(1, "budget")
     if replayed:
         columns += ["vanilla-module replay speedup", "replay / FLOPs", "measured / replay"]
+    if memory:
+        columns += ["peak MB", "fico work peak MB (% of unreduced peak)"]
     if toy:
         columns += ["accuracy (±1 SE)", "retention", "agreement", "KL"]
     rows, unreadable = [], False
@@ -369,6 +384,9 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
             row.insert(1, budget_label(e))
         if replayed:
             row += [_number(e["replay_speedup"], 2), _number(e["machine_ratio"], 2), _number(e["fico_efficiency"], 2)]
+        if memory:
+            row += [f"{e['peak_memory_mb']:.0f}", "-" if e is base else
+                    f"{e['work_peak_mb']:.1f} ({_number(e['work_peak_share'], 2, 100)}%)"]
         if toy:
             p, n = e["accuracy"]["overall"], e.get("questions", 0)
             se = (p * (1 - p) / n) ** 0.5 if n else float("nan")
@@ -473,7 +491,9 @@ def markdown(report: dict, command: str, block: str | None = None) -> str:
         lines += [""] + notes
     if not toy:
         lines += ["", "Requirements: fico's own stages at most 5% of the reduced prefill; measured speedup at least "
-                  "0.95 of what the vanilla modules reach on the same token counts (`--replay`):", ""]
+                  "0.95 of what the vanilla modules reach on the same token counts (`--replay`); on CUDA, the most "
+                  "memory a span of fico's work (signals and stages) adds at most 10% of the unreduced prefill's "
+                  "peak:", ""]
         for e in report["results"]:
             if e["stage_share"] is None:
                 share = "not measured"
@@ -489,6 +509,10 @@ def markdown(report: dict, command: str, block: str | None = None) -> str:
                                   else f"missed by {0.95 - e['fico_efficiency']:.2f}")
                 line += (f"; measured / replay {_number(e['fico_efficiency'], 2)} ({efficiency}); the replay reaches "
                          f"{_number(e['machine_ratio'], 2)} of the FLOPs speedup")
+            if "work_peak_share" in e:
+                share = e["work_peak_share"]
+                line += (f"; fico's work peak {_number(share, 2, 100)}% of the unreduced peak ("
+                         + ("met" if share <= 0.10 else f"missed by {100 * (share - 0.10):.1f} points") + ")")
             lines.append(line)
     lines.append(f"<!-- bench:{block}:end -->")
     return "\n".join(lines)
@@ -513,7 +537,8 @@ def main_bench(args, console: Console) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"--device {args.device}: torch sees no CUDA device on this machine")
     report = bench(args.recipes, args.model, budgets, args.images, args.reps, args.threads, console, args.replay,
-                   plugins=args.plugin, tokens=tokens, device=args.device, dtype=args.dtype)
+                   plugins=args.plugin, tokens=tokens, device=args.device, dtype=args.dtype,
+                   decode_tokens=args.decode_tokens)
     console.print(table(report))
     from ..cost.budget import BudgetSolution
 

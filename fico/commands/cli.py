@@ -55,14 +55,18 @@ def _image_size(text: str) -> tuple[int, int]:
     return size
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1, kind: str = "a positive integer") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    return _positive_int(text, 0, "an integer of 0 or more")
 
 
 def _plugin_option(parser) -> None:
@@ -158,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--tokens", default=None, help="comma-separated visual-token budgets (192,128,64): use "
                                                       "budgets/NAME_T variants")
     bench.add_argument("--model", default="toy", help="toy (default), shaped, shaped-7b (LLaVA-1.5-7B widths, random "
-                                                      "weights; for a GPU), or a local checkpoint directory")
+                                                      "weights; for a GPU), shaped-next, shaped-next-7b (LLaVA-NeXT's "
+                                                      "token counts), embedded, embedded-next, or a local checkpoint "
+                                                      "directory")
     bench.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     bench.add_argument("--dtype", type=dtype_argument(), default="float32")
     bench.add_argument("--images", type=int, default=100, help="toy test images (6 questions each)")
     bench.add_argument("--reps", type=_positive_int, default=7, help="timed prefill repetitions per configuration")
     bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--decode-tokens", type=_count, default=16,
+                       help="tokens per timed decode (default 16); 0 times the prefill only")
     bench.add_argument("--json", default=None, help="write the results as JSON")
     bench.add_argument("--plot", default=None, help="write accuracy/latency against TFLOPs as an image")
     bench.add_argument("--replay", action="store_true",

@@ -226,18 +226,19 @@ class LlavaEncoder:
         for tokens, pos in self.select_features(pixel_values):
             projected = llava.multi_modal_projector(tokens)
             patch = torch.where(pos > 0, pos - 1, -1)
-            signals = {}
-            if instructions is not None and not tokens.is_meta:
-                signals = instruction_signals(self.text_tower, llava.vision_tower.post_layernorm, tokens,
-                                              instructions[first:first + tokens.shape[0]])
-            first += tokens.shape[0]
+            signals, images = {}, tokens.shape[0]
             if self.plan.pre_llm is not None:
-                for image, image_patch in self._pre_llm(projected, patch, signals):
-                    features.append(image)
-                    cells.append(image_patch)
+                with self.run.work():
+                    if instructions is not None and not tokens.is_meta:
+                        signals = instruction_signals(self.text_tower, llava.vision_tower.post_layernorm, tokens,
+                                                      instructions[first:first + images])
+                    for image, image_patch in self._pre_llm(projected, patch, signals):
+                        features.append(image)
+                        cells.append(image_patch)
             else:
                 features += list(projected)
                 cells += list(patch)
+            first += images
         return features, cells
 
     def select_features(self, pixel_values: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -255,7 +256,8 @@ class LlavaEncoder:
         sources = vp.feature_sources if vp is not None else None
         images = [(hidden, positions, size, sources)]
         if self.plan.vision_output is not None:
-            images = self._vision_output(hidden, positions, size, sources, vp)
+            with self.run.work():
+                images = self._vision_output(hidden, positions, size, sources, vp)
         # feature selection: [CLS] leaves unless the step made it a feature
         selected = []
         for tokens, pos, _, _ in images:

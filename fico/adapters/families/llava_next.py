@@ -183,7 +183,10 @@ class NextEncoder(LlavaEncoder):
             image = pack_image(crops[first:first + n], cells[first:first + n], shape, g, size, inner.image_newline,
                                unpad_image, image=index)
             first += n
-            packed.append(self._pre_llm_image(image, g) if self.plan.pre_llm is not None else image)
+            if self.plan.pre_llm is not None:
+                with self.run.work():
+                    image = self._pre_llm_image(image, g)
+            packed.append(image)
         return packed
 
     def _pre_llm_image(self, image: PackedImage, g: int) -> PackedImage:

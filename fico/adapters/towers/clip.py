@@ -116,11 +116,13 @@ def _vision_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor | 
     if layer in site.explicit_attention_layers and not hidden_states.is_meta:
         # The step needs the whole attention matrix: form it once here and share it, rather
         # than running SDPA and recomputing every row.
-        hidden_states, vp.captured["probs"] = _explicit_attention(self.self_attn, hidden_states, mask)
+        with site.run.work():
+            hidden_states, vp.captured["probs"] = _explicit_attention(self.self_attn, hidden_states, mask)
     else:
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=mask, **kwargs)
     hidden_states = residual + hidden_states
-    hidden_states = site.reduce(layer, hidden_states, vp, mask)
+    with site.run.work():
+        hidden_states = site.reduce(layer, hidden_states, vp, mask)
     residual = hidden_states
     hidden_states = self.layer_norm2(hidden_states)
     hidden_states = self.mlp(hidden_states)

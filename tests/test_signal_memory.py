@@ -1,0 +1,97 @@
+"""What fico's work adds to memory, and the models that measure it at LLaVA-NeXT's token counts.
+
+Signals that need every attention row are formed a band of query rows at a time (the full
+``(B, H, N, N)`` never exists at once); the bands change no value. Every step's signals and
+stages run inside :meth:`fico.ReductionRun.work`, where a benchmark's memory probe measures
+them; the shaped NeXT model gives the processor's token counts.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import fico
+import fico.adapters.attention as attention
+from fico.adapters.attention import row_bands
+from fico.benchmarks.memory import prefill_memory
+from fico.benchmarks.shaped import NEXT_IMAGE_SIZE, build_shaped_next_model, shaped_next_inputs
+
+# steps at every site, and every way a step forms an attention signal over all rows:
+# FiCoCo-L's head-mean matrix at a decoder input, FitPrune's layers formed whole, FiCoCo-V's
+# explicit CLIP attention, vision_output ([CLS] row) and pre_llm steps
+RECIPES = ["ficoco_l", "fitprune", "ficoco_v", "fastv", "visionzip", "divprune", "pdrop", "sparsevlm"]
+
+
+def test_row_bands_cover_every_row_once_within_the_budget():
+    for rows, heads, keys, elements in [(10, 4, 10, 40), (7, 2, 3, 1), (3000, 32, 3000, 1 << 24), (5, 1, 5, 10 ** 9)]:
+        bands = row_bands(rows, heads, keys, elements)
+        assert [r for band in bands for r in range(rows)[band]] == list(range(rows))
+        assert all(heads * (b.stop - b.start) * keys <= max(elements, heads * keys) for b in bands)
+    assert len(row_bands(3000, 32, 3000)) > 1, "LLaVA-NeXT's full attention is banded by default"
+
+
+@pytest.mark.parametrize("name", ["ficoco_l", "fitprune", "ficoco_vl"])
+def test_banded_attention_signals_change_nothing(tiny_model, batch_inputs, monkeypatch, name):
+    """One row per band against the whole matrix at once: the same tokens kept, the same logits."""
+    model, batch = tiny_model(dtype=torch.float32, vision_layers=24, llm_layers=32), batch_inputs(torch.float32)
+    recipe = fico.load_recipe(name)
+
+    def run():
+        with torch.no_grad(), fico.apply(model, recipe) as applied:
+            logits = model(**batch).logits
+        return logits, applied.trace.llm
+
+    whole, whole_counts = run()
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1)
+    banded, banded_counts = run()
+    assert banded_counts == whole_counts
+    torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)
+
+
+class CountingProbe:
+    """A memory probe that counts the spans of fico's work and checks they do not nest."""
+
+    def __init__(self):
+        self.spans, self.depth = 0, 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.spans += 1
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_step_runs_inside_a_span_of_work(tiny_model, single_inputs, name):
+    model = tiny_model(dtype=torch.float32, vision_layers=24, llm_layers=32)
+    recipe = fico.load_recipe(name)
+    probe = CountingProbe()
+    with torch.no_grad(), fico.apply(model, recipe) as run:
+        run.memory_probe = probe
+        model(**single_inputs(torch.float32), **recipe.instruction_inputs(["what is the color of the circle ?"]))
+    steps = len(run.trace.steps)
+    assert steps and probe.spans >= steps, f"{probe.spans} spans for {steps} steps"
+    assert probe.depth == 0
+
+
+def test_memory_is_not_measured_off_cuda(tiny_model, single_inputs):
+    """The CPU keeps no allocator statistics: None (reported as not measured), never a guess."""
+    model = tiny_model(dtype=torch.float32)
+    assert prefill_memory(model, single_inputs(torch.float32), fico.load_recipe("fastv")) is None
+
+
+def test_the_shaped_next_model_takes_the_processors_token_counts():
+    """672 x 672: five CLIP passes (base + 2 x 2 crops), 576 + 48 x 48 + 48 = 2928 visual tokens,
+    as LLaVA-NeXT's processor counts them; the model packs exactly that many."""
+    model = build_shaped_next_model(vision_width=64, llm_width=64, llm_layers=1, vision_layers=2)
+    inputs = shaped_next_inputs(model)
+    assert NEXT_IMAGE_SIZE == (672, 672)
+    assert inputs["pixel_values"].shape == (1, 5, 3, 336, 336)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2928
+    with torch.no_grad(), fico.apply(model, fico.load_recipe("budgets/random_next_640")) as run:
+        model(**inputs, logits_to_keep=1)
+    assert run.trace.llm[0] == 640 + inputs["input_ids"].shape[1] - 2928
