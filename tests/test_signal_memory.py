@@ -78,10 +78,37 @@ def test_every_step_runs_inside_a_span_of_work(tiny_model, single_inputs, name):
     assert probe.depth == 0
 
 
-def test_memory_is_not_measured_off_cuda(tiny_model, single_inputs):
-    """The CPU keeps no allocator statistics: None (reported as not measured), never a guess."""
-    model = tiny_model(dtype=torch.float32)
-    assert prefill_memory(model, single_inputs(torch.float32), fico.load_recipe("fastv")) is None
+def test_span_peaks_read_the_allocators_running_total():
+    """Allocation events carry the running total: the prefill's peak above its start, and each
+    span's peak above the level where it began, exactly."""
+    from fico.benchmarks.memory import SPAN, span_peaks
+
+    def alloc(ts, total, size):
+        return {"name": "[memory]", "ph": "i", "ts": ts, "args": {"Total Allocated": total, "Bytes": size,
+                                                                  "Device Type": 0}}
+
+    trace = {"traceEvents": [alloc(1, 100, 100), alloc(2, 300, 200), {"name": SPAN, "ph": "X", "ts": 3, "dur": 4},
+                             alloc(4, 1300, 1000), alloc(5, 800, -500), alloc(6, 900, 100), alloc(8, 100, -800),
+                             {"name": SPAN, "ph": "X", "ts": 9, "dur": 1}, alloc(11, 5000, 4900)]}
+    assert span_peaks(trace) == (5000, [1000, 0])
+
+
+def test_banding_lowers_the_work_peak_on_the_cpu(tiny_model, batch_inputs, monkeypatch):
+    """FiCoCo-L's full attention signal: whole, its (B, H, N, N) logits and probabilities are
+    the span's peak; in bands of a few rows, what remains is the (B, N, N) signal itself."""
+    model, batch = tiny_model(dtype=torch.float32, vision_layers=24, llm_layers=32), batch_inputs(torch.float32)
+    recipe = fico.load_recipe("ficoco_l")
+    with torch.no_grad():
+        unreduced = prefill_memory(model, batch)
+        whole = prefill_memory(model, batch, recipe)
+        monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1 << 14)
+        banded = prefill_memory(model, batch, recipe)
+    b, n = batch["input_ids"].shape
+    heads = model.config.text_config.num_attention_heads
+    assert unreduced.work is None and unreduced.activations > 0 and unreduced.peak > unreduced.activations
+    assert whole.work >= 2 * b * heads * n * n * 4, "the whole signal holds every head's logits and probabilities"
+    assert banded.work < whole.work / 2
+    assert banded.work >= b * n * n * 4, "the head-mean matrix itself"
 
 
 def test_the_shaped_next_model_takes_the_processors_token_counts():

@@ -1,4 +1,4 @@
-"""Peak memory of a prefill, and the most memory fico's own work adds (CUDA allocator statistics).
+"""Peak memory of a prefill, and the most memory fico's own work adds.
 
 A reduced prefill's peak can sit below the unreduced one even where a step forms a large
 signal (an attention matrix over every token), because the step runs early, while the KV
@@ -6,27 +6,43 @@ cache is still short. So the memory fico adds is measured where it is spent: eac
 its work (:meth:`fico.ReductionRun.work`: forming a step's signals and running its stages)
 is measured from the memory allocated when it begins to the highest point inside it, and
 the largest of those is the run's *work peak*. The requirement compares it with the
-unreduced prefill's peak: at most 10%.
+unreduced prefill's peak (weights included, as ``torch.cuda.max_memory_allocated`` and
+papers report it): at most 10%.
 
-Only CUDA keeps allocator statistics; on another device every number here is None
-(reported as not measured, never estimated).
+Both are measured, never estimated: on CUDA from the caching allocator's statistics; on the
+CPU from the allocation events of ``torch.profiler`` (``profile_memory``), which carry the
+allocator's running total at every allocation and free, so the peaks are exact to the
+allocation. Weights and inputs held before the prefill count as its starting level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+#: the profiler range a CPU probe marks each span of fico's work with
+SPAN = "fico.work"
 
-def _measurable(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available()
+
+@dataclass
+class PrefillMemory:
+    """Bytes: the prefill's peak (what was allocated before it included), the same above what
+    was allocated before it (activations, cache, signals), and fico's work peak (None
+    unreduced)."""
+
+    peak: int
+    activations: int
+    work: int | None
 
 
-class WorkPeak:
-    """A :attr:`fico.ReductionRun.memory_probe`: the most bytes any span of fico's work held
-    above what was allocated when it began. Nested spans are measured as part of the outer one."""
+class CudaWorkPeak:
+    """A :attr:`fico.ReductionRun.memory_probe` on CUDA: the most bytes any span of fico's work
+    held above what was allocated when it began. Nested spans count as part of the outer one."""
 
     def __init__(self, device: torch.device):
         self.device, self.bytes, self._depth = device, 0, 0
@@ -46,41 +62,94 @@ class WorkPeak:
             self._depth -= 1
 
 
-@dataclass
-class PrefillMemory:
-    """Bytes: the prefill's peak (weights included), the same above what was allocated before
-    it (activations, cache, signals), and fico's work peak (None unreduced)."""
+class ProfiledSpans:
+    """A :attr:`fico.ReductionRun.memory_probe` on the CPU: marks each outermost span of fico's
+    work as a profiler range (:data:`SPAN`), read back by :func:`span_peaks`."""
 
-    peak: int
-    activations: int
-    work: int | None
+    def __init__(self):
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self._depth:
+            yield
+            return
+        self._depth += 1
+        try:
+            with torch.profiler.record_function(SPAN):
+                yield
+        finally:
+            self._depth -= 1
 
 
-def prefill_memory(model, inputs: dict, recipe=None) -> PrefillMemory | None:
+def span_peaks(trace: dict) -> tuple[int, list[int]]:
+    """From a Chrome trace of a profiled prefill: the most bytes allocated above the level at
+    its start, and for each :data:`SPAN` range the most bytes above the level when it began."""
+    events = trace["traceEvents"]
+    memory = sorted(((e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events
+                     if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                    key=lambda m: m[0])
+    if not memory:
+        return 0, []
+    start = memory[0][1] - memory[0][2]  # the level before the first allocation
+    peak = max(total for _, total, _ in memory) - start
+    spans = []
+    for e in events:
+        if e.get("name") != SPAN or e.get("ph") != "X":
+            continue
+        begin, end = e["ts"], e["ts"] + e["dur"]
+        before = [total for ts, total, _ in memory if ts < begin]
+        level = before[-1] if before else start
+        inside = [total for ts, total, _ in memory if begin <= ts <= end]
+        spans.append(max([level, *inside]) - level)
+    return peak, spans
+
+
+def _held_bytes(model, inputs: dict) -> int:
+    """What the model and its inputs hold before a prefill (weights, buffers, input tensors)."""
+    tensors = [*model.parameters(), *model.buffers(), *(v for v in inputs.values() if isinstance(v, torch.Tensor))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prefill_memory(model, inputs: dict, recipe=None) -> PrefillMemory:
     """The peak memory of one prefill (``logits_to_keep=1``) with ``recipe`` applied (None:
-    unreduced), and its work peak, from a second prefill with a :class:`WorkPeak` probe
-    (its resets of the peak statistics would hide the first one's peak). None off CUDA."""
+    unreduced), and its work peak (from a second prefill on CUDA, whose probe resets the peak
+    statistics that the first one reads)."""
     from .. import apply
 
     device = next(model.parameters()).device
-    if not _measurable(device):
-        return None
 
-    def prefill(probe: WorkPeak | None = None) -> tuple[int, int]:
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        with apply(model, recipe) if recipe is not None else contextlib.nullcontext() as run:
-            if run is not None:
-                run.memory_probe = probe
-            model(**inputs, logits_to_keep=1)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device), before
+    def applied(probe):
+        if recipe is None:
+            return contextlib.nullcontext()
+        run = apply(model, recipe)
+        run.memory_probe = probe
+        return run
 
-    peak, before = prefill()
-    work = None
-    if recipe is not None:
-        probe = WorkPeak(device)
-        prefill(probe)
-        work = probe.bytes
-    return PrefillMemory(peak, peak - before, work)
+    if device.type == "cuda":
+        def prefill(probe=None) -> tuple[int, int]:
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            with applied(probe):
+                model(**inputs, logits_to_keep=1)
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device), before
+
+        peak, before = prefill()
+        work = None
+        if recipe is not None:
+            probe = CudaWorkPeak(device)
+            prefill(probe)
+            work = probe.bytes
+        return PrefillMemory(peak, peak - before, work)
+    from torch.profiler import ProfilerActivity, profile
+
+    with applied(ProfiledSpans()), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        model(**inputs, logits_to_keep=1)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        activations, spans = span_peaks(json.loads(path.read_text()))
+    held = _held_bytes(model, inputs)
+    return PrefillMemory(held + activations, activations, None if recipe is None else max(spans, default=0))

@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--images", type=int, default=100, help="toy test images (6 questions each)")
     bench.add_argument("--reps", type=_positive_int, default=7, help="timed prefill repetitions per configuration")
     bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--memory", action="store_true",
+                       help="measure each prefill's peak memory and the most fico's work adds (always on CUDA; on "
+                            "the CPU it profiles one more prefill per configuration)")
     bench.add_argument("--decode-tokens", type=_count, default=16,
                        help="tokens per timed decode (default 16); 0 times the prefill only")
     bench.add_argument("--json", default=None, help="write the results as JSON")
