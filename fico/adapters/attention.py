@@ -44,9 +44,10 @@ def masked_logits(logits: Tensor, rows: Tensor, mask: Tensor | None) -> Tensor:
 
 
 #: elements of attention logits (B x H x rows x N) formed at a time where a signal needs every
-#: row: 2^24 (64 MB in float32), so a full attention matrix over LLaVA-NeXT's ~3000 tokens is
-#: built a band of query rows at a time instead of as 32 heads x N x N at once
-CHUNK_ELEMENTS = 1 << 24
+#: row: 2^23 (32 MB in float32; a band's logits, mask, softmax and its copies hold a few times
+#: that), so a full attention matrix over LLaVA-NeXT's ~3000 tokens is built a band of query
+#: rows at a time instead of as 32 heads x N x N at once
+CHUNK_ELEMENTS = 1 << 23
 
 
 def row_bands(rows: int, batch_heads: int, keys: int, elements: int | None = None) -> list[slice]:
