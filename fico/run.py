@@ -177,16 +177,16 @@ class ReductionRun:
         #: synchronise the accelerator around each step, so its recorded seconds are its own
         self.sync_stage_timing = False
         #: set by a benchmark: a context manager factory wrapped around each span of fico's own
-        #: work (:meth:`work`), e.g. to measure the memory its signals and stages add
-        self.memory_probe: Callable[[], ContextManager] | None = None
+        #: work (:meth:`work`), to measure the time or memory its signals and stages take
+        self.work_probe: Callable[[], ContextManager] | None = None
         self._undo: list[Callable[[], None]] = []
         self.active = False
 
     def work(self) -> ContextManager:
         """A span of fico's own work at a site: forming a step's signals (an attention matrix,
         rows of it, a text tower's embedding) and running its stages. Sites wrap each span, so
-        a benchmark's :attr:`memory_probe` sees every one; without a probe it does nothing."""
-        return self.memory_probe() if self.memory_probe is not None else contextlib.nullcontext()
+        a benchmark's :attr:`work_probe` sees every one; without a probe it does nothing."""
+        return self.work_probe() if self.work_probe is not None else contextlib.nullcontext()
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         """Register ``undo`` to run at :meth:`remove`: every change an adapter makes to the

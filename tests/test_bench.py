@@ -163,3 +163,23 @@ def test_the_replay_batches_a_next_images_tower_passes():
         for hook in hooks:
             hook.remove()
     assert seen == [(3, 17), (3, 12)]
+
+
+def test_stage_growth_compares_two_reports(tmp_path):
+    from fico.commands.growth import BLOCK, main as growth
+
+    def report(model, tokens, stage_share, prefill_ms):
+        return {"model": model, "date": "2026-12-05", "architecture": "a", "machine": "m",
+                "baseline": {"image_features": tokens},
+                "results": [{"recipe": "fastv", "stage_share": stage_share, "prefill_ms": prefill_ms},
+                            {"recipe": "only_here", "stage_share": 0.1, "prefill_ms": 1.0}]}
+
+    small, large, md = tmp_path / "small.json", tmp_path / "large.json", tmp_path / "b.md"
+    small.write_text(json.dumps(report("shaped", 576, 0.01, 2000.0)))
+    large.write_text(json.dumps({**report("shaped-next", 2928, 0.02, 5000.0), "results": [
+        {"recipe": "fastv", "stage_share": 0.02, "prefill_ms": 5000.0}]}))
+    md.write_text("# Benchmarks\n")
+    assert growth([str(small), str(large), "--write", str(md)]) == 0
+    text = md.read_text()
+    assert f"<!-- bench:{BLOCK}:begin -->" in text and "5.08 x" in text
+    assert "| fastv | 20.0 | 1.0 | 100.0 | 2.0 | 5.0 x |" in text and "only_here" not in text

@@ -151,3 +151,54 @@ def test_eager_attention_equals_sdpa_on_a_ragged_batch(tiny_model, processor):
             out.append(_generate(model, batch))
     assert torch.equal(out[0][0], out[1][0])
     assert (out[0][1] - out[1][1]).abs().max() < 1e-6
+
+
+ADAPTIVE_THEN_DECODER = """
+name: prumerge_then_fastv
+base: prumerge
+steps:
+  - site: vision_output
+    keep: adaptive
+    order: method
+    filter: {name: iqr_outliers, signal: next_cls_attention_fullwidth}
+    correlate: {name: key_neighbours, neighbors: 32}
+    compress: target_plus_sum
+  - site: llm
+    layers: [2]
+    KEEP
+    filter: {name: attention_rank, signal: last_query_attention}
+    correlate: none
+    compress: drop
+"""
+
+
+@pytest.mark.parametrize("schedule", ["keep_ratio: 0.5", "keep: 3", "keep: 500"])
+def test_decoder_steps_follow_an_adaptive_count_sample_by_sample(tiny_model, processor, tmp_path, schedule):
+    """PruMerge chooses each image's count; a decoder step after it acts on each sample's own
+    count (a keep above it keeps every token), and each sample equals that sample alone."""
+    path = tmp_path / "adaptive.yaml"
+    path.write_text(ADAPTIVE_THEN_DECODER.replace("KEEP", schedule).replace("base: prumerge\n", ""))
+    recipe = fico.load_recipe(path)
+    model = tiny_model()
+    batch = _inputs(processor, [0, 1])
+    with torch.no_grad(), fico.apply(model, recipe) as run:
+        logits = model(**batch).logits
+        counts = run.trace.vision_features
+        tokens, _ = _generate(model, batch)
+        for i in range(2):
+            alone = _inputs(processor, [i])
+            text = _trailing_text(alone)
+            assert (logits[i, -text:] - model(**alone).logits[0, -text:]).abs().max() < 1e-6, i
+            alone_tokens, _ = _generate(model, alone)
+            assert torch.equal(tokens[i, batch["input_ids"].shape[1]:], alone_tokens[0, alone["input_ids"].shape[1]:])
+    assert isinstance(counts, list) and len(set(counts)) > 1, "the images keep different counts"
+    if schedule == "keep: 500":  # above every count: the decoder step removes nothing
+        with torch.no_grad(), fico.apply(model, fico.load_recipe("prumerge")):
+            assert torch.equal(model(**batch).logits, logits)
+
+
+def test_a_decoder_schedule_that_cannot_run_on_the_bound_is_refused(tiny_model, tmp_path):
+    path = tmp_path / "adaptive.yaml"
+    path.write_text(ADAPTIVE_THEN_DECODER.replace("KEEP", "keep: 600").replace("base: prumerge\n", ""))
+    with pytest.raises(fico.RecipeError, match="keep: keeps 600 tokens"):
+        fico.apply(tiny_model(), fico.load_recipe(path))

@@ -452,6 +452,11 @@ class LLMSite:
         if planned is not None and planned.remove:
             with self.run.work():
                 hidden = self._reduce(layer, planned, lp, hidden, self._input_source(layer, planned, lp, hidden))
+        # what earlier layers captured is read by no later step (an input step reads the layer
+        # before it, a mid step its own): let it go, rather than hold every layer's q/k and
+        # attention until the forward ends
+        for done in [index for index in lp.captured if index < layer]:
+            del lp.captured[done]
         self.run.trace.llm.append(hidden.shape[1])
         if lp.ghost is not None:
             self.run.trace.ghosts[layer] = lp.ghost.sum(1).tolist()
@@ -554,7 +559,9 @@ class LLMSite:
         firsts = lp.first_counts.setdefault(step.index, available) if not hidden.is_meta else [planned.first] * b
         removals = []
         for count, first in zip(available, firsts):
-            requested = requested_removal(step, count, planned.position, first)
+            # a keep above this sample's count (its images brought fewer tokens than the plan's
+            # bound: a smaller LLaVA-NeXT image, an adaptive step before) keeps all of them
+            requested = max(requested_removal(step, count, planned.position, first), 0)
             if requested > count:
                 raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
                                   f"tokens at {step.site} layer {layer}, where only {count} visual tokens are left")

@@ -41,7 +41,7 @@ class PrefillMemory:
 
 
 class CudaWorkPeak:
-    """A :attr:`fico.ReductionRun.memory_probe` on CUDA: the most bytes any span of fico's work
+    """A :attr:`fico.ReductionRun.work_probe` on CUDA: the most bytes any span of fico's work
     held above what was allocated when it began. Nested spans count as part of the outer one."""
 
     def __init__(self, device: torch.device):
@@ -63,7 +63,7 @@ class CudaWorkPeak:
 
 
 class ProfiledSpans:
-    """A :attr:`fico.ReductionRun.memory_probe` on the CPU: marks each outermost span of fico's
+    """A :attr:`fico.ReductionRun.work_probe` on the CPU: marks each outermost span of fico's
     work as a profiler range (:data:`SPAN`), read back by :func:`span_peaks`."""
 
     def __init__(self):
@@ -123,7 +123,7 @@ def prefill_memory(model, inputs: dict, recipe=None) -> PrefillMemory:
         if recipe is None:
             return contextlib.nullcontext()
         run = apply(model, recipe)
-        run.memory_probe = probe
+        run.work_probe = probe
         return run
 
     if device.type == "cuda":

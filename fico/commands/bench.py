@@ -32,7 +32,7 @@ from ..models import RUNNABLE, check_recipes, load_model, model_source, torch_dt
 from ..recipe import Recipe
 from .console import Table
 from .results import save_figure, write_whole
-from .timing import READABLE_SPREAD, Spread
+from .timing import READABLE_SPREAD, Spread, WorkTime
 
 BUDGETS = ("4.2", "3.3", "2.4", "1.5")
 
@@ -126,24 +126,28 @@ def with_instruction(inputs: dict, recipe: Recipe | None, instruction: str) -> d
 
 def measure_latency(model, inputs, recipes: dict[str, Recipe | None], reps: int, progress=None,
                     instruction: str = BenchModel.instruction) -> dict:
-    """Interleaved prefill timings: {name: {"prefill": [...], "stage": [...]}} (warm-up excluded)."""
+    """Interleaved prefill timings: {name: {"prefill": [...], "stage": [...], "work": [...]}}
+    (warm-up excluded): the prefill, the stages, and every span of fico's work (signals and
+    stages, :meth:`fico.ReductionRun.work`)."""
     from .. import apply
 
-    times = {name: {"prefill": [], "stage": [], "trace": None} for name in recipes}
+    times = {name: {"prefill": [], "stage": [], "work": [], "trace": None} for name in recipes}
     task = progress.add_task("prefill timing", total=(reps + 1) * len(recipes)) if progress else None
     for rep in range(reps + 1):
         for name, recipe in recipes.items():
             if recipe is None:
-                seconds, stage = _prefill(model, inputs), 0.0
+                seconds, stage, work = _prefill(model, inputs), 0.0, 0.0
             else:
                 with apply(model, recipe) as run:
                     run.sync_stage_timing = True
+                    run.work_probe = probe = WorkTime()
                     seconds = _prefill(model, with_instruction(inputs, recipe, instruction))
-                stage = run.trace.stage_seconds
+                stage, work = run.trace.stage_seconds, probe.seconds
                 times[name]["trace"] = run.trace
             if rep:  # the first round warms up
                 times[name]["prefill"].append(seconds)
                 times[name]["stage"].append(stage)
+                times[name]["work"].append(work)
             if progress:
                 progress.advance(task)
     return times
@@ -268,14 +272,17 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
             entry.update(tflops=full.tflops, tflops_llm_viewer=viewer.tflops, kv_cache_mb=viewer.kv_cache_mb,
                          image_features=full.tokens["features"])
             prefill, stage = Spread.of(timings[name]["prefill"]), Spread.of(timings[name]["stage"])
+            work = Spread.of(timings[name]["work"])
             per_token = Spread.of(decode[name], empty=DECODE_UNREADABLE if decode_tokens else DECODE_SKIPPED)
             entry.update(prefill_ms=prefill.scaled(1e3).median, prefill_spread_ms=prefill.scaled(1e3).as_dict(),
                          stage_share=_quotient(stage.median, prefill.median),
+                         work_share=_quotient(work.median, prefill.median),
                          decode_ms_per_token=per_token.scaled(1e3).median,
                          decode_spread_ms=per_token.scaled(1e3).as_dict(),
                          measured_speedup_spread=Spread.ratio(timings["unreduced"]["prefill"],
                                                               timings[name]["prefill"]).as_dict(),
-                         decode_speedup_spread=Spread.ratio(decode["unreduced"], decode[name]).as_dict())
+                         decode_speedup_spread=(Spread.ratio(decode["unreduced"], decode[name]) if decode_tokens
+                                                else Spread.unreadable(DECODE_SKIPPED)).as_dict())
             on_cuda = next(bm.model.parameters()).device.type == "cuda"
             memory = prefill_memory(bm.model, with_instruction(bm.inputs, recipe, bm.instruction), recipe) \
                 if measure_memory or on_cuda else None
@@ -363,7 +370,7 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
     gflops = report["baseline"]["tflops"] < 1
     columns = ["recipe", "GFLOPs (full)" if gflops else "TFLOPs (full)", "FLOPs speedup",
                "measured speedup (IQR)", "measured / FLOPs", "prefill ms (IQR)", "decode ms/token (IQR)",
-               "decode speedup (IQR)", "fico stages (% of prefill)"]
+               "decode speedup (IQR)", "fico stages (% of prefill)", "fico signals + stages (% of prefill)"]
     if budgets:
         columns.insert(1, "budget")
     if replayed:
@@ -383,7 +390,7 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
             row += [_with_spread(e["measured_speedup_spread"], 2), _number(e["speedup_ratio"], 2)]
         row += [_with_spread(e["prefill_spread_ms"], 1), _with_spread(e["decode_spread_ms"], 2),
                 "1.00" if e is base else _with_spread(e["decode_speedup_spread"], 2),
-                _number(e["stage_share"], 1, 100)]
+                _number(e["stage_share"], 1, 100), _number(e.get("work_share"), 1, 100)]
         unreadable |= any(cell.endswith(UNREADABLE) for cell in row)
         if budgets:
             row.insert(1, budget_label(e))
@@ -505,8 +512,8 @@ def markdown(report: dict, command: str, block: str | None = None) -> str:
                 share = "not measured"
             else:
                 share = "met" if e["stage_share"] <= 0.05 else f"missed by {100 * (e['stage_share'] - 0.05):.1f} points"
-            line = (f"- `{e['recipe']}`: stages {_number(e['stage_share'], 1, 100)}% ({share}); measured / FLOPs "
-                    f"speedup {_number(e['speedup_ratio'], 2)}")
+            line = (f"- `{e['recipe']}`: stages {_number(e['stage_share'], 1, 100)}% ({share}), with its signals "
+                    f"{_number(e.get('work_share'), 1, 100)}%; measured / FLOPs speedup {_number(e['speedup_ratio'], 2)}")
             if replayed:
                 if e["fico_efficiency"] is None:
                     efficiency = "not measured"
@@ -519,6 +526,10 @@ def markdown(report: dict, command: str, block: str | None = None) -> str:
                 share = e["work_peak_share"]
                 line += (f"; fico's work peak {_number(share, 2, 100)}% of the unreduced peak ("
                          + ("met" if share <= 0.10 else f"missed by {100 * (share - 0.10):.1f} points") + ")")
+                above = e["peak_memory_mb"] / report["baseline"]["peak_memory_mb"] - 1
+                # memory fico holds between its spans shows here, not in the work peak
+                line += (f", the prefill's peak {100 * above:.1f}% above the unreduced one" if above > 0
+                         else f", the prefill's peak {100 * -above:.1f}% below the unreduced one")
             lines.append(line)
     lines.append(f"<!-- bench:{block}:end -->")
     return "\n".join(lines)

@@ -15,9 +15,13 @@ those paired ratios; when the ratios' interquartile range is wider than
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass
+
+import torch
 
 #: the widest interquartile range, relative to the median, at which a ratio is still read
 READABLE_SPREAD = 0.2
@@ -113,3 +117,28 @@ def ratio_text(ratio: Spread) -> str:
         text += (f"; spread too wide to read a ratio (IQR {100 * ratio.relative_iqr:.0f}% of the median): "
                  "more repeats or a quieter machine")
     return text
+
+
+class WorkTime:
+    """A :attr:`fico.ReductionRun.work_probe`: the seconds spent inside spans of fico's work
+    (forming signals and running stages; an accelerator is synchronised around each span).
+    Nested spans count once, as part of the outer one."""
+
+    def __init__(self):
+        self.seconds, self._depth = 0.0, 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self._depth:
+            yield
+            return
+        self._depth += 1
+        sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.seconds += time.perf_counter() - start
+            self._depth -= 1

@@ -316,21 +316,22 @@ def plan_recipe(recipe: Recipe, geometry: Geometry) -> RecipePlan:
         pass_features = features
         features = geometry.image_tokens if features is None else round(geometry.image_tokens * features / per_pass)
     pre_llm = None
+    # the most visual tokens an image can bring to the language model: its count where the
+    # plan knows it, else (an adaptive step chooses it per image) its count before that step
+    bound = features if features is not None else (
+        geometry.image_tokens if geometry.image_tokens is not None else at_feature - (1 if geometry.drops_cls else 0))
     if features is not None:
         pre_llm = plan_point(recipe, "pre_llm", features, features - protected, geometry.image_grids, protected)
         if pre_llm is not None:
             features = pre_llm.tokens_out
+            bound = features if features is not None else bound
     elif any(s.site == "pre_llm" for s in recipe.steps):
         step = next(s for s in recipe.steps if s.site == "pre_llm")
         raise recipe.error(f"{step.where}.site", "a pre_llm step cannot follow an adaptive vision_output step "
                            "(its count differs per image)")
-    if features is None:
-        llm_steps = [s for s in recipe.steps if s.site in ("llm", "llm_mid")]
-        if llm_steps:
-            raise recipe.error(f"{llm_steps[0].where}.site", "decoder-layer steps cannot follow an adaptive count: "
-                               "they need the same number of visual tokens in every sample")
-        llm = SitePlan("llm", {}, {}, [], [])
-    else:
-        llm = plan_layers(recipe, "llm", geometry.llm_layers, features, features - protected, mid_site="llm_mid",
-                          input_site="llm", first_layer=1)
+    # After an adaptive count the decoder steps are planned on that upper bound (a schedule
+    # that cannot run even there is refused now); each sample's steps act on its own count,
+    # a keep above it keeping all of it, and the batch runs ragged (fico.adapters.ghosts).
+    llm = plan_layers(recipe, "llm", geometry.llm_layers, bound, bound - protected, mid_site="llm_mid",
+                      input_site="llm", first_layer=1)
     return RecipePlan(vision, vision_output, pre_llm, llm, features, cls_feature, pass_features=pass_features)
