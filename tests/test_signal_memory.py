@@ -135,3 +135,14 @@ def test_what_a_layer_captured_is_released_once_read():
         unreduced = prefill_memory(model, inputs)
         reduced = prefill_memory(model, inputs, fico.load_recipe("fitprune"))
     assert reduced.peak <= unreduced.peak + reduced.work
+
+
+def test_shaped_next_7b_has_llava_next_7bs_architecture():
+    """llava-v1.6-vicuna-7b: LLaVA-1.5-7B's towers and projector, plus the 4096-wide newline."""
+    from fico.benchmarks.shaped import build_shaped_7b, build_shaped_next_7b
+
+    flat, model = build_shaped_7b(device="meta"), build_shaped_next_7b(device="meta")
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in flat.parameters()) + 4096
+    assert model.config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert next(model.parameters()).dtype == torch.float16

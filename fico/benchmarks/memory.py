@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .spans import SpanProbe
+
 #: the profiler range a CPU probe marks each span of fico's work with
 SPAN = "fico.work"
 
@@ -40,46 +42,30 @@ class PrefillMemory:
     work: int | None
 
 
-class CudaWorkPeak:
+class CudaWorkPeak(SpanProbe):
     """A :attr:`fico.ReductionRun.work_probe` on CUDA: the most bytes any span of fico's work
-    held above what was allocated when it began. Nested spans count as part of the outer one."""
+    held above what was allocated when it began."""
 
     def __init__(self, device: torch.device):
-        self.device, self.bytes, self._depth = device, 0, 0
+        super().__init__()
+        self.device, self.bytes = device, 0
 
     @contextlib.contextmanager
-    def __call__(self):
-        if self._depth:
-            yield
-            return
-        self._depth += 1
+    def measure(self):
         start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         try:
             yield
         finally:
             self.bytes = max(self.bytes, torch.cuda.max_memory_allocated(self.device) - start)
-            self._depth -= 1
 
 
-class ProfiledSpans:
+class ProfiledSpans(SpanProbe):
     """A :attr:`fico.ReductionRun.work_probe` on the CPU: marks each outermost span of fico's
     work as a profiler range (:data:`SPAN`), read back by :func:`span_peaks`."""
 
-    def __init__(self):
-        self._depth = 0
-
-    @contextlib.contextmanager
-    def __call__(self):
-        if self._depth:
-            yield
-            return
-        self._depth += 1
-        try:
-            with torch.profiler.record_function(SPAN):
-                yield
-        finally:
-            self._depth -= 1
+    def measure(self):
+        return torch.profiler.record_function(SPAN)
 
 
 def span_peaks(trace: dict) -> tuple[int, list[int]]:

@@ -32,12 +32,18 @@ def build_shaped_7b(dtype: torch.dtype = torch.float16, attn_implementation: str
     config.image_token_id, config.pad_token_id = IMAGE_TOKEN_ID, PAD_TOKEN_ID
     config.text_config.pad_token_id = PAD_TOKEN_ID
     config.text_config.vocab_size = 32064
+    return _built_on(device, config, LlavaForConditionalGeneration, dtype, attn_implementation, seed)
+
+
+def _built_on(device: str, config, model_class, dtype: torch.dtype, attn_implementation: str, seed: int):
+    """``model_class(config)`` initialised directly on ``device`` in ``dtype`` (a 7B model is
+    never materialised in float32 on the CPU first)."""
     torch.manual_seed(seed)
     with torch.device(device):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = LlavaForConditionalGeneration(config).eval()
+            model = model_class(config).eval()
         finally:
             torch.set_default_dtype(previous)
     model.set_attn_implementation(attn_implementation)
@@ -109,16 +115,7 @@ def build_shaped_next_7b(dtype: torch.dtype = torch.float16, attn_implementation
                              image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
                              vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS,
                              image_seq_length=576)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = LlavaNextForConditionalGeneration(config).eval()
-        finally:
-            torch.set_default_dtype(previous)
-    model.set_attn_implementation(attn_implementation)
-    return model
+    return _built_on(device, config, LlavaNextForConditionalGeneration, dtype, attn_implementation, seed)
 
 
 def _prompt(batch: int, prefix_tokens: int, text_tokens: int, image_tokens: int, g: torch.Generator) -> dict:

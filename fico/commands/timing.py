@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..benchmarks.spans import SpanProbe
+
 #: the widest interquartile range, relative to the median, at which a ratio is still read
 READABLE_SPREAD = 0.2
 
@@ -119,20 +121,16 @@ def ratio_text(ratio: Spread) -> str:
     return text
 
 
-class WorkTime:
+class WorkTime(SpanProbe):
     """A :attr:`fico.ReductionRun.work_probe`: the seconds spent inside spans of fico's work
-    (forming signals and running stages; an accelerator is synchronised around each span).
-    Nested spans count once, as part of the outer one."""
+    (forming signals and running stages; an accelerator is synchronised around each span)."""
 
     def __init__(self):
-        self.seconds, self._depth = 0.0, 0
+        super().__init__()
+        self.seconds = 0.0
 
     @contextlib.contextmanager
-    def __call__(self):
-        if self._depth:
-            yield
-            return
-        self._depth += 1
+    def measure(self):
         sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
         sync()
         start = time.perf_counter()
@@ -141,4 +139,3 @@ class WorkTime:
         finally:
             sync()
             self.seconds += time.perf_counter() - start
-            self._depth -= 1
