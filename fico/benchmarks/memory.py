@@ -17,6 +17,7 @@ allocation. Weights and inputs held before the prefill count as its starting lev
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import tempfile
@@ -77,18 +78,16 @@ def span_peaks(trace: dict) -> tuple[int, list[int]]:
                     key=lambda m: m[0])
     if not memory:
         return 0, []
-    start = memory[0][1] - memory[0][2]  # the level before the first allocation
-    peak = max(total for _, total, _ in memory) - start
+    times, totals = [m[0] for m in memory], [m[1] for m in memory]
+    start = totals[0] - memory[0][2]  # the level before the first allocation
     spans = []
     for e in events:
         if e.get("name") != SPAN or e.get("ph") != "X":
             continue
-        begin, end = e["ts"], e["ts"] + e["dur"]
-        before = [total for ts, total, _ in memory if ts < begin]
-        level = before[-1] if before else start
-        inside = [total for ts, total, _ in memory if begin <= ts <= end]
-        spans.append(max([level, *inside]) - level)
-    return peak, spans
+        first, past = bisect.bisect_left(times, e["ts"]), bisect.bisect_right(times, e["ts"] + e["dur"])
+        level = totals[first - 1] if first else start
+        spans.append(max([level, *totals[first:past]]) - level)
+    return max(totals) - start, spans
 
 
 def _held_bytes(model, inputs: dict) -> int:

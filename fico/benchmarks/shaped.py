@@ -139,15 +139,12 @@ def shaped_next_inputs(model, batch: int = 1, prefix_tokens: int = 5, text_token
     """What LLaVA-NeXT's processor gives an image of ``image_size`` (random crops): ``prefix +
     its visual placeholders + text`` (2928 placeholders at 672 x 672) and ``pixel_values`` of
     shape (B, passes, 3, 336, 336) with ``image_sizes``."""
-    from ..adapters.families.anyres import anyres_grids
-    from ..adapters.families.llava_next import stock_count
+    from ..cost.model import spec_from_config
 
-    config = model.config
-    crop = config.vision_config.image_size
-    passes = anyres_grids(image_size, tuple(map(tuple, config.image_grid_pinpoints)), crop,
-                          config.vision_config.patch_size)[0]
+    crop = model.config.vision_config.image_size
+    passes, tokens, _ = spec_from_config(model.config).image(image_size)
     g = torch.Generator().manual_seed(seed)
-    inputs = _prompt(batch, prefix_tokens, text_tokens, stock_count(config, image_size), g)
+    inputs = _prompt(batch, prefix_tokens, text_tokens, tokens, g)
     return {**inputs, "pixel_values": torch.randn(batch, passes, 3, crop, crop, generator=g).to(dtype),
             "image_sizes": torch.tensor([list(image_size)] * batch)}
 
