@@ -126,19 +126,26 @@ def run_step(planned: PlannedStep, state: TokenState, remove: int, synchronize: 
     split = boundary.split(step.filter, boundary.call(step.filter, step.filter.split, state, remove), state, remove)
     correlation = boundary.correlation(
         step.correlator, boundary.call(step.correlator, step.correlator.correlate, state, split), split)
-    if state.sources is None:
+    riders = [t for t in (state.sources, state.carried) if t is not None]
+    if not riders:
         new_state = boundary.call(step.compressor, step.compressor.compress, state, split, correlation)
         new_state = _emit_order(step, split, boundary.state(step.compressor, new_state, state, remove))
         sync()
         return new_state, time.perf_counter() - start
-    # Provenance rides along as extra channels: every compressor is linear in the tokens, so
-    # it moves the original tokens' weights exactly as it moves their information.
+    # Provenance (and a site's carried values) ride along as extra channels: every compressor
+    # is linear in the tokens, so it moves them exactly as it moves the tokens' information.
     width = state.hidden.shape[-1]
-    carried = replace(state, hidden=torch.cat([state.hidden, state.sources.to(state.hidden.dtype)], -1), sources=None)
+    channels = torch.cat([state.hidden, *(t.to(state.hidden.dtype) for t in riders)], -1)
+    carried = replace(state, hidden=channels, sources=None, carried=None)
     new_state = boundary.call(step.compressor, step.compressor.compress, carried, split, correlation)
     boundary.state(step.compressor, new_state, carried, remove)
-    new_state.sources = new_state.hidden[..., width:].float()
-    new_state.hidden = new_state.hidden[..., :width]
+    moved = new_state.hidden
+    new_state.hidden = moved[..., :width]
+    if state.sources is not None:
+        new_state.sources = moved[..., width:width + state.sources.shape[-1]].float()
+        width += state.sources.shape[-1]
+    if state.carried is not None:
+        new_state.carried = moved[..., width:].to(state.carried.dtype)
     new_state = _emit_order(step, split, new_state)
     sync()
     return new_state, time.perf_counter() - start

@@ -42,6 +42,10 @@ class TokenState:
         sources: ``(B, N, N0)`` provenance, when the run tracks it: the weight of each
             original token in each token present (a row of the identity at first).
             Compressors need not handle it: it travels with the hidden states.
+        carried: ``(B, N, C)`` per-token values a site needs moved exactly as the tokens are
+            (Qwen3-VL's DeepStack features of each visual token): like ``sources``, they
+            travel with the hidden states through the compressor (every compressor is linear
+            in the tokens), and no stage reads them.
         size: ``(B, N, 1)`` how many original tokens each token stands for, or None
             while no compressor tracks sizes (ToMe's ``size``).
         signals: what the site measured for this step, by name (see
@@ -68,6 +72,7 @@ class TokenState:
     layer: int = 0
     layout: Tensor | None = None
     grids: tuple[tuple[int, int], ...] | None = None
+    carried: Tensor | None = None
 
     def token_layout(self) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
         """``(layout, grids)``: each token's ``(image, part, row, column)`` and each part's grid,
@@ -113,6 +118,7 @@ class TokenState:
             patch=None if self.patch is None else gather_tokens(self.patch, index),
             layout=None if self.layout is None else gather_tokens(self.layout, index),
             sources=None if self.sources is None else gather_tokens(self.sources, index),
+            carried=None if self.carried is None else gather_tokens(self.carried, index),
             size=None if self.size is None else gather_tokens(self.size, index),
             extras={k: gather_tokens(v, index) for k, v in self.extras.items()},
             signals={},
@@ -135,6 +141,8 @@ class TokenState:
                 [self.layout, self.layout.new_full((b, k, self.layout.shape[-1]), -1)], dim=1),
             sources=None if self.sources is None else torch.cat(
                 [self.sources, self.sources.new_zeros(b, k, self.sources.shape[-1])], dim=1),
+            carried=None if self.carried is None else torch.cat(
+                [self.carried, self.carried.new_zeros(b, k, self.carried.shape[-1])], dim=1),
             size=None if self.size is None else torch.cat([self.size, size], dim=1),
             extras={k_: torch.cat([v, v.new_full((b, k), -1)], dim=1) for k_, v in self.extras.items()},
         )

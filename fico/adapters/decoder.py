@@ -118,8 +118,18 @@ class DecoderAttention:
 KEPT_REDUCTIONS = ("mean", "max")
 
 
+def projected(attn: nn.Module, which: str, hidden: Tensor, qk_norm: bool = False) -> Tensor:
+    """``(B, N, H d)`` the pre-RoPE queries (``which="q"``) or keys (``"k"``) of ``hidden``, as the
+    attention forms them: its ``q_proj``/``k_proj``, then, where queries and keys are
+    RMS-normalised per head (``qk_norm``: Qwen3's ``q_norm``/``k_norm``), that norm."""
+    out = getattr(attn, f"{which}_proj")(hidden)
+    if qk_norm:
+        out = getattr(attn, f"{which}_norm")(out.view(*hidden.shape[:-1], -1, attn.head_dim)).flatten(-2)
+    return out
+
+
 def attention_with_probabilities(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                                 mask: Tensor | None, positions: RotaryPositions, cache=None,
+                                 mask: Tensor | None, positions: RotaryPositions, cache=None, qk_norm: bool = False,
                                  **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
     r"""A Llama attention module's prefill forward, formed explicitly: its output and its
     probabilities :math:`\mathrm{softmax}(QK^\top / \sqrt d + M)` reduced over the heads
@@ -135,8 +145,8 @@ def attention_with_probabilities(attn: nn.Module, hidden: Tensor, position_embed
     """
     b, n, _ = hidden.shape
     shape = (b, n, -1, attn.head_dim)
-    queries, keys, values = (proj(hidden).view(shape).transpose(1, 2)
-                             for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    queries, keys = (projected(attn, which, hidden, qk_norm).view(shape).transpose(1, 2) for which in "qk")
+    values = attn.v_proj(hidden).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
     queries, keys = positions.apply_rotary_pos_emb(queries, keys, cos, sin)
     if cache is not None:
@@ -286,7 +296,7 @@ def _decoder_layer_forward(self, hidden_states: Tensor, attention_mask: Tensor |
         with site.run.work():
             hidden_states, probabilities = attention_with_probabilities(self.self_attn, hidden_states,
                                                                         position_embeddings, attention_mask,
-                                                                        site.positions, cache)
+                                                                        site.positions, cache, site.qk_norm)
         site.keep_attention(layer, probabilities, position_embeddings, attention_mask)
     else:
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
@@ -312,12 +322,15 @@ class LLMSite:
             visual token of the batch (flattened in order) on the pass in flight.
         tokens_per_image, grid: the unreduced visual tokens of one image and their grid.
         positions: the family's position strategy.
+        qk_norm: queries and keys are RMS-normalised per head before RoPE (``q_norm``,
+            ``k_norm``: Qwen3): signals take them after the norm.
     """
 
     def __init__(self, run: ReductionRun, plan: SitePlan, outer: nn.Module, language_model: nn.Module,
                  visual_token_id: int, passes: ForwardPasses, tokens_per_image: int, grid: tuple[int, int],
-                 positions: RotaryPositions):
+                 positions: RotaryPositions, qk_norm: bool = False):
         self.run, self.plan, self.outer, self.lm = run, plan, outer, language_model
+        self.qk_norm = qk_norm
         self.layers = language_model.layers
         self.visual_token_id, self.passes, self.positions = visual_token_id, passes, positions
         self.tokens_per_image, self.grid = tokens_per_image, grid
@@ -349,9 +362,11 @@ class LLMSite:
         for index, names in self.capture.items():
             attn = self.layers[index].self_attn
             store = functools.partial(self._store, index)
-            hook(run, attn.k_proj.register_forward_hook(lambda m, a, out, store=store: store("k", out)))
+            # the modules whose outputs are the pre-RoPE keys and queries
+            key, query = (attn.k_norm, attn.q_norm) if self.qk_norm else (attn.k_proj, attn.q_proj)
+            hook(run, key.register_forward_hook(lambda m, a, out, store=store: store("k", out.flatten(2))))
             if names - {"keys", "key_norms"}:
-                hook(run, attn.q_proj.register_forward_hook(lambda m, a, out, store=store: store("q", out)))
+                hook(run, query.register_forward_hook(lambda m, a, out, store=store: store("q", out.flatten(2))))
             hook(run, attn.register_forward_pre_hook(functools.partial(self._attention_input, index),
                                                      with_kwargs=True))
         for index in self.plan.mid_steps:
@@ -477,6 +492,22 @@ class LLMSite:
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def present_rows(self, mask: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """An addition the model makes over the unreduced sequence, for the tokens present now:
+        ``mask`` ``(B, L0)`` bool marks where ``rows`` ``(mask.sum(), D)`` go, in row-major order
+        (Qwen3-VL's DeepStack features, added to the visual tokens after its first decoder
+        layers). Returns the mask over the tokens present and their rows; tokens a compressor
+        created and ghost slots get none. Unchanged while no step has reduced this prefill."""
+        lp = self.current
+        if lp is None or lp.phase != "prefill" or lp.keep is None:
+            return mask, rows
+        source = lp.keep.clamp_min(0)
+        rank = (mask.reshape(-1).long().cumsum(0) - 1).reshape(mask.shape)
+        present = gather_tokens(mask.to(source.device), source) & ~lp.created
+        if lp.ghost is not None:
+            present &= ~lp.ghost
+        return present, rows[gather_tokens(rank.to(source.device), source)[present]]
+
     def forms_attention(self, layer: int, hidden: Tensor) -> bool:
         """Whether ``layer`` forms its attention whole in this forward (a prefill whose
         mid-layer step reads attention rows)."""
@@ -526,7 +557,8 @@ class LLMSite:
         normed = module.input_layernorm(hidden)
         cos_sin = lp.position_embeddings or lp.full_position_embeddings
         mask = lp.attention_mask if lp.keep is not None else lp.full_attention_mask
-        return DecoderAttention(attn, attn.k_proj(normed), lambda rows: attn.q_proj(gather_tokens(normed, rows)),
+        return DecoderAttention(attn, projected(attn, "k", normed, self.qk_norm),
+                                lambda rows: projected(attn, "q", gather_tokens(normed, rows), self.qk_norm),
                                 cos_sin, mask, self.positions)
 
     def _signals(self, names: set[str], source: DecoderAttention | None, lp: LLMPass, keep: Tensor,
@@ -581,7 +613,8 @@ class LLMSite:
             extras[GHOST] = ghost.long()
         # Created tokens (appended by a compressor) have no original position of their own.
         state = TokenState(hidden=hidden, positions=torch.where(created, -1, keep), candidate=candidate,
-                           visual=visual, text=text, patch=patch, grid=self.grid, signals=signals,
+                           visual=visual, text=text, patch=patch, grid=lp.grids[0] if lp.grids else self.grid,
+                           signals=signals,
                            extras=extras, sources=lp.sources, site=step.site, layer=layer, layout=layout,
                            grids=lp.grids if layout is not None else None)
         appended = any(step.compressor.appended(r) for r in removals)

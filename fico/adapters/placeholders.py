@@ -44,14 +44,54 @@ def rebuild_placeholders(call: dict, counts: list[int], image_token_id: int, per
     repeats = repeats + torch.where(last, (count - run).clamp_min(0), 0)
     if bool((repeats == 1).all()):
         return call
-    lengths = repeats.sum(1)
-    width = int(lengths.max())
+    sources = [torch.repeat_interleave(torch.arange(length, device=ids.device), repeats[row]) for row in range(b)]
+    return rows_from_sources(call, sources, pad_id)[0]
+
+
+def rebuild_kept_placeholders(call: dict, kept: list[Tensor], image_token_id: int, runs: list[int], pad_id: int
+                              ) -> tuple[dict, Tensor]:
+    """``call`` with image i's run of ``runs[i]`` placeholders replaced by the placeholders at
+    ranks ``kept[i]`` of that run (a token a compressor created takes its anchor's rank), and
+    ``(B, L')`` the index in the caller's row of each position of the rebuilt row (-1: padding
+    added). Every 2-D input (``input_ids``, masks, ``mm_token_type_ids``) follows; images in the
+    order the model fills them, each one's run contiguous, as processors write them."""
+    ids = call["input_ids"]
+    sources, image = [], 0
+    for row in ids:
+        where = (row == image_token_id).nonzero()[:, 0].tolist()
+        pieces, cursor, first = [], 0, 0
+        while first < len(where):
+            start = where[first]
+            pieces += [torch.arange(cursor, start, device=ids.device), start + kept[image].to(ids.device)]
+            cursor = start + runs[image]
+            first += runs[image]
+            image += 1
+        pieces.append(torch.arange(cursor, ids.shape[1], device=ids.device))
+        sources.append(torch.cat(pieces))
+    return rows_from_sources(call, sources, pad_id)
+
+
+def rows_from_sources(call: dict, sources: list[Tensor], pad_id: int) -> tuple[dict, Tensor]:
+    """``call`` with each 2-D input's row b made of its entries at ``sources[b]`` (its padding
+    left out), rows padded to the longest on the side the batch was padded (left unless it is
+    right-padded); and
+    ``(B, L')`` each new position's source (-1 where padding was added)."""
+    ids = call["input_ids"]
+    b = ids.shape[0]
     mask = call.get("attention_mask")
     right = mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
+    if mask is not None:  # the old padding goes: the rows are padded anew to the longest
+        sources = [source[mask[row, source].bool()] for row, source in enumerate(sources)]
+    lengths = torch.tensor([len(s) for s in sources], device=ids.device)
+    width = int(lengths.max())
     offset = torch.zeros_like(lengths) if right else width - lengths
-    sources = [torch.repeat_interleave(torch.arange(length, device=ids.device), repeats[row]) for row in range(b)]
+    where = torch.full((b, width), -1, dtype=torch.long, device=ids.device)
+    for row, source in enumerate(sources):
+        start = int(offset[row])
+        where[row, start:start + len(source)] = source
     new = dict(call)
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100), ("token_type_ids", 0)):
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100), ("token_type_ids", 0),
+                      ("mm_token_type_ids", 0)):
         value = call.get(key)
         if value is None or value.dim() != 2 or value.shape != ids.shape:
             continue
@@ -64,7 +104,7 @@ def rebuild_placeholders(call: dict, counts: list[int], image_token_id: int, per
         new["attention_mask"] = (torch.arange(width, device=ids.device)[None] >= offset[:, None]) if not right else \
             (torch.arange(width, device=ids.device)[None] < lengths[:, None])
         new["attention_mask"] = new["attention_mask"].long()
-    return new
+    return new, where
 
 
 def restore_prompt(out, original_ids: Tensor, shrunk_length: int):

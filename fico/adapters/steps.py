@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, RecipeError
-from ..recipe.plan import PlannedStep
+from ..recipe.plan import PlannedStep, requested_removal
 from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState
 
@@ -41,6 +41,25 @@ def run_point_step(run: ReductionRun, planned: PlannedStep, state: TokenState, r
         _record(run, site, one, new, remove, seconds)
         results.append(new)
     return results
+
+
+def image_removal(planned: PlannedStep, tokens: int, candidates: int, grids: tuple[tuple[int, int], ...]
+                  ) -> int | None:
+    """What a point step removes from one image of ``tokens`` visual tokens, ``candidates`` of
+    them reducible, on ``grids``, where images differ in size (LLaVA-NeXT, Qwen-VL): ``keep: K``
+    counts its tokens (an image of at most K keeps them all), other schedules count its
+    candidates, and a filter's own count (``keep: filter``) follows from the image's grids.
+    None: the filter chooses per image (``keep: adaptive``)."""
+    step = planned.step
+    if planned.remove is None:
+        return None
+    if step.schedule.counts_kept:
+        requested = requested_removal(step, tokens)
+    elif step.schedule.kind == "keep":  # the filter's count, on the image's own grids
+        requested = candidates - step.filter.planned_keep_on(grids)
+    else:
+        requested = requested_removal(step, candidates, first=candidates)
+    return min(max(requested, 0), candidates)
 
 
 def _record(run: ReductionRun, site: str, state: TokenState, new: TokenState, remove: int, seconds: float) -> None:

@@ -28,14 +28,14 @@ from torch import Tensor
 
 from ...errors import InputError
 from ...hookspecs import hookimpl
-from ...recipe.plan import Geometry, requested_removal
+from ...recipe.plan import Geometry
 from ...run import ReductionRun
 from ...state import TokenState
 from ..decoder import LLM_SIGNALS, LLMSite
 from ..forward import ForwardPasses
 from ..placeholders import padding_token_id, rebuild_placeholders
 from ..positions import RotaryPositions
-from ..steps import run_point_step
+from ..steps import image_removal, run_point_step
 from ..towers.clip import VISION_OUTPUT_SIGNALS, VISION_SIGNALS, VisionSite, patch_grid
 from .anyres import PackedImage, anyres_grids, anyres_tokens, pack_image
 from .llava import Llava, LlavaEncoder, LlavaGeometry
@@ -194,19 +194,9 @@ class NextEncoder(LlavaEncoder):
         (an image of at most K rows keeps them all); other schedules count its candidates, and
         a filter's own count (``keep: filter``) follows from the image's grids."""
         planned = self.plan.pre_llm
-        step = planned.step
         n = image.features.shape[0]
         candidate = ~image.newline[None]
-        candidates = int(candidate.sum())
-        remove = None
-        if planned.remove is not None:
-            if step.schedule.counts_kept:
-                requested = requested_removal(step, n)
-            elif step.schedule.kind == "keep":  # the filter's count, on the image's own grids
-                requested = candidates - step.filter.planned_keep_on(image.grids)
-            else:
-                requested = requested_removal(step, candidates, first=candidates)
-            remove = min(max(requested, 0), candidates)
+        remove = image_removal(planned, n, int(candidate.sum()), image.grids)
         positions = torch.arange(n, device=image.features.device)[None]
         state = TokenState(hidden=image.features[None], positions=positions, candidate=candidate,
                            visual=torch.ones_like(candidate), text=torch.zeros_like(candidate),

@@ -1,0 +1,180 @@
+"""The embedded Qwen-VL models: tiny ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` built offline.
+
+Each keeps its family's structure where it matters for token reduction: native-resolution
+images cut into 14 px patches (16 px for Qwen3-VL) and duplicated into 2 frames, a packed
+batch-less vision tower, a 2 x 2 patch merger (one language-model token per 2 x 2 patches,
+no [CLS], no newline), window attention in all but the ``fullatt_block_indexes`` blocks of
+Qwen2.5-VL, DeepStack features from three vision blocks added after the first three decoder
+layers of Qwen3-VL, and 3-row multimodal RoPE (``mrope_section``) in a GQA decoder. Widths
+are tiny, the init is seeded and the tokenizer is the embedded model's word-level one with
+Qwen's vision tokens added. Nothing is downloaded.
+
+The stock ``Qwen2VLProcessor`` needs torchvision (its video processor); :func:`example_inputs`
+uses the stock image processor (``Qwen2VLImageProcessorPil``) and expands each
+``<|image_pad|>`` of a prompt into the image's run of placeholders itself, with the
+``mm_token_type_ids`` the model's M-RoPE reads, as the stock processor does.
+
+>>> from fico import embedded_qwen
+>>> inputs = embedded_qwen.example_inputs("qwen2-vl", sizes=[(112, 168), (112, 112)])
+>>> [int(n) for n in (inputs["input_ids"] == embedded_qwen.token_id("<|image_pad|>")).sum(1)]
+[24, 16]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .embedded import PREPROCESSOR, WORDS, build_tokenizer, example_image
+
+#: Qwen's special tokens, after the embedded model's words
+QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>",
+               "user", "assistant", "system", "\\n"]
+QWEN_WORDS = WORDS + QWEN_TOKENS
+
+#: the three families, by the name ``--model embedded-<name>`` uses
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+
+def token_id(token: str) -> int:
+    return QWEN_WORDS.index(token)
+
+
+def patch_size(family: str) -> int:
+    return 16 if family == "qwen3-vl" else 14
+
+
+def _check(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown Qwen-VL family {family!r}; one of {', '.join(FAMILIES)}")
+
+
+def build_config(family: str = "qwen2.5-vl", vision_layers: int = 4, llm_layers: int = 4, width: int = 64,
+                 vision_width: int = 32):
+    """A config of ``family`` the way transformers' own tests build one: sub-configs as dicts of
+    tiny sizes, no generation config. ``mrope_section`` sums to half the head width (16)."""
+    _check(family)
+    ids = dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+               vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"))
+    heads = 4
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+    text = dict(vocab_size=len(QWEN_WORDS), hidden_size=width, intermediate_size=2 * width,
+                num_hidden_layers=llm_layers, num_attention_heads=heads, num_key_value_heads=2,
+                max_position_embeddings=4096, rope_parameters=rope, pad_token_id=WORDS.index("<pad>"))
+    if family == "qwen2-vl":
+        from transformers import Qwen2VLConfig
+
+        vision = dict(depth=vision_layers, embed_dim=vision_width, hidden_size=width, num_heads=heads, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=dict(text, bos_token_id=1, eos_token_id=2), vision_config=vision, **ids)
+    if family == "qwen2.5-vl":
+        from transformers import Qwen2_5_VLConfig
+
+        # every other block full, the rest in 8 x 8-patch windows (Qwen2.5-VL-7B: 7/15/23/31 of 32)
+        full = tuple(range(1, vision_layers, 2))
+        vision = dict(depth=vision_layers, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                      num_heads=heads, out_hidden_size=width, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=full)
+        return Qwen2_5_VLConfig(text_config=dict(text, bos_token_id=1, eos_token_id=2), vision_config=vision, **ids)
+    from transformers import Qwen3VLConfig
+
+    # Qwen3VLTextConfig is strict: no bos/eos ids; head_dim must be set (default 128)
+    rope = dict(rope, mrope_interleaved=True)
+    deepstack = tuple(range(1, min(4, vision_layers)))
+    vision = dict(depth=vision_layers, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=heads,
+                  out_hidden_size=width, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=576, deepstack_visual_indexes=deepstack)
+    return Qwen3VLConfig(text_config=dict(text, head_dim=width // heads, rope_parameters=rope), vision_config=vision,
+                         **ids)
+
+
+def model_class(family: str):
+    _check(family)
+    import transformers
+
+    return getattr(transformers, {"qwen2-vl": "Qwen2VLForConditionalGeneration",
+                                  "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+                                  "qwen3-vl": "Qwen3VLForConditionalGeneration"}[family])
+
+
+def build_model(family: str = "qwen2.5-vl", seed: int = 0, dtype: torch.dtype = torch.float32,
+                attn_implementation: str = "sdpa", **config_kwargs):
+    """A seeded, randomly initialised tiny model of ``family`` in eval mode."""
+    config = build_config(family, **config_kwargs)
+    torch.manual_seed(seed)
+    model = model_class(family)(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model.to(dtype)
+
+
+def build_image_processor(family: str = "qwen2.5-vl", max_pixels: int = 28 * 28 * 1280):
+    """The stock ``Qwen2VLImageProcessorPil`` with the family's patch size, Qwen's default pixel
+    range (images resized to multiples of two patches, at most ``max_pixels``) and CLIP's
+    normalisation."""
+    import warnings
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    patch = patch_size(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                        min_pixels=4 * patch * patch * 4, max_pixels=max_pixels,
+                                        image_mean=PREPROCESSOR["image_mean"], image_std=PREPROCESSOR["image_std"])
+
+
+def build_tokenizer_qwen():
+    """The embedded word-level tokenizer over :data:`QWEN_WORDS` (no BOS: Qwen adds none)."""
+    tokenizer = build_tokenizer(QWEN_WORDS)
+    return tokenizer
+
+
+def prompt(question: str, images: int = 1) -> str:
+    """Qwen's chat format around ``question``, one ``<|image_pad|>`` per image (words separated
+    by spaces for the word-level tokenizer)."""
+    image = "<|vision_start|> <|image_pad|> <|vision_end|> " * images
+    return f"<|im_start|> user \\n {image}{question} <|im_end|> \\n <|im_start|> assistant \\n"
+
+
+def expand_prompts(tokenizer, prompts: list[str], image_grid_thw: torch.Tensor, merge: int = 2) -> dict:
+    """``input_ids``, ``attention_mask`` and ``mm_token_type_ids`` of ``prompts``, each
+    ``<|image_pad|>`` expanded to its image's ``t h w / merge^2`` placeholders (images in
+    order over the prompts), left-padded: what the stock Qwen processor writes."""
+    pad = token_id("<|image_pad|>")
+    counts = (image_grid_thw.prod(-1) // merge ** 2).tolist()
+    image, rows = 0, []
+    for text in prompts:
+        ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        expanded = []
+        for i in ids:
+            if i == pad:
+                expanded += [pad] * counts[image]
+                image += 1
+            else:
+                expanded.append(i)
+        rows.append(expanded)
+    if image != len(counts):
+        raise ValueError(f"{image} <|image_pad|> in the prompts for {len(counts)} images")
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": (input_ids == pad).int()}
+
+
+def example_inputs(family: str = "qwen2.5-vl", sizes: list[tuple[int, int]] | None = None,
+                   prompts: list[str] | None = None, seeds: list[int] | None = None, image_processor=None,
+                   tokenizer=None) -> dict:
+    """Model inputs for ``prompts`` with one image each, of ``sizes`` (height, width), left-padded:
+    ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values`` (packed patches)
+    and ``image_grid_thw``."""
+    sizes = sizes or [(336, 448)]
+    prompts = prompts or [prompt("what is the color of the circle ?")] * len(sizes)
+    seeds = seeds or list(range(len(sizes)))
+    processor = image_processor or build_image_processor(family)
+    images = [example_image(seed).resize((w, h)) for seed, (h, w) in zip(seeds, sizes)]
+    encoded = processor(images=images, return_tensors="pt")
+    out = expand_prompts(tokenizer or build_tokenizer_qwen(), prompts, encoded["image_grid_thw"])
+    out["pixel_values"] = encoded["pixel_values"]
+    out["image_grid_thw"] = encoded["image_grid_thw"]
+    return out

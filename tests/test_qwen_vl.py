@@ -1,0 +1,300 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: native-resolution images (a different number of visual
+tokens per image), 3-row M-RoPE positions, no [CLS], Qwen3-VL's DeepStack. Tiny models built
+from the config classes the way transformers' own tests build them, with a batch of two image
+sizes, left-padded."""
+
+import functools
+import re
+
+import pytest
+import torch
+
+import fico
+from fico import embedded_qwen
+
+FAMILIES = embedded_qwen.FAMILIES
+#: (height, width): 24 and 16 merged tokens (14 px patches); 24 and 16 at Qwen3-VL's 16 px
+SIZES = {"qwen2-vl": [(112, 168), (112, 112)], "qwen2.5-vl": [(112, 168), (112, 112)],
+         "qwen3-vl": [(128, 192), (128, 128)]}
+PROMPTS = [embedded_qwen.prompt("what is the color of the circle ?"), embedded_qwen.prompt("how many objects ?")]
+IMAGE = embedded_qwen.token_id("<|image_pad|>")
+
+#: recipes at counts that fit 16-24 visual tokens and 4 decoder layers
+LLM_CASES = {"fastv": ["k=2"], "pdrop": [], "ficoco_l": ["k=2", "r=6"], "dart": ["k=2", "keep=8"],
+             "sparsevlm": ["layers=[0,1]", "steps.0.keep=[14,10]"], "fitprune": ["steps.0.remove=[0,0,6,4]"],
+             "random_llm": ["site=llm", "layers=[2]", "keep=8"]}
+PRE_LLM_CASES = {"random": ["keep=8"], "divprune": ["keep=8"], "pool": []}
+CASES = {**LLM_CASES, **PRE_LLM_CASES}
+
+
+@functools.cache
+def _model(family, dtype=torch.float64, attn="sdpa", llm_layers=4):
+    return embedded_qwen.build_model(family, seed=0, dtype=dtype, attn_implementation=attn, llm_layers=llm_layers)
+
+
+def model_of(family, **kwargs):
+    model = _model(family, **kwargs)
+    assert getattr(model, "_fico_run", None) is None, "a previous test left a recipe applied"
+    return model
+
+
+def inputs(family, samples=(0, 1), dtype=torch.float64):
+    out = embedded_qwen.example_inputs(family, sizes=[SIZES[family][i] for i in samples],
+                                       prompts=[PROMPTS[i] for i in samples], seeds=[i + 1 for i in samples])
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def recipe(name):
+    return fico.load_recipe(name.replace("_llm", ""), CASES[name])
+
+
+def _generate(model, batch, steps=3, **kwargs):
+    out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores, 1)
+
+
+def test_the_embedded_inputs_are_what_the_processor_writes():
+    """One placeholder per 2 x 2 patches, the run wrapped in vision start/end, type ids 1 on it."""
+    batch = inputs("qwen2-vl")
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 12], [1, 8, 8]]
+    assert (batch["input_ids"] == IMAGE).sum(1).tolist() == [24, 16]
+    assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == IMAGE)
+    assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is left-padded
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name,overrides", [("fastv", ["k=2", "ratio=0"]), ("random", ["keep=1280"]),
+                                            ("random", ["site=llm", "layers=[1]", "keep=1280"])])
+def test_zero_reduction_is_bitwise_identical(family, name, overrides):
+    model = model_of(family)
+    batch = inputs(family)
+    with torch.no_grad():
+        vanilla = model(**batch).logits
+        vanilla_tokens, vanilla_scores = _generate(model, batch)
+        with fico.apply(model, fico.load_recipe(name, overrides)):
+            assert torch.equal(model(**batch).logits, vanilla)
+            tokens, scores = _generate(model, batch)
+    assert torch.equal(tokens, vanilla_tokens) and torch.equal(scores, vanilla_scores)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["fastv", "random"])
+def test_remove_restores_the_vanilla_model(family, name):
+    model = model_of(family)
+    batch = inputs(family)
+    with torch.no_grad():
+        vanilla = model(**batch).logits
+        run = fico.apply(model, recipe(name))
+        assert not torch.equal(model(**batch).logits, vanilla)
+        run.remove()
+        assert torch.equal(model(**batch).logits, vanilla)
+        assert model.forward.__func__ is type(model).forward and model.generate.__func__ is type(model).generate
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_sample_of_a_batch_of_two_image_sizes_equals_it_alone(family, name):
+    """Prefill logits and greedy generate, at the decoder sites (ghost slots where the samples
+    keep different numbers of tokens) and at pre_llm (each image's own count and positions)."""
+    model = model_of(family)
+    batch = inputs(family)
+    with torch.no_grad(), fico.apply(model, recipe(name)) as run:
+        logits = model(**batch).logits
+        reduced = run.trace.llm[-1]
+        tokens, scores = _generate(model, batch)
+        for i in range(2):
+            alone = inputs(family, [i])
+            text = 8  # the prompt's tokens after the image
+            assert (logits[i, -text:] - model(**alone).logits[0, -text:]).abs().max() < 1e-9, i
+            alone_tokens, alone_scores = _generate(model, alone)
+            assert torch.equal(tokens[i, batch["input_ids"].shape[1]:], alone_tokens[0, alone["input_ids"].shape[1]:])
+            assert (scores[i] - alone_scores[0]).abs().max() < 1e-9
+    assert reduced < batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["random", "pool", "random_llm"])
+def test_cached_generate_equals_a_recompute_without_cache(family, name):
+    """The kept set of these recipes does not depend on the text, so generating without a
+    cache (every step recomputes the whole sequence with the same drop) is the reference for
+    the cached decode: M-RoPE positions continue the original numbering in both."""
+    model = model_of(family)
+    batch = inputs(family)
+    with torch.no_grad(), fico.apply(model, recipe(name)):
+        cached, cached_scores = _generate(model, batch)
+        recomputed, recomputed_scores = _generate(model, batch, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    assert (cached_scores - recomputed_scores).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_decode_loop_that_leaves_positions_to_the_model_continues_after_a_pre_llm_step(family):
+    """After a pre_llm step the model's ``rope_deltas`` account for the removed tokens, so a
+    plain forward with the cache and no position_ids decodes what generate decodes."""
+    model = model_of(family)
+    one = inputs(family, [0])
+    one.pop("attention_mask")  # stock Qwen decode with a 2-D mask fails (a transformers quirk)
+    with torch.no_grad(), fico.apply(model, recipe("random")):
+        tokens, scores = _generate(model, one, steps=2)
+        out = model(**one, use_cache=True)
+        first = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=first, cache=out.cache, use_cache=True)
+    assert torch.equal(first[:, 0], tokens[:, one["input_ids"].shape[1]])
+    assert (step.logits[0, -1].float() - scores[0, 1]).abs().max() < 1e-6  # generate's scores are float32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_keeps_what_eager_attention_ranks_highest(family):
+    """FastV at k = 2: the visual tokens it keeps are those the last query of decoder layer 1
+    attends to most, head-mean, read from the eager model's ``output_attentions``."""
+    batch = inputs(family)
+    eager = embedded_qwen.build_model(family, seed=0, dtype=torch.float64, attn_implementation="eager")
+    with torch.no_grad():
+        model = model_of(family)
+        with fico.apply(model, fico.load_recipe("fastv", ["k=2"]), provenance=True) as run:
+            model(**batch)
+        [record] = run.trace.steps
+        for b in range(2):
+            # each sample alone: eager attention of a left-padded row is NaN beyond layer 0
+            alone = inputs(family, [b])
+            attention = eager(**alone, output_attentions=True).attentions[1].mean(1)[0, -1]
+            visual = (alone["input_ids"][0] == IMAGE).nonzero()[:, 0]
+            padding = batch["input_ids"].shape[1] - alone["input_ids"].shape[1]
+            discarded = sorted(i - padding for i in record.discarded[b])
+            lowest = visual[attention[visual].argsort()[:len(discarded)]]
+            assert discarded == sorted(lowest.tolist()) and len(discarded) == len(visual) // 2
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_qwen3_vl_decoder_step_before_the_last_deepstack_injection_equals_a_reference(k):
+    """Drop at the input of decoder layer k <= 2: the reference runs the decoder layer by layer,
+    removes the tokens at layer k and, for every later DeepStack level, the rows of the removed
+    visual tokens."""
+    model = model_of("qwen3-vl")
+    one = inputs("qwen3-vl", [0])
+    one.pop("attention_mask")
+    with torch.no_grad():
+        with fico.apply(model, fico.load_recipe("random", ["site=llm", f"layers=[{k}]", "keep=6"]),
+                        provenance=True) as run:
+            reduced = model(**one).logits[0, -1]
+        discarded = set(run.trace.steps[0].discarded[0])
+        inner, lm = model.model, model.model.language_model
+        features = inner.get_image_features(one["pixel_values"], one["image_grid_thw"], return_dict=True)
+        ids = one["input_ids"]
+        visual = ids == IMAGE
+        hidden = lm.embed_tokens(ids).masked_scatter(visual[..., None], torch.cat(features.pooler_output))
+        levels = [torch.cat(level) for level in features.deepstack_features]
+        positions, _ = inner.get_rope_index(ids, mm_token_type_ids=one["mm_token_type_ids"],
+                                            image_grid_thw=one["image_grid_thw"])
+        cos, sin = lm.rotary_emb(hidden, positions)
+        for i, layer in enumerate(lm.layers):
+            if i == k:
+                keep = torch.tensor([j for j in range(ids.shape[1]) if j not in discarded])
+                kept_visual = visual[0, keep]
+                levels = [level[visual[0].cumsum(0)[keep][kept_visual] - 1] for level in levels]
+                hidden, cos, sin, visual = hidden[:, keep], cos[:, keep], sin[:, keep], visual[:, keep]
+            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin))
+            if i < len(levels):
+                hidden = hidden.clone()
+                hidden[visual] = hidden[visual] + levels[i]
+        reference = model.lm_head(lm.norm(hidden))[0, -1]
+    assert len(discarded) == 18
+    assert (reduced - reference).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pre_llm_step_moves_each_deepstack_level_with_its_tokens_or_equals_a_layer_zero_drop(family):
+    """A pre_llm drop enters the decoder as the same drop at decoder layer 0 would (Qwen3-VL:
+    the DeepStack rows of the kept tokens): the reference feeds the model the kept features
+    and the kept tokens' positions of the unreduced prompt."""
+    model = model_of(family)
+    one = inputs(family, [0])
+    with torch.no_grad():
+        with fico.apply(model, recipe("random"), provenance=True) as run:
+            reduced = model(**one).logits[0, -1]
+        kept = run.trace.steps[0].positions_out[0]
+        inner = model.model
+        features = inner.get_image_features(one["pixel_values"], one["image_grid_thw"], return_dict=True)
+        ids = one["input_ids"][0]
+        placeholders = (ids == IMAGE).nonzero()[:, 0]
+        drop = set(placeholders[[i for i in range(len(placeholders)) if i not in kept.tolist()]].tolist())
+        keep = torch.tensor([j for j in range(len(ids)) if j not in drop])
+        positions, _ = inner.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
+                                            image_grid_thw=one["image_grid_thw"])
+        position_ids = torch.cat([torch.arange(len(keep))[None, None], positions[:, :, keep]])
+        output = type(features)(pooler_output=[features.pooler_output[0][kept]])
+        if family == "qwen3-vl":
+            output.deepstack_features = [[level[0][kept]] for level in features.deepstack_features]
+        reference = model(input_ids=one["input_ids"][:, keep], position_ids=position_ids,
+                          mm_encoder_outputs={"image": output}).logits[0, -1]
+    assert len(kept) == 8
+    assert (reduced - reference).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_stays_finite(family, dtype):
+    model = model_of(family, dtype=dtype)
+    batch = inputs(family, dtype=dtype)
+    for name in ("fastv", "divprune", "ficoco_l"):
+        with torch.no_grad(), fico.apply(model, recipe(name)):
+            assert torch.isfinite(model(**batch).logits).all(), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_side_steps_are_refused_with_the_reason(family):
+    model = model_of(family)
+    name = {"qwen2-vl": "Qwen2-VL", "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL"}[family]
+    with pytest.raises(fico.RecipeError, match=rf"{name} has no vision site.*2 x 2 group.*pre_llm") as error:
+        fico.apply(model, fico.load_recipe("tome"))
+    with pytest.raises(fico.RecipeError, match=r"no vision_output site.*\[CLS\] token for the signal\(s\) "
+                                               r"cls_attention"):
+        fico.apply(model, fico.load_recipe("fastervlm"))
+    assert "steps[0].site" in str(error.value)
+    assert getattr(model, "_fico_run", None) is None
+
+
+def test_pre_llm_inputs_are_checked():
+    model = model_of("qwen2-vl")
+    batch = inputs("qwen2-vl")
+    with torch.no_grad(), fico.apply(model, recipe("random")):
+        with pytest.raises(fico.InputError, match="mm_token_type_ids"):
+            model(**{k: v for k, v in batch.items() if k != "mm_token_type_ids"})
+        with pytest.raises(fico.InputError, match="position_ids"):
+            model(**batch, position_ids=torch.zeros(4, 2, batch["input_ids"].shape[1], dtype=torch.long))
+        cut = dict(batch, input_ids=batch["input_ids"].masked_fill(
+            torch.arange(batch["input_ids"].shape[1]) == int((batch["input_ids"][0] == IMAGE).nonzero()[0]), 0))
+        with pytest.raises(fico.InputError, match="placeholders"):
+            model(**cut)
+
+
+def test_every_bundled_recipe_runs_on_a_qwen_model_of_real_depth_or_names_what_it_lacks():
+    """All bundled recipes and budget variants on a Qwen2.5-VL of Qwen2.5-VL-7B's depth (28
+    decoder layers) with a batch of two image sizes: those that run keep the logits finite; the
+    others are refused with a RecipeError that names the family and the site or signal it lacks,
+    or the count a schedule written for LLaVA-1.5 cannot give."""
+    model = model_of("qwen2.5-vl", dtype=torch.float32, llm_layers=28)
+    batch = embedded_qwen.example_inputs("qwen2.5-vl", sizes=[(336, 448), (224, 224)], prompts=PROMPTS,
+                                         seeds=[1, 2])
+    refused = {}
+    for name in fico.bundled_recipes():
+        try:
+            with torch.no_grad(), fico.apply(model, fico.load_recipe(name)) as run:
+                logits = model(**batch).logits
+        except fico.RecipeError as error:
+            refused[name] = str(error)
+            continue
+        assert torch.isfinite(logits).all(), name
+        assert run.trace.steps, name
+    by_site = {name for name in fico.bundled_recipes()
+               if any(s.site in ("vision", "vision_output") for s in fico.load_recipe(name).steps)}
+    for name in by_site:
+        assert re.search(r"Qwen2\.5-VL has no vision(_output)? site", refused.pop(name)), name
+    for name in [n for n in refused if "cdpruner" in n]:
+        assert re.search(r"cannot give the signal\(s\) instruction_similarity on Qwen2\.5-VL", refused.pop(name))
+    # schedules written as counts for LLaVA-1.5's 576 tokens or 32 decoder layers say so
+    for name, message in refused.items():
+        assert name.split("/")[-1].split("_")[0] in ("ficoco", "fitprune"), name
+        assert re.search(r"only \d+ visual tokens are left|written for 32 layers", message), name
