@@ -29,7 +29,7 @@ from .embedded import PREPROCESSOR, WORDS, build_tokenizer, example_image
 
 #: Qwen's special tokens, after the embedded model's words
 QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>",
-               "user", "assistant", "system", "\\n"]
+               "user", "assistant", "system", "\\n"]  # a line break is the word "\\n"
 QWEN_WORDS = WORDS + QWEN_TOKENS
 
 #: the three families, by the name ``--model embedded-<name>`` uses
@@ -70,8 +70,10 @@ def build_config(family: str = "qwen2.5-vl", vision_layers: int = 4, llm_layers:
     if family == "qwen2.5-vl":
         from transformers import Qwen2_5_VLConfig
 
-        # every other block full, the rest in 8 x 8-patch windows (Qwen2.5-VL-7B: 7/15/23/31 of 32)
-        full = tuple(range(1, vision_layers, 2))
+        # every 8th block full, the rest in 8 x 8-patch windows (Qwen2.5-VL-7B: 7/15/23/31 of 32);
+        # every other block in a tower of fewer than 8
+        period = 8 if vision_layers >= 8 else 2
+        full = tuple(i for i in range(vision_layers) if i % period == period - 1)
         vision = dict(depth=vision_layers, hidden_size=vision_width, intermediate_size=2 * vision_width,
                       num_heads=heads, out_hidden_size=width, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=112, fullatt_block_indexes=full)
@@ -80,12 +82,25 @@ def build_config(family: str = "qwen2.5-vl", vision_layers: int = 4, llm_layers:
 
     # Qwen3VLTextConfig is strict: no bos/eos ids; head_dim must be set (default 128)
     rope = dict(rope, mrope_interleaved=True)
-    deepstack = tuple(range(1, min(4, vision_layers)))
+    # three DeepStack taps: Qwen3-VL-8B's 8/16/24 of 27 blocks; 1/2/3 in a tiny tower
+    deepstack = (8, 16, 24) if vision_layers >= 25 else tuple(range(1, min(4, vision_layers)))
     vision = dict(depth=vision_layers, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=heads,
                   out_hidden_size=width, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                   num_position_embeddings=576, deepstack_visual_indexes=deepstack)
     return Qwen3VLConfig(text_config=dict(text, head_dim=width // heads, rope_parameters=rope), vision_config=vision,
                          **ids)
+
+
+#: (vision blocks, decoder layers) of the checkpoints each family is known by: Qwen2-VL-7B,
+#: Qwen2.5-VL-7B, Qwen3-VL-8B
+REAL_DEPTHS = {"qwen2-vl": (32, 28), "qwen2.5-vl": (32, 28), "qwen3-vl": (27, 36)}
+
+
+def real_depth_config(family: str):
+    """A config of ``family`` at its 7B/8B checkpoint's depth (tiny widths): what plans and
+    support tables are checked on."""
+    vision_layers, llm_layers = REAL_DEPTHS[family]
+    return build_config(family, vision_layers=vision_layers, llm_layers=llm_layers)
 
 
 def model_class(family: str):
@@ -125,15 +140,23 @@ def build_image_processor(family: str = "qwen2.5-vl", max_pixels: int = 28 * 28 
 
 def build_tokenizer_qwen():
     """The embedded word-level tokenizer over :data:`QWEN_WORDS` (no BOS: Qwen adds none)."""
-    tokenizer = build_tokenizer(QWEN_WORDS)
-    return tokenizer
+    return build_tokenizer(QWEN_WORDS)
 
 
 def prompt(question: str, images: int = 1) -> str:
-    """Qwen's chat format around ``question``, one ``<|image_pad|>`` per image (words separated
-    by spaces for the word-level tokenizer)."""
-    image = "<|vision_start|> <|image_pad|> <|vision_end|> " * images
-    return f"<|im_start|> user \\n {image}{question} <|im_end|> \\n <|im_start|> assistant \\n"
+    """Qwen's chat format around ``question``, one vision block per image (the family's own)."""
+    from .adapters.families.qwen2_vl import Qwen2VL
+
+    return Qwen2VL().prompt(question, images)
+
+
+def words(text: str) -> str:
+    """``text`` as the word-level tokenizer reads it: Qwen's special tokens and line breaks
+    set apart by spaces (the real tokenizer splits them itself)."""
+    for token in QWEN_TOKENS:
+        if token.startswith("<|"):
+            text = text.replace(token, f" {token} ")
+    return text.replace("\n", " \\n ")
 
 
 def expand_prompts(tokenizer, prompts: list[str], image_grid_thw: torch.Tensor, merge: int = 2) -> dict:
@@ -144,7 +167,7 @@ def expand_prompts(tokenizer, prompts: list[str], image_grid_thw: torch.Tensor, 
     counts = (image_grid_thw.prod(-1) // merge ** 2).tolist()
     image, rows = 0, []
     for text in prompts:
-        ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids = tokenizer(words(text), add_special_tokens=False)["input_ids"]
         expanded = []
         for i in ids:
             if i == pad:
@@ -162,6 +185,36 @@ def expand_prompts(tokenizer, prompts: list[str], image_grid_thw: torch.Tensor, 
     return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": (input_ids == pad).int()}
 
 
+class Processor:
+    """What the stock Qwen processor does for images, offline: ``processor(images=..., text=...)``
+    resizes and patches the images (the stock image processor) and expands each prompt's
+    ``<|image_pad|>`` (:func:`expand_prompts`); ``batch_decode`` is the tokenizer's."""
+
+    chat_template = None
+
+    def __init__(self, family: str = "qwen2.5-vl", image_processor=None, tokenizer=None):
+        self.image_processor = image_processor or build_image_processor(family)
+        self.tokenizer = tokenizer or build_tokenizer_qwen()
+
+    def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kwargs) -> dict:
+        texts = [text] if isinstance(text, str) else list(text)
+        encoded = self.image_processor(images=images, return_tensors="pt")
+        out = expand_prompts(self.tokenizer, texts, encoded["image_grid_thw"])
+        out["pixel_values"] = encoded["pixel_values"]
+        out["image_grid_thw"] = encoded["image_grid_thw"]
+        return out
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def build_processor(family: str = "qwen2.5-vl") -> Processor:
+    return Processor(family)
+
+
 def example_inputs(family: str = "qwen2.5-vl", sizes: list[tuple[int, int]] | None = None,
                    prompts: list[str] | None = None, seeds: list[int] | None = None, image_processor=None,
                    tokenizer=None) -> dict:
@@ -171,10 +224,6 @@ def example_inputs(family: str = "qwen2.5-vl", sizes: list[tuple[int, int]] | No
     sizes = sizes or [(336, 448)]
     prompts = prompts or [prompt("what is the color of the circle ?")] * len(sizes)
     seeds = seeds or list(range(len(sizes)))
-    processor = image_processor or build_image_processor(family)
+    processor = Processor(family, image_processor, tokenizer)
     images = [example_image(seed).resize((w, h)) for seed, (h, w) in zip(seeds, sizes)]
-    encoded = processor(images=images, return_tensors="pt")
-    out = expand_prompts(tokenizer or build_tokenizer_qwen(), prompts, encoded["image_grid_thw"])
-    out["pixel_values"] = encoded["pixel_values"]
-    out["image_grid_thw"] = encoded["image_grid_thw"]
-    return out
+    return processor(images=images, text=prompts)

@@ -22,6 +22,9 @@ RUNNABLE = {
     "toy": "fico-toy, the trained LLaVA-architecture model (synthetic VQA)",
     "embedded": "a random tiny LLaVA-1.5-shaped model, built offline",
     "embedded-next": "a random tiny LLaVA-NeXT-shaped model (anyres crops of 336 px), built offline",
+    "embedded-qwen2-vl": "a random tiny Qwen2-VL (native resolution, M-RoPE), built offline",
+    "embedded-qwen2.5-vl": "a random tiny Qwen2.5-VL (windowed tower), built offline",
+    "embedded-qwen3-vl": "a random tiny Qwen3-VL (DeepStack), built offline",
 }
 
 #: Bytes per element of each dtype name (int8/int4 are weight/KV precisions for the cost model only).
@@ -119,6 +122,12 @@ def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
 
         return (embedded_next.build_model(dtype=torch_type, attn_implementation=attn),
                 embedded_next.build_processor())
+    if source.startswith("embedded-qwen"):
+        from . import embedded_qwen
+
+        family = source.removeprefix("embedded-")
+        return (embedded_qwen.build_model(family, dtype=torch_type, attn_implementation=attn),
+                embedded_qwen.build_processor(family))
     import transformers
     from transformers import AutoProcessor
 
@@ -159,6 +168,10 @@ def load_config(which: str):
         from .embedded_next import build_config
 
         return build_config()
+    elif source.startswith("embedded-qwen"):
+        from . import embedded_qwen
+
+        return embedded_qwen.build_config(source.removeprefix("embedded-"))
     import transformers
 
     config_class = getattr(transformers, checkpoint_class(source)).config_class

@@ -44,6 +44,13 @@ component chooses):
 ``input_embeddings``
     ``(B, N, D)`` LLM sites: each token's input embedding to the language model (SparseVLM's
     rater choice).
+``attention_received``
+    ``(B, N)`` pre_llm site of towers without [CLS] (Qwen-VL): the attention each merged
+    token's patches receive in a vision block (the step's ``vision_layer``; default the
+    family's last full-attention block), averaged over heads, over every query patch of its
+    image and over its 2 x 2 patches (``fico.adapters.towers.packed_vit``). The [CLS]-free
+    substitute for ``cls_attention`` (VisPruner's maintainers' choice on Qwen2.5-VL). There,
+    ``keys`` are the block's head-mean keys before its rotary positions, averaged likewise.
 ``instruction_similarity``
     ``(B, N)`` pre_llm site: each token's cosine similarity to the instruction in CLIP's
     joint space, averaged over the instruction's 77-token segments: the image side is the
@@ -71,6 +78,7 @@ SIGNALS: dict[str, str] = {
     "rope_gravity": "function: RoPE-only logits of all-ones q and k, chosen rows (B, R, N)",
     "final_normed_hidden": "hidden states through the language model's final norm (B, N, D)",
     "input_embeddings": "the language model's input embeddings of the tokens present (B, N, D)",
+    "attention_received": "head- and query-mean attention each token receives in a vision block, no [CLS] (B, N)",
     "instruction_similarity": "CLIP similarity of each token to the instruction, mean over 77-token segments (B, N)",
 }
 #: signals computed from the instruction text by an auxiliary text tower (the step's ``text_encoder``)

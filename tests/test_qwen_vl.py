@@ -298,3 +298,136 @@ def test_every_bundled_recipe_runs_on_a_qwen_model_of_real_depth_or_names_what_i
     for name, message in refused.items():
         assert name.split("/")[-1].split("_")[0] in ("ficoco", "fitprune"), name
         assert re.search(r"only \d+ visual tokens are left|written for 32 layers", message), name
+
+
+def _received_reference(model, family, one, block):
+    """The attention each merged token receives in ``block``, from transformers' eager attention
+    of the block's own input on one image, put in the merger's output order."""
+    modeling = fico.adapters.family_of(model).modeling_module()
+    tower = model.model.visual
+    attention = tower.blocks[block].attn
+    seen = {}
+    handle = attention.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(hidden=args[0], rotary=kwargs["position_embeddings"]), with_kwargs=True)
+    with torch.no_grad():
+        tower(one["pixel_values"], grid_thw=one["image_grid_thw"])
+        handle.remove()
+        n = seen["hidden"].shape[0]
+        q, k, v = attention.qkv(seen["hidden"]).reshape(n, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = modeling.apply_rotary_pos_emb_vision(q, k, *seen["rotary"])
+        _, weights = modeling.eager_attention_forward(attention, *(t.transpose(0, 1)[None] for t in (q, k, v)),
+                                                      attention_mask=None, scaling=attention.scaling)
+    merged = weights[0].mean(dim=(0, 1)).reshape(-1, 4).mean(1)  # heads, queries; then each 2 x 2 group
+    if family == "qwen2.5-vl":  # the tower's blocks run in window order; its merger output does not
+        window = modeling.get_vision_window_index(one["image_grid_thw"], spatial_merge_size=2,
+                                                  window_size=tower.window_size, patch_size=14)[0]
+        merged = merged[torch.argsort(window)]
+    return merged
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_received_is_what_eager_attention_gives(family):
+    """FasterVLM's [CLS]-free form (site=pre_llm signal=attention_received) on a batch of two
+    image sizes keeps, per image, the merged tokens that receive the most attention in the last
+    full-attention block, as transformers' eager attention of that image alone gives it."""
+    model = model_of(family)
+    batch = inputs(family)
+    block = 3  # the last full-attention block of each tiny tower (depth 4; Qwen2.5-VL: 1 and 3)
+    with torch.no_grad(), fico.apply(model, fico.load_recipe(
+            "fastervlm", ["site=pre_llm", "signal=attention_received", "keep=8"]), provenance=True) as run:
+        model(**batch)
+    for image, record in enumerate(run.trace.steps):
+        received = _received_reference(model, family, inputs(family, [image]), block)
+        assert sorted(record.positions_out[0].tolist()) == sorted(received.topk(8).indices.tolist())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name,overrides", [("visionzip", ["dominant=6", "contextual=2"]), ("fastervlm", ["keep=8"]),
+                                            ("vispruner", ["keep=8"])])
+def test_the_cls_free_forms_run_per_image_as_alone(family, name, overrides):
+    model = model_of(family)
+    batch = inputs(family)
+    recipe = fico.load_recipe(name, ["site=pre_llm", "signal=attention_received", *overrides])
+    with torch.no_grad(), fico.apply(model, recipe) as run:
+        logits = model(**batch).logits
+        alone = [model(**inputs(family, [i])).logits[0, -1] for i in range(2)]
+    assert run.trace.vision_features == 8
+    assert max((logits[i, -1] - alone[i]).abs().max() for i in range(2)) < 1e-9
+
+
+def test_a_window_block_is_refused_as_the_signal_block():
+    with pytest.raises(fico.RecipeError, match=r"vision_layer: 0 is not a vision block of Qwen2.5-VL whose "
+                                               r"attention spans the whole image; those are 1, 3 \(of 4\)"):
+        fico.apply(model_of("qwen2.5-vl"), fico.load_recipe(
+            "fastervlm", ["site=pre_llm", "signal=attention_received", "steps.0.vision_layer=0"]))
+
+
+@pytest.mark.parametrize("size", [(100, 150), (336, 448), (1080, 1920), (2304, 2304), (30, 3000), (5000, 40)])
+@pytest.mark.parametrize("factor,low,high", [(28, 3136, 12845056), (32, 65536, 16777216), (28, 4096, 1003520)])
+def test_the_cost_model_resizes_as_the_qwen_image_processor(size, factor, low, high):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as stock
+
+    from fico.cost.native import smart_resize
+
+    assert smart_resize(*size, factor, low, high) == stock(*size, factor, low, high)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name,overrides", [(None, []), ("random", ["keep=8"]), ("pool", [])])
+def test_the_full_count_equals_the_flop_counter(family, name, overrides):
+    """Tower (window and full blocks), mergers (DeepStack's too), decoder and lm_head, on an
+    image of the tiny model's processor, against torch's FlopCounterMode of the eager model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fico.cost.model import model_spec, recipe_cost
+
+    model = _model(family, dtype=torch.float32, attn="eager")
+    one = inputs(family, [0], dtype=torch.float32)
+    text = one["input_ids"].shape[1] - int((one["input_ids"] == IMAGE).sum())
+    recipe = fico.load_recipe(name, overrides) if name else None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if recipe is None:
+            model(**one, logits_to_keep=1)
+        else:
+            with fico.apply(model, recipe):
+                model(**one, logits_to_keep=1)
+    analytic = recipe_cost(model_spec(f"embedded-{family}"), recipe, text, "full", image_size=SIZES[family][0])
+    assert analytic.tflops * 1e12 == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("model,size,vision,tokens", [
+    ("qwen2-vl-7b", (336, 336), 0.79, 144), ("qwen2-vl-7b", (1080, 1920), 32.77, 2691),
+    ("qwen2.5-vl-7b", (336, 336), 0.75, 144), ("qwen2.5-vl-7b", (480, 640), 2.07, 391),
+    ("qwen2.5-vl-7b", (1080, 1920), 16.27, 2691), ("qwen2.5-vl-7b", (2304, 2304), 49.54, 6724)])
+def test_the_tower_cost_of_the_7b_models(model, size, vision, tokens):
+    """The blocks and merger of Qwen's tower (model-families.md §8, which leaves out the patch
+    embedding; fico counts it, as FlopCounterMode does)."""
+    from fico.cost.model import recipe_cost
+
+    report = recipe_cost(model, None, 64, "full", image_size=size)
+    tower = sum(e["flops"] for e in report.per_layer
+                if e["site"] in ("vision", "merger") and e["layer"] != "patch_embedding") / 1e12
+    assert abs(tower - vision) < 0.01 and report.tokens["features"] == tokens
+
+
+def test_fico_cost_counts_the_tower_of_a_qwen_model(capsys):
+    from fico.commands.cli import main
+
+    assert main(["cost", "qwen2.5-vl-7b", "fastervlm", "site=pre_llm", "signal=attention_received", "keep=128",
+                 "--image-size", "640x480"]) == 0
+    out = capsys.readouterr().out
+    assert "resized to 644x476, 34x46 patches of 14 px, 17x23 = 391 visual tokens" in out
+    assert "26% of the unreduced prefill" in out and "(full, 60" in out
+    assert main(["cost", "qwen3-vl-8b", "--image-size", "1024x768", "--json"]) == 0
+    assert '"features": 768' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fico_run_takes_the_embedded_qwen_models(family, capsys):
+    from fico.commands.cli import main
+
+    assert main(["run", "fastervlm", "site=pre_llm", "signal=attention_received", "keep=16",
+                 "--model", f"embedded-{family}", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"embedded tiny {family} (random)" in out and "what is the color of the circle ?" in out
+    assert re.search(r"image features per image\s+│ 16", out)

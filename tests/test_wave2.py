@@ -206,7 +206,8 @@ def test_rebuild_placeholders_cuts_each_image_to_its_count():
                                 r"where only 576 reducible tokens are present"),
     ("divprune", ["keep=577"], r"steps\[0\]\.keep: keeps 577 tokens \(from \$\{keep\}\) at the pre_llm site"),
     ("random", ["site=llm", "layers=[2]", "keep=700"], r"keeps 700 tokens \(from \$\{keep\}\) at llm layer 2"),
-    ("visionzip", ["contextual=600"], r"keeps 653 tokens \(from \$\{fico.sum:\$\{dominant\},\$\{contextual\},-1\}\)"),
+    ("visionzip", ["contextual=600"], r"keeps 653 tokens \(from \$\{fico.sum:\$\{dominant\},\$\{contextual\},"
+                                      r"\$\{fico.pick:\$\{tables.cls_count\},\$\{site\}\}\}\)"),
     ("visionzip", ["dominant=0"], r"receivers=10 \(VisionZip's contextual tokens\) is more than the 9 candidates"),
     ("dart", ["keep=6"], r"steps\[0\]\.filter: image_pivots \+ text_pivots = 8 is above keep=6"),
     ("dart", ["keep=600"], r"steps\[0\]\.keep: keeps 600 tokens"),

@@ -32,7 +32,7 @@ from ..run import ReductionRun
 #: step options the recipe schema takes that a family may or may not offer, with the value
 #: that means "not used"
 FAMILY_OPTIONS = {"proportional_attention": STEP_DEFAULTS["proportional_attention"],
-                  "cls_feature": STEP_DEFAULTS["cls_feature"], "text_encoder": None}
+                  "cls_feature": STEP_DEFAULTS["cls_feature"], "text_encoder": None, "vision_layer": None}
 
 
 class ModelFamily:

@@ -111,19 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     _plugin_option(run)
     sub.add_parser("list", help="list registered components and bundled recipes")
     cost = sub.add_parser("cost", help="analytic prefill cost (FLOPs, KV cache, memory) of a recipe on a model")
-    cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, embedded, embedded-next, toy, or a "
-                                    "local checkpoint directory")
+    cost.add_argument("model", help="llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2-vl-7b, qwen2.5-vl-7b, "
+                                    "qwen3-vl-8b, embedded, embedded-next, embedded-qwen2-vl (-qwen2.5-vl, "
+                                    "-qwen3-vl), toy, or a local checkpoint directory")
     cost.add_argument("recipe", nargs="?", default=None, help="bundled name or YAML path (default: unreduced)")
     cost.add_argument("overrides", nargs="*", default=[], help="knob overrides, key=value")
     cost.add_argument("--text-tokens", type=_token_counts, default=60,
                       help="text tokens in the prompt (default 60); a comma list averages over the lengths")
-    cost.add_argument("--convention", choices=CONVENTIONS, default="llm-viewer")
+    cost.add_argument("--convention", choices=CONVENTIONS, default=None,
+                      help="FLOPs convention (default: llm-viewer, the paper's LLM-only count; full, tower "
+                           "included, for Qwen-VL, whose tower is 22-59%% of the prefill)")
     cost.add_argument("--dtype", type=dtype_argument(quantized=True), default="float16",
                       help="weight and KV-cache precision: float16 (default), bfloat16, float32, float64, int8, int4; "
                            "aliases fp16, bf16, ...")
     cost.add_argument("--image-size", type=_image_size, default=None, metavar="WxH",
                       help="the image's width x height, for models whose token count depends on it (LLaVA-NeXT: "
-                           "its crops, base image and newlines; default: its largest resolution)")
+                           "its crops, base image and newlines; default: its largest resolution; Qwen-VL: its "
+                           "patches after Qwen's resize; default 672x672)")
     cost.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _plugin_option(cost)
     explain = sub.add_parser("explain", help="a recipe as filter/correlate/compress with formulas and BibTeX")
@@ -316,11 +320,12 @@ def show_cost(args, console: Console) -> int:
 
     recipe = load_recipe(args.recipe, overrides=args.overrides, plugins=args.plugin) if args.recipe else None
     spec = model_spec(args.model)
-    if args.image_size is not None and not spec.grid_pinpoints:
+    if args.image_size is not None and not spec.depends_on_image_size:
         raise RecipeError(f"--image-size: {spec.name} gives every image {spec.patches} tokens whatever its size; "
-                          f"the option is for models whose count depends on it (LLaVA-NeXT)")
-    report = recipe_cost(spec, recipe, args.text_tokens, args.convention, args.dtype, args.image_size)
-    base = recipe_cost(spec, None, args.text_tokens, args.convention, args.dtype, args.image_size)
+                          f"the option is for models whose count depends on it (LLaVA-NeXT, Qwen-VL)")
+    convention = args.convention or spec.default_convention
+    report = recipe_cost(spec, recipe, args.text_tokens, convention, args.dtype, args.image_size)
+    base = recipe_cost(spec, None, args.text_tokens, convention, args.dtype, args.image_size)
     if recipe is not None and recipe.budget is not None:
         report.schedule = dict(report.schedule or {}, budget=recipe.budget.as_dict())
     if args.json:
@@ -331,7 +336,17 @@ def show_cost(args, console: Console) -> int:
     texts = (f"{report.text_tokens} text tokens" if isinstance(report.text_tokens, int)
              else f"averaged over {len(report.text_tokens)} text lengths {report.text_tokens}")
     passes, _, grids = spec.image(args.image_size)
-    if grids is not None:
+    if hasattr(spec, "patch_grid"):  # a native-resolution tower
+        from ..cost.native import DEFAULT_IMAGE
+
+        (height, width), (h, w) = args.image_size or DEFAULT_IMAGE, spec.patch_grid(args.image_size)
+        vision = sum(e["flops"] for e in base.per_layer if e["site"] in ("vision", "merger")) / 1e12
+        share = f"; tower and mergers {vision:.3f} TFLOPs, {vision / base.tflops:.0%} of the unreduced prefill" \
+            if convention == "full" else ""
+        console.print(f"a {width}x{height} image: resized to {w * spec.patch_size}x{h * spec.patch_size}, {h}x{w} "
+                      f"patches of {spec.patch_size} px, {grids[0][0]}x{grids[0][1]} = {base.tokens['features']} "
+                      f"visual tokens after the 2 x 2 merger{share}", highlight=False)
+    elif grids is not None:
         (height, width) = args.image_size or max(spec.grid_pinpoints, key=lambda size: spec.image(size)[1])
         console.print(f"a {width}x{height} image: {passes} CLIP passes (base image + {passes - 1} crops), "
                       f"{grids[0][0]}x{grids[0][1]} base cells + {grids[1][0]}x{grids[1][1]} unpadded cells + "
@@ -438,6 +453,18 @@ def _questions(args, family, processor):
     return [image], [text], [question], None
 
 
+def _image_size_of(inputs: dict, model) -> list[int] | None:
+    """The first image's (height, width) as the model's count reads it: LLaVA-NeXT's
+    ``image_sizes``; a Qwen-VL image's size after its processor's resize (its patch grid)."""
+    if inputs.get("image_sizes") is not None:
+        return inputs["image_sizes"][0].tolist()
+    if inputs.get("image_grid_thw") is not None:
+        patch = model.config.vision_config.patch_size
+        _, h, w = inputs["image_grid_thw"][0].tolist()
+        return [h * patch, w * patch]
+    return None
+
+
 def run_recipe(args, console: Console) -> int:
     import time
 
@@ -460,7 +487,7 @@ def run_recipe(args, console: Console) -> int:
     check_recipes([recipe], args.model)  # before minutes of loading weights
     model, processor = load_model(args.model, args.dtype, args.attn)
     images, prompts, questions, truths = _questions(args, family_of(model), processor)
-    max_new = args.max_new_tokens or {"toy": 1, "embedded": 3, "embedded-next": 3}.get(args.model, 8)
+    max_new = args.max_new_tokens or (1 if args.model == "toy" else 3 if args.model.startswith("embedded") else 8)
 
     def encode(pictures, texts):
         inputs = dict(processor(images=pictures, text=texts, return_tensors="pt", padding=True))
@@ -504,8 +531,7 @@ def run_recipe(args, console: Console) -> int:
     qa = Table(title="answers")
     for column in ("question", "truth", "unreduced", recipe.name):
         qa.add_column(column)
-    for index, text in enumerate(prompts):
-        question = text.split("<image>", 1)[-1].replace("ASSISTANT:", "").strip()
+    for index, question in enumerate(questions):
         truth = truths[index] if truths else "-"
         qa.add_row(question, truth, base_answers[index], answers[index])
     console.print(qa)
@@ -514,17 +540,17 @@ def run_recipe(args, console: Console) -> int:
     speedup = Spread.ratio(times["vanilla"], times["reduced"])
     summary = Table(title="reduced vs unreduced model", show_header=False)
     names = {"toy": "fico-toy (trained on synthetic VQA)", "embedded": "embedded tiny LLaVA-1.5-shaped (random)",
-             "embedded-next": "embedded tiny LLaVA-NeXT-shaped (random)"}
+             "embedded-next": "embedded tiny LLaVA-NeXT-shaped (random)",
+             **{f"embedded-{f}": f"embedded tiny {f} (random)" for f in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")}}
     summary.add_row("model", names.get(args.model, args.model))
     summary.add_row("recipe", f"{recipe.source} {' '.join(args.overrides)}")
     summary.add_row("what it does", recipe.description)
     if recipe.budget is not None:
         summary.add_row("budget", recipe.budget.describe())
-    spec = model_spec(model)
-    ran = prefill_cost(spec, TokenCounts.from_trace(trace, spec), "llm-viewer")
-    sizes = timed.get("image_sizes")  # where the model's count depends on the image's size
-    unreduced = recipe_cost(spec, None, ran.text_tokens, "llm-viewer",
-                            image_size=None if sizes is None else sizes[0].tolist())
+    spec = model_spec(args.model if args.model.startswith("embedded-qwen") else model)
+    image_size = _image_size_of(timed, model)  # where the model's count depends on the image's size
+    ran = prefill_cost(spec, TokenCounts.from_trace(trace, spec, image_size), "llm-viewer")
+    unreduced = recipe_cost(spec, None, ran.text_tokens, "llm-viewer", image_size=image_size)
     summary.add_row("cost of what ran (llm-viewer)", f"{unreduced.tflops * 1e3:.2f} -> {ran.tflops * 1e3:.2f} GFLOPs "
                     f"({unreduced.tflops / ran.tflops:.2f}x), KV cache {unreduced.kv_cache_mb:.2f} -> "
                     f"{ran.kv_cache_mb:.2f} MB (float16)")

@@ -1,4 +1,7 @@
-"""Analytic prefill cost of a LLaVA model under a token schedule: FLOPs, KV cache, memory.
+"""Analytic prefill cost of a model under a token schedule: FLOPs, KV cache, memory.
+
+LLaVA-1.5 and LLaVA-NeXT here (:class:`ModelSpec`); the native-resolution Qwen-VL families in
+:mod:`fico.cost.native`, through the same functions.
 
 LLaVA-NeXT (a spec with ``grid_pinpoints``) encodes an image in several tower passes (the base
 image and its anyres crops) and gives the language model its packed tokens (base cells,
@@ -42,6 +45,7 @@ from ..errors import ModelNotFoundError, RecipeError
 from ..models import DTYPE_BYTES, parse_dtype
 from ..recipe.plan import Geometry, RecipePlan, plan_recipe
 from .conventions import CONVENTIONS, MAC_CONVENTIONS
+from .native import NATIVE_SPECS, NativeSpec, is_native_config, native_spec_from_config, pixel_range
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,14 @@ class ModelSpec:
     tied_embeddings: bool = False
     #: LLaVA-NeXT's anyres resolutions (height, width in pixels); empty: one pass per image
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    #: ``fico cost``'s convention unless told: the paper's LLM-only count (the tower is ~5%)
+    default_convention = "llm-viewer"
+
+    @property
+    def depends_on_image_size(self) -> bool:
+        """Whether an image's token count depends on its size (``fico cost --image-size``)."""
+        return bool(self.grid_pinpoints)
 
     @property
     def patches(self) -> int:
@@ -99,6 +111,20 @@ class ModelSpec:
         return Geometry(self.vision_layers, self.patches + 1, index, self.drops_cls, self.llm_layers,
                         image_tokens=tokens, image_grids=grids)
 
+    def vision_entries(self, counts: "TokenCounts") -> list[dict]:
+        """Per-layer FLOPs of the patch embedding, each CLIP layer (on the tokens its step left)
+        and the projector (``full`` convention)."""
+        passes = counts.vision_passes  # each tower pass (LLaVA-NeXT: base image and crops) costs the same
+        conv = passes * 2.0 * self.patches * 3 * self.patch_size ** 2 * self.vision_hidden
+        entries = [{"site": "vision", "layer": "patch_embedding", "tokens": self.patches, "passes": passes,
+                    "flops": conv}]
+        for layer, (n_in, n_out) in enumerate(zip(counts.vision_in, counts.vision_out)):
+            entries.append({"site": "vision", "layer": layer, "tokens": n_in, "tokens_after_step": n_out,
+                            "passes": passes, "flops": passes * vision_layer_flops(self, n_in, n_out)})
+        projector = 2.0 * counts.projected * self.llm_hidden * (self.vision_hidden + self.llm_hidden)
+        entries.append({"site": "projector", "layer": 0, "tokens": counts.projected, "flops": projector})
+        return entries
+
     def parameters(self) -> dict[str, int]:
         """Parameter counts by part (weights and biases, as the HF modules hold them)."""
         dv, fv, dl, fl = self.vision_hidden, self.vision_ffn, self.llm_hidden, self.llm_ffn
@@ -126,9 +152,12 @@ BUILTIN_SPECS = {
 }
 
 
-def spec_from_config(config, name: str = "config") -> ModelSpec:
+def spec_from_config(config, name: str = "config", pixels: dict[str, int] | None = None) -> "ModelSpec | NativeSpec":
     """A :class:`ModelSpec` from a ``transformers.LlavaConfig`` or ``LlavaNextConfig`` (whose class
-    declares ``image_grid_pinpoints``)."""
+    declares ``image_grid_pinpoints``), a :class:`NativeSpec` from a Qwen-VL config (``pixels``:
+    its image processor's range, :func:`fico.cost.native.pixel_range`)."""
+    if is_native_config(config):
+        return native_spec_from_config(config, name, pixels)
     vision, text = config.vision_config, config.text_config
     feature = config.vision_feature_layer
     if not isinstance(feature, int):
@@ -147,9 +176,12 @@ def spec_from_config(config, name: str = "config") -> ModelSpec:
 
 
 def model_spec(model: str | Path | Any) -> ModelSpec:
-    """``llava-1.5-7b``, ``llava-1.5-13b``, ``embedded``, a local checkpoint/config directory,
-    a ``LlavaConfig`` or a ``LlavaForConditionalGeneration``."""
+    """``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-next-7b``, ``qwen2-vl-7b``, ``qwen2.5-vl-7b``,
+    ``qwen3-vl-8b``, ``embedded``, ``embedded-next``, ``embedded-qwen2-vl`` (and the other two),
+    ``toy``, a local checkpoint/config directory, a config or a model."""
     if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, NativeSpec):
         return model
     if hasattr(model, "config") and hasattr(model.config, "vision_config"):
         return spec_from_config(model.config, getattr(model, "name_or_path", "") or type(model).__name__)
@@ -158,6 +190,16 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
     key = str(model)
     if key in BUILTIN_SPECS:
         return BUILTIN_SPECS[key]
+    if key in NATIVE_SPECS:
+        return NATIVE_SPECS[key]
+    if key.startswith("embedded-qwen"):
+        from .. import embedded_qwen
+
+        family = key.removeprefix("embedded-")
+        if family in embedded_qwen.FAMILIES:
+            size = embedded_qwen.build_image_processor(family).size
+            return spec_from_config(embedded_qwen.build_config(family), key,
+                                    {"min_pixels": size.shortest_edge, "max_pixels": size.longest_edge})
     if key == "embedded":
         from .. import embedded
 
@@ -174,11 +216,16 @@ def model_spec(model: str | Path | Any) -> ModelSpec:
     if (path / "config.json").is_file():
         from transformers import AutoConfig
 
-        return spec_from_config(AutoConfig.from_pretrained(path, local_files_only=True), key)
+        processor = path / "preprocessor_config.json"
+        pixels = pixel_range(json.loads(processor.read_text())) if processor.is_file() else None
+        return spec_from_config(AutoConfig.from_pretrained(path, local_files_only=True), key, pixels)
     from ..models import model_source
 
-    names = {**{name: "published architecture" for name in BUILTIN_SPECS}, "embedded": "fico's random tiny model",
-             "embedded-next": "fico's random tiny LLaVA-NeXT", "toy": "fico-toy"}
+    names = {**{name: "published architecture" for name in (*BUILTIN_SPECS, *NATIVE_SPECS)},
+             "embedded": "fico's random tiny model", "embedded-next": "fico's random tiny LLaVA-NeXT",
+             **{f"embedded-{family}": "fico's random tiny " + family for family in ("qwen2-vl", "qwen2.5-vl",
+                                                                                    "qwen3-vl")},
+             "toy": "fico-toy"}
     model_source(key, names, label="model")  # raises, naming the built-in models and any close match
     raise ModelNotFoundError(f"unknown model {key!r}")  # pragma: no cover - model_source raised
 
@@ -202,6 +249,8 @@ class TokenCounts:
     llm_mlp: list[int] | None = None
     projected: int | None = None
     vision_passes: int = 1
+    #: the image's (height, width) where its tower's cost depends on it (a native-resolution tower)
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.llm_mlp is None:
@@ -213,6 +262,11 @@ class TokenCounts:
     def unreduced(cls, spec: "ModelSpec", text_tokens: int, image_size=None) -> "TokenCounts":
         """Every layer on every token (of an image of ``image_size`` where the count depends on it)."""
         passes, features, _ = spec.image(image_size)
+        if isinstance(spec, NativeSpec):
+            h, w = spec.patch_grid(image_size)
+            vision = [h * w] * spec.vision_layers
+            return cls(vision, list(vision), features, [features + text_tokens] * spec.llm_layers, text_tokens,
+                       image_size=image_size)
         vision = [spec.patches + 1] * spec.vision_layers
         return cls(vision, list(vision), features, [features + text_tokens] * spec.llm_layers, text_tokens,
                    projected=passes * spec.patches, vision_passes=passes)
@@ -231,8 +285,11 @@ class TokenCounts:
                    passes)
 
     @classmethod
-    def from_trace(cls, trace, spec: ModelSpec) -> "TokenCounts":
-        """What a run recorded (``run.trace``), for the cost of what actually ran (first image)."""
+    def from_trace(cls, trace, spec: ModelSpec, image_size=None) -> "TokenCounts":
+        """What a run recorded (``run.trace``), for the cost of what actually ran (first image,
+        of ``image_size`` where its count depends on it)."""
+        if isinstance(spec, NativeSpec):
+            return cls._native_from_trace(trace, spec, image_size)
         steps = {s.layer: s for s in trace.steps if s.site == "vision"}
         vision_in = list(trace.vision) or [spec.patches + 1] * spec.vision_layers
         vision_out = [steps[i].tokens_out if i in steps else n for i, n in enumerate(vision_in)]
@@ -251,6 +308,19 @@ class TokenCounts:
         llm_mlp = [mid_steps[i].tokens_out if i in mid_steps else n for i, n in enumerate(trace.llm)]
         return cls(vision_in, vision_out, features, list(trace.llm), first_in - features, llm_mlp, projected,
                    passes)
+
+
+    @classmethod
+    def _native_from_trace(cls, trace, spec: NativeSpec, image_size) -> "TokenCounts":
+        h, w = spec.patch_grid(image_size)
+        unreduced = h * w // spec.merge ** 2
+        features = trace.vision_features if trace.vision_features is not None else unreduced
+        features = features[0] if isinstance(features, list) else features
+        mid_steps = {s.layer: s for s in trace.steps if s.site == "llm_mid"}
+        llm_mlp = [mid_steps[i].tokens_out if i in mid_steps else n for i, n in enumerate(trace.llm)]
+        text = (trace.llm[0] if trace.llm else features) - features
+        return cls([h * w] * spec.vision_layers, [h * w] * spec.vision_layers, features, list(trace.llm), text,
+                   llm_mlp, unreduced, image_size=image_size)
 
 
 @dataclass
@@ -303,19 +373,10 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
     per_layer = []
     total = 0.0
     if convention == "full":
-        passes = counts.vision_passes  # each tower pass (LLaVA-NeXT: base image and crops) costs the same
-        conv = passes * 2.0 * spec.patches * 3 * spec.patch_size ** 2 * spec.vision_hidden
-        per_layer.append({"site": "vision", "layer": "patch_embedding", "tokens": spec.patches, "passes": passes,
-                          "flops": conv})
-        total += conv
-        for layer, (n_in, n_out) in enumerate(zip(counts.vision_in, counts.vision_out)):
-            flops = passes * vision_layer_flops(spec, n_in, n_out)
-            per_layer.append({"site": "vision", "layer": layer, "tokens": n_in, "tokens_after_step": n_out,
-                              "passes": passes, "flops": flops})
-            total += flops
-        projector = 2.0 * counts.projected * spec.llm_hidden * (spec.vision_hidden + spec.llm_hidden)
-        per_layer.append({"site": "projector", "layer": 0, "tokens": counts.projected, "flops": projector})
-        total += projector
+        entries = spec.vision_entries(counts.image_size) if isinstance(spec, NativeSpec) else \
+            spec.vision_entries(counts)
+        per_layer += entries
+        total += sum(entry["flops"] for entry in entries)
     image_only = MAC_CONVENTIONS.get(convention, (0, False))[1]
     for layer, (p, m) in enumerate(zip(counts.llm, counts.llm_mlp)):
         text = counts.text_tokens if image_only else 0
@@ -380,7 +441,9 @@ def recipe_cost(model, recipe=None, text_tokens: int | list[int] = 60, conventio
         return prefill_cost(spec, TokenCounts.unreduced(spec, text_tokens, image_size), convention, dtype)
     plan = plan_recipe(recipe, spec.geometry(image_size))
     passes = spec.image(image_size)[0]
-    report = prefill_cost(spec, TokenCounts.from_plan(plan, text_tokens, passes), convention, dtype)
+    counts = TokenCounts.from_plan(plan, text_tokens, passes)
+    counts.image_size = image_size
+    report = prefill_cost(spec, counts, convention, dtype)
     report.recipe = recipe.name
     report.schedule = recipe.knobs
     return report

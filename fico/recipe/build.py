@@ -83,7 +83,8 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
     options = {}
     for key, (sites, allowed) in SITE_OPTIONS.items():
         value = cfg.get(key, STEP_DEFAULTS[key])
-        if key in cfg and site not in sites:
+        # (a step may state the default anywhere: a recipe picks its value by site from a table)
+        if key in cfg and site not in sites and value != STEP_DEFAULTS[key]:
             raise RecipeError(f"{where}.{key}: only the {' and '.join(sites)} site(s) take it; this step is at "
                               f"{site}")
         if value not in allowed or (isinstance(value, bool) != isinstance(allowed[0], bool)):
@@ -102,8 +103,14 @@ def _parse_step(index: int, cfg: Any, raw: Any, registry: Registry, source: str)
             f"but {correlator.name!r} gives {correlator.produces}"
         )
     text_encoder = _parse_text_encoder(cfg, raw, site, where)
+    vision_layer = cfg.get("vision_layer")
+    if "vision_layer" in cfg and site != "pre_llm":
+        raise RecipeError(f"{where}.vision_layer: only the pre_llm site takes it; this step is at {site}")
+    if vision_layer is not None and (not isinstance(vision_layer, int) or isinstance(vision_layer, bool)):
+        raise RecipeError(f"{where}.vision_layer: a vision block index (an integer, negative from the end) is "
+                          f"needed, got {shown_value(raw.get('vision_layer'), vision_layer)}")
     return Step(index, site, layers, schedule, parts["filter"], correlator, compressor, **options,
-                text_encoder=text_encoder, layers_source=_source(raw.get("layers")))
+                text_encoder=text_encoder, vision_layer=vision_layer, layers_source=_source(raw.get("layers")))
 
 
 def _parse_text_encoder(cfg: dict, raw: dict, site: str, where: str) -> str | None:

@@ -28,7 +28,7 @@ RESERVED = {"name", "description", "cite", "plugins", "steps", "base", "budget_t
 
 STEP_KEYS = {"site", "layers", "remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric", "filter",
              "correlate", "compress", "proportional_attention", "order", "positions", "signal_layer", "cls_feature",
-             "text_encoder"}
+             "text_encoder", "vision_layer"}
 
 
 SCHEDULE_KEYS = ("remove", "keep", "keep_ratio", "remove_ratio", "keep_geometric")
@@ -119,6 +119,9 @@ class Step:
     cls_feature: bool = False
     #: pre_llm site: a local CLIP checkpoint whose text tower gives instruction signals (CDPruner)
     text_encoder: str | None = None
+    #: pre_llm site of towers without [CLS]: the vision block whose attention its tower signals
+    #: read (negative: from the end); None: the family's default (its last full-attention block)
+    vision_layer: int | None = None
     #: the recipe text ``layers`` came from, when it interpolates knobs (for messages)
     layers_source: str | None = field(default=None, compare=False)
 

@@ -23,6 +23,20 @@ class Qwen2_5_VL(Qwen2VL):
     checkpoint_classes = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
     model_class, config_class, modeling = "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", "qwen2_5_vl"
 
+    def full_attention_blocks(self, vision_config) -> list[int]:
+        """Only ``fullatt_block_indexes``: the other blocks attend within 8 x 8-patch windows."""
+        return sorted(vision_config.fullatt_block_indexes)
+
+    def window_order(self, model):
+        tower = model.model.visual
+        window_index = self.modeling_module().get_vision_window_index
+
+        def order(grid_thw):
+            return window_index(grid_thw, spatial_merge_size=tower.spatial_merge_size,
+                                window_size=tower.window_size, patch_size=tower.patch_size)[0]
+
+        return order
+
 
 @hookimpl
 def fico_model_families():

@@ -29,6 +29,7 @@ Each visual token carries its layout (image, part 0, row, column on its image's 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -48,6 +49,7 @@ from ..hooks import hook
 from ..placeholders import padding_token_id, rebuild_kept_placeholders
 from ..positions import RotaryPositions
 from ..steps import image_removal, run_point_step
+from ..towers.packed_vit import PACKED_VIT_SIGNALS, PackedTowerSignals
 
 #: visual tokens the plan counts an image as: Qwen's default ``max_pixels`` (28 x 28 x 1280 px)
 #: gives at most 1280 merged tokens. Runs count each image's own (a keep above it keeps all).
@@ -64,8 +66,9 @@ class Qwen2VL(ModelFamily):
     name = "Qwen2-VL"
     supported = "transformers.Qwen2VLForConditionalGeneration"
     checkpoint_classes = {"qwen2_vl": "Qwen2VLForConditionalGeneration"}
-    site_signals = {"pre_llm": set(), "llm": LLM_SIGNALS, "llm_mid": LLM_SIGNALS - {"final_normed_hidden"}}
-    options = frozenset()
+    site_signals = {"pre_llm": PACKED_VIT_SIGNALS, "llm": LLM_SIGNALS,
+                    "llm_mid": LLM_SIGNALS - {"final_normed_hidden"}}
+    options = frozenset({"vision_layer"})
     #: transformers' names: the model and config classes, the modeling module
     model_class, config_class, modeling = "Qwen2VLForConditionalGeneration", "Qwen2VLConfig", "qwen2_vl"
     #: queries and keys RMS-normalised per head before RoPE (Qwen3)
@@ -98,7 +101,28 @@ class Qwen2VL(ModelFamily):
                     f"(a 2 x 2 group), so a token removed inside the tower would silently join patches of "
                     f"different groups{cls}. Reduce at pre_llm (one token per 2 x 2 patches) or in the decoder "
                     f"(llm, llm_mid)")
-        return super().check_recipe(recipe, config, runs)
+        plan = super().check_recipe(recipe, config, runs)
+        if plan.pre_llm is not None and plan.pre_llm.step.required_signals() & PACKED_VIT_SIGNALS:
+            self.signal_block(config, plan.pre_llm.step, recipe.source)
+        return plan
+
+    def full_attention_blocks(self, vision_config) -> list[int]:
+        """The vision blocks whose attention spans each whole image."""
+        return list(range(vision_config.depth))
+
+    def signal_block(self, config, step, source: str = "") -> int:
+        """The vision block a pre_llm step's tower signals read: its ``vision_layer`` (checked
+        to be a block with full attention), else the last full-attention block."""
+        full = self.full_attention_blocks(config.vision_config)
+        depth = config.vision_config.depth
+        if step.vision_layer is None:
+            return full[-1]
+        block = step.vision_layer + depth if step.vision_layer < 0 else step.vision_layer
+        if block not in full:
+            raise RecipeError(f"{source}: {step.where}.vision_layer: {step.vision_layer} is not a vision block of "
+                              f"{self.name} whose attention spans the whole image; those are "
+                              f"{', '.join(map(str, full))} (of {depth})")
+        return block
 
     def modeling_module(self):
         return importlib.import_module(f"transformers.models.{self.modeling}.modeling_{self.modeling}")
@@ -116,7 +140,20 @@ class Qwen2VL(ModelFamily):
         self.attach_decoder_extras(run, model, site)
 
     def encoder(self, run: ReductionRun, model, plan: RecipePlan, passes: ForwardPasses) -> "QwenEncoder":
-        return QwenEncoder(run, model, plan, passes)
+        return QwenEncoder(run, model, plan, passes, self.tower_signals(model, plan))
+
+    def tower_signals(self, model, plan: RecipePlan) -> PackedTowerSignals | None:
+        """The capture of the pre_llm step's tower signals, where it reads any."""
+        pre = plan.pre_llm
+        names = pre.step.required_signals() & PACKED_VIT_SIGNALS if pre is not None else set()
+        if not names:
+            return None
+        return PackedTowerSignals(model.model.visual, self.signal_block(model.config, pre.step),
+                                  self.modeling_module().apply_rotary_pos_emb_vision, names, self.window_order(model))
+
+    def window_order(self, model):
+        """``grid_thw -> window_index`` where the tower runs its blocks in window order."""
+        return None
 
     def attach_decoder_extras(self, run: ReductionRun, model, site: LLMSite) -> None:
         """What the family's decoder adds beyond the shared site (Qwen3-VL: DeepStack)."""
@@ -149,8 +186,10 @@ class QwenEncoder:
     """The pre_llm site of the Qwen-VL families, and the layout of every visual token for the
     decoder sites."""
 
-    def __init__(self, run: ReductionRun, model, plan: RecipePlan, passes: ForwardPasses):
+    def __init__(self, run: ReductionRun, model, plan: RecipePlan, passes: ForwardPasses,
+                 tower_signals: PackedTowerSignals | None = None):
         self.run, self.model, self.plan, self.passes = run, model, plan, passes
+        self.tower_signals = tower_signals
         config = model.config
         self.image_token_id = config.image_token_id
         self.merge = config.vision_config.spatial_merge_size
@@ -162,6 +201,8 @@ class QwenEncoder:
         hook(self.run, self.model.model.register_forward_pre_hook(self._place_layout, with_kwargs=True))
         if self.plan.pre_llm is not None:
             wrap_entry_points(self.run, self.model, self.prepare)
+        if self.tower_signals is not None:
+            self.tower_signals.attach(self.run)
 
     def _place_layout(self, module, args, kwargs):
         """The layout of the unreduced images, for decoder steps (a prefill with its images)."""
@@ -204,12 +245,15 @@ class QwenEncoder:
             raise InputError("fico: Qwen-VL's pre_llm site reads each image's grid; it cannot run on the meta device")
         runs = (grid.prod(-1) // self.merge ** 2).tolist()
         self._check_placeholders(ids, runs)
-        encoded = self.encode(pixels, grid)
+        with self.run.work() if self.tower_signals is not None else contextlib.nullcontext():
+            encoded = self.encode(pixels, grid)
+        signals = self.tower_signals.take() if self.tower_signals is not None else [{} for _ in runs]
         layouts = image_layouts(grid, self.merge)
         kept, reduced, carried, new_layouts = [], [], [], []
         with self.run.work():
             for index, ((layout, cells), features) in enumerate(zip(layouts, encoded.features)):
-                ranks, tokens, moved = self._pre_llm_image(features, layout, cells, encoded.carried(index))
+                ranks, tokens, moved = self._pre_llm_image(features, layout, cells, encoded.carried(index),
+                                                           signals[index])
                 kept.append(ranks)
                 reduced.append(tokens)
                 carried.append(moved)
@@ -266,8 +310,8 @@ class QwenEncoder:
         out = self.model.model.get_image_features(pixel_values, grid, return_dict=True)
         return EncodedImages(list(out.pooler_output))
 
-    def _pre_llm_image(self, features: Tensor, layout: Tensor, grid: tuple[int, int], carried: Tensor | None
-                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _pre_llm_image(self, features: Tensor, layout: Tensor, grid: tuple[int, int], carried: Tensor | None,
+                       signals: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         """The pre_llm step on one image: the rank of each token it keeps (-1: created), the
         tokens, and the ``carried`` values moved as the tokens were."""
         planned = self.plan.pre_llm
@@ -281,6 +325,7 @@ class QwenEncoder:
                            visual=torch.ones_like(candidate), text=torch.zeros_like(candidate),
                            patch=(local[:, 2] * grid[1] + local[:, 3])[None], grid=grid, layout=local[None],
                            grids=(grid,), site="pre_llm", layer=0, carried=None if carried is None else carried[None],
+                           signals={name: value[None] for name, value in signals.items()},
                            sources=torch.eye(n, device=features.device)[None] if self.run.provenance else None)
         [new] = run_point_step(self.run, planned, state, remove)
         return new.positions[0], new.hidden[0], None if new.carried is None else new.carried[0]

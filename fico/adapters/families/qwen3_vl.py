@@ -39,7 +39,7 @@ class Qwen3VL(Qwen2VL):
     qk_norm = True
 
     def encoder(self, run, model, plan, passes) -> QwenEncoder:
-        return DeepStackEncoder(run, model, plan, passes)
+        return DeepStackEncoder(run, model, plan, passes, self.tower_signals(model, plan))
 
     def attach_decoder_extras(self, run: ReductionRun, model, site: LLMSite) -> None:
         """The DeepStack injections re-indexed to the tokens present (:meth:`LLMSite.present_rows`)."""
