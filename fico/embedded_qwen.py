@@ -10,10 +10,10 @@ layers of Qwen3-VL, and 3-row multimodal RoPE (``mrope_section``) in a GQA decod
 are tiny, the init is seeded and the tokenizer is the embedded model's word-level one with
 Qwen's vision tokens added. Nothing is downloaded.
 
-The stock ``Qwen2VLProcessor`` needs torchvision (its video processor); :func:`example_inputs`
-uses the stock image processor (``Qwen2VLImageProcessorPil``) and expands each
-``<|image_pad|>`` of a prompt into the image's run of placeholders itself, with the
-``mm_token_type_ids`` the model's M-RoPE reads, as the stock processor does.
+The stock ``Qwen2VLProcessor`` needs torchvision (its video processor); :func:`build_processor`
+joins the stock image processor (``Qwen2VLImageProcessorPil``), the tokenizer and a chat
+template in :class:`fico.processors.QwenVLProcessor`, which expands each ``<|image_pad|>`` into
+the image's run of placeholders with the ``mm_token_type_ids`` the model's M-RoPE reads.
 
 >>> from fico import embedded_qwen
 >>> inputs = embedded_qwen.example_inputs("qwen2-vl", sizes=[(112, 168), (112, 112)])
@@ -29,7 +29,7 @@ from .embedded import PREPROCESSOR, WORDS, build_tokenizer, example_image
 
 #: Qwen's special tokens, after the embedded model's words
 QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>",
-               "user", "assistant", "system", "\\n"]  # a line break is the word "\\n"
+               "user", "assistant", "system"]
 QWEN_WORDS = WORDS + QWEN_TOKENS
 
 #: the three families, by the name ``--model embedded-<name>`` uses
@@ -139,8 +139,25 @@ def build_image_processor(family: str = "qwen2.5-vl", max_pixels: int = 28 * 28 
 
 
 def build_tokenizer_qwen():
-    """The embedded word-level tokenizer over :data:`QWEN_WORDS` (no BOS: Qwen adds none)."""
-    return build_tokenizer(QWEN_WORDS)
+    """The embedded word-level tokenizer over :data:`QWEN_WORDS` (no BOS: Qwen adds none), with
+    Qwen's ``<|...|>`` tokens special, so that they split from the words around them."""
+    from tokenizers import AddedToken
+
+    tokenizer = build_tokenizer(QWEN_WORDS)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_TOKENS if t.startswith("<|")],
+                         special_tokens=True)
+    return tokenizer
+
+
+#: Qwen's chat format (the structure of the published Qwen2-VL template, restated): each
+#: message in im_start/im_end with its role, an image as a vision block
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def prompt(question: str, images: int = 1) -> str:
@@ -150,80 +167,21 @@ def prompt(question: str, images: int = 1) -> str:
     return Qwen2VL().prompt(question, images)
 
 
-def words(text: str) -> str:
-    """``text`` as the word-level tokenizer reads it: Qwen's special tokens and line breaks
-    set apart by spaces (the real tokenizer splits them itself)."""
-    for token in QWEN_TOKENS:
-        if token.startswith("<|"):
-            text = text.replace(token, f" {token} ")
-    return text.replace("\n", " \\n ")
+def build_processor(family: str = "qwen2.5-vl"):
+    """A :class:`fico.processors.QwenVLProcessor` of the stock image processor, the embedded
+    tokenizer and Qwen's chat format (the stock processor needs torchvision)."""
+    from .processors import QwenVLProcessor
 
-
-def expand_prompts(tokenizer, prompts: list[str], image_grid_thw: torch.Tensor, merge: int = 2) -> dict:
-    """``input_ids``, ``attention_mask`` and ``mm_token_type_ids`` of ``prompts``, each
-    ``<|image_pad|>`` expanded to its image's ``t h w / merge^2`` placeholders (images in
-    order over the prompts), left-padded: what the stock Qwen processor writes."""
-    pad = token_id("<|image_pad|>")
-    counts = (image_grid_thw.prod(-1) // merge ** 2).tolist()
-    image, rows = 0, []
-    for text in prompts:
-        ids = tokenizer(words(text), add_special_tokens=False)["input_ids"]
-        expanded = []
-        for i in ids:
-            if i == pad:
-                expanded += [pad] * counts[image]
-                image += 1
-            else:
-                expanded.append(i)
-        rows.append(expanded)
-    if image != len(counts):
-        raise ValueError(f"{image} <|image_pad|> in the prompts for {len(counts)} images")
-    width = max(len(r) for r in rows)
-    pad_id = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": (input_ids == pad).int()}
-
-
-class Processor:
-    """What the stock Qwen processor does for images, offline: ``processor(images=..., text=...)``
-    resizes and patches the images (the stock image processor) and expands each prompt's
-    ``<|image_pad|>`` (:func:`expand_prompts`); ``batch_decode`` is the tokenizer's."""
-
-    chat_template = None
-
-    def __init__(self, family: str = "qwen2.5-vl", image_processor=None, tokenizer=None):
-        self.image_processor = image_processor or build_image_processor(family)
-        self.tokenizer = tokenizer or build_tokenizer_qwen()
-
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kwargs) -> dict:
-        texts = [text] if isinstance(text, str) else list(text)
-        encoded = self.image_processor(images=images, return_tensors="pt")
-        out = expand_prompts(self.tokenizer, texts, encoded["image_grid_thw"])
-        out["pixel_values"] = encoded["pixel_values"]
-        out["image_grid_thw"] = encoded["image_grid_thw"]
-        return out
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
-
-def build_processor(family: str = "qwen2.5-vl") -> Processor:
-    return Processor(family)
+    return QwenVLProcessor(build_image_processor(family), build_tokenizer_qwen(), CHAT_TEMPLATE)
 
 
 def example_inputs(family: str = "qwen2.5-vl", sizes: list[tuple[int, int]] | None = None,
-                   prompts: list[str] | None = None, seeds: list[int] | None = None, image_processor=None,
-                   tokenizer=None) -> dict:
+                   prompts: list[str] | None = None, seeds: list[int] | None = None, processor=None) -> dict:
     """Model inputs for ``prompts`` with one image each, of ``sizes`` (height, width), left-padded:
     ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values`` (packed patches)
     and ``image_grid_thw``."""
     sizes = sizes or [(336, 448)]
     prompts = prompts or [prompt("what is the color of the circle ?")] * len(sizes)
     seeds = seeds or list(range(len(sizes)))
-    processor = Processor(family, image_processor, tokenizer)
     images = [example_image(seed).resize((w, h)) for seed, (h, w) in zip(seeds, sizes)]
-    return processor(images=images, text=prompts)
+    return (processor or build_processor(family))(images=images, text=prompts)

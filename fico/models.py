@@ -134,7 +134,16 @@ def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
     model_class = getattr(transformers, checkpoint_class(source))
     model = model_class.from_pretrained(source, dtype=torch_type, attn_implementation=attn,
                                         local_files_only=True).eval()
-    processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    except Exception:
+        # transformers cannot build some stock processors on every machine (Qwen-VL's needs
+        # torchvision for its video processor): the family may assemble one for images
+        from .adapters import family_of
+
+        processor = family_of(model).offline_processor(source)
+        if processor is None:
+            raise
     processor.tokenizer.padding_side = "left"
     return model, processor
 

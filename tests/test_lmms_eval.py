@@ -264,3 +264,55 @@ def test_a_llava_next_checkpoint_answers_a_local_task(tasks, tmp_path):
         costs[recipe] = sum(s["tflops"] for s in lm.statistics)
         assert len(lm.statistics) == 6
     assert costs["fastv"] < costs[None] and costs["pool"] < costs[None]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("recipe", [None, "random"])
+def test_a_qwen_continuation_is_decoded_on_the_prompts_cache_with_its_m_rope_positions(family, recipe):
+    """Scoring a continuation on a Qwen-VL model: the decode steps after the prompt's prefill
+    continue its M-RoPE positions (rope_deltas; after a pre_llm step, fico's), so they give
+    what one forward over prompt and continuation gives."""
+    from lmms_eval.api.instance import Instance
+
+    from fico import embedded_qwen
+    from fico.integrations.lmms_model import FicoLMM
+
+    model = embedded_qwen.build_model(family, dtype=torch.float64)
+    processor = embedded_qwen.build_processor(family)
+    lm = FicoLMM(pretrained=f"embedded-{family}", recipe=recipe, model=(model, processor))
+    image = embedded_qwen.example_image(0).resize((192, 128))
+    lm.task_dict = {"t": {"test": [{"image": image}]}}
+    context, continuation = "what is the color of the circle ?", " the color of"
+    request = Instance("loglikelihood", (context, continuation, lambda doc: [doc["image"]], 0, "t", "test"), 0,
+                       {"task": "t", "doc_id": 0, "repeats": 1})
+    loss, greedy = lm.loglikelihood([request])[0].text
+    prompt = lm.prompt_text(context, 1)
+    assert prompt.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what")  # its template
+    whole = processor(images=[image], text=[prompt + continuation])
+    whole["pixel_values"] = whole["pixel_values"].double()
+    count = 3
+    with torch.no_grad(), (fico.apply(model, fico.load_recipe(recipe)) if recipe else torch.no_grad()):
+        logits = model(**whole).logits[0, -count - 1:-1].log_softmax(-1)
+    expected = -logits.gather(-1, whole["input_ids"][0, -count:, None]).mean()
+    assert loss == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_a_qwen_checkpoint_answers_a_local_task(tasks, tmp_path):
+    """`--model fico` with a Qwen2.5-VL checkpoint directory: its processor (assembled from the
+    checkpoint's image processor, tokenizer and chat template where transformers cannot build
+    the stock one), its chat template, and a cost per request that counts its own tower."""
+    from fico import embedded_qwen
+    from fico.integrations.lmms_model import FicoLMM
+
+    directory = tmp_path / "qwen"
+    embedded_qwen.build_model("qwen2.5-vl").save_pretrained(directory)
+    embedded_qwen.build_processor("qwen2.5-vl").save_pretrained(directory)
+    costs = {}
+    for recipe, overrides in ((None, ""), ("fastv", ""), ("vispruner", "site=pre_llm;signal=attention_received")):
+        lm = FicoLMM(pretrained=str(directory), recipe=recipe, overrides=overrides, batch_size=3)
+        assert lm.prompt_text("how many ?", 1).endswith("how many ?<|im_end|>\n<|im_start|>assistant\n")
+        result = _evaluate(lm, "fico_toy_vqa", tasks, limit=6)
+        assert 0 <= result["exact_match,none"] <= 1
+        costs[recipe] = sum(s["tflops"] for s in lm.statistics)
+        assert len(lm.statistics) == 6
+    assert costs["fastv"] < costs[None] and costs["vispruner"] < costs[None]

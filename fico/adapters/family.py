@@ -82,6 +82,19 @@ class ModelFamily:
         template where it has one, else the family's own format."""
         raise NotImplementedError
 
+    def offline_processor(self, directory):
+        """A processor for the checkpoint in ``directory`` where transformers cannot build the
+        stock one on this machine, or None (the stock one's error stands)."""
+        return None
+
+    def continuation_position_ids(self, model, start: int, steps: int, device) -> "torch.Tensor":
+        """``position_ids`` of ``steps`` tokens decoded after a prompt whose cache holds
+        ``start`` tokens (a plain forward on the cache, as a scorer of continuations runs):
+        1-D positions ``start, start + 1, ...``."""
+        import torch
+
+        return torch.arange(start, start + steps, device=device)[None]
+
 
 def check_sites_and_options(recipe: Recipe, family: ModelFamily) -> None:
     """Each step at a site the family offers, with options it supports."""

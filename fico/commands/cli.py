@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--image", default=None, help="image file (default: a generated toy image)")
     show.add_argument("--seed", type=int, default=0, help="which generated image")
     show.add_argument("--model", default="toy",
-                      help="toy (default), embedded, embedded-next, or a local checkpoint directory")
+                      help="toy (default), embedded, embedded-next, embedded-qwen2-vl (-qwen2.5-vl, "
+                           "-qwen3-vl), or a local checkpoint directory")
     show.add_argument("--out", default="fico-show.png")
     show.add_argument("--panels", type=int, default=5, help="reducing layers to draw at most")
     _plugin_option(show)
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks (fico_toy_vqa, "
                                                          "fico_toy_vqa_mc run offline anywhere)")
     evaluate.add_argument("--model", default="toy",
-                          help="toy (default), embedded, embedded-next, or a local checkpoint directory")
+                          help="toy (default), embedded, embedded-next, embedded-qwen2-vl (-qwen2.5-vl, "
+                           "-qwen3-vl), or a local checkpoint directory")
     evaluate.add_argument("--budgets", default=None, help="comma-separated TFLOPs budgets: budgets/NAME_Bt variants")
     evaluate.add_argument("--tokens", default=None, help="comma-separated visual-token budgets: budgets/NAME_T variants")
     evaluate.add_argument("--limit", type=int, default=None, help="the first N documents of each task")

@@ -269,7 +269,8 @@ class FicoLMM(lmms):
                 logits = [out.logits[0, -1:]]
                 if continuation.numel() > 1:
                     steps = continuation[None, :-1]
-                    positions = torch.arange(start, start + steps.shape[1], device=steps.device)[None]
+                    positions = family_of(self.model).continuation_position_ids(self.model, start, steps.shape[1],
+                                                                                 steps.device)
                     mask = torch.ones(1, start + steps.shape[1], dtype=prompt["attention_mask"].dtype,
                                       device=steps.device)
                     decoded = self.model(input_ids=steps, attention_mask=mask, position_ids=positions,

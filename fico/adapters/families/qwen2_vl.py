@@ -158,6 +158,22 @@ class Qwen2VL(ModelFamily):
     def attach_decoder_extras(self, run: ReductionRun, model, site: LLMSite) -> None:
         """What the family's decoder adds beyond the shared site (Qwen3-VL: DeepStack)."""
 
+    def offline_processor(self, directory):
+        """The image processor, tokenizer and chat template of the checkpoint, joined by
+        :class:`fico.processors.QwenVLProcessor` (the stock processor needs torchvision)."""
+        from ...processors import QwenVLProcessor
+
+        return QwenVLProcessor.from_pretrained(directory)
+
+    def continuation_position_ids(self, model, start: int, steps: int, device) -> Tensor:
+        """4-row positions: the text row ``start, start + 1, ...``, and each M-RoPE row the same
+        shifted by the model's ``rope_deltas`` (set by the prefill; by fico where a pre_llm
+        step shortened it), as ``generate`` continues them."""
+        text = torch.arange(start, start + steps, device=device)[None]
+        deltas = model.model.rope_deltas
+        rows = text + (deltas.to(device) if deltas is not None else 0)
+        return torch.cat([text[None], rows[None].expand(3, -1, -1)])
+
     def prompt(self, question: str, images: int = 1, processor=None) -> str:
         """The processor's chat template where it has one, else Qwen's chat format with one
         vision block per image."""
