@@ -255,7 +255,8 @@ def test_fico_run_takes_the_embedded_next_model(capsys):
 def test_every_bundled_recipe_runs_on_a_next_model_of_real_depth_or_names_what_it_lacks():
     """All bundled recipes and budget variants, at LLaVA-NeXT's real depth and crop size (24
     CLIP layers, 32 decoder layers, 336 px crops), on a batch of two image sizes (772 and 792
-    visual tokens); CDPruner alone refuses, naming the signal the family lacks."""
+    visual tokens); CDPruner and the [CLS]-free forms alone refuse, naming the signal the family
+    lacks."""
     model = _model(dtype=torch.float32, crop=336, vision_layers=24, llm_layers=32)
     processor = _processor(336)
     batch = embedded_next.example_inputs(processor, prompts=PROMPTS, sizes=[(60, 600), (336, 100)], seeds=[1, 2])
@@ -274,8 +275,9 @@ def test_every_bundled_recipe_runs_on_a_next_model_of_real_depth_or_names_what_i
             assert all(n < 772 for n in (features if isinstance(features, list) else [features])), name
         else:  # the sequence entering the decoder is the processor's
             assert features == [772, 792] and run.trace.llm[0] == batch["input_ids"].shape[1], name
-    assert sorted(refused) == sorted(n for n in fico.bundled_recipes() if "cdpruner" in n)
-    assert all("instruction_similarity" in m and "LLaVA-NeXT" in m for m in refused.values())
+    assert sorted(refused) == sorted(n for n in fico.bundled_recipes() if "cdpruner" in n or "_cls_free_" in n)
+    assert all(("instruction_similarity" in m or "attention_received" in m) and "LLaVA-NeXT" in m
+               for m in refused.values())
 
 
 @pytest.mark.parametrize("name", ["tome", "pool", "visionzip", "random"])

@@ -431,3 +431,26 @@ def test_fico_run_takes_the_embedded_qwen_models(family, capsys):
     out = capsys.readouterr().out
     assert f"embedded tiny {family} (random)" in out and "what is the color of the circle ?" in out
     assert re.search(r"image features per image\s+│ 16", out)
+
+
+@pytest.mark.parametrize("share,llava,qwen", [(33, 192, [8, 6]), (22, 128, [6, 4]), (11, 64, [3, 2])])
+def test_the_protocol_shares_keep_each_images_own_fraction(share, llava, qwen):
+    """``keep: 33.3%`` keeps ceil(share x n) of each image's tokens: LLaVA-1.5's 192 / 128 / 64
+    of 576, and each Qwen image its own share (24 and 16 tokens here)."""
+    from fico.recipe.plan import plan_recipe
+
+    recipe = fico.load_recipe(f"budgets/divprune_keep{share}")
+    assert plan_recipe(recipe, fico.adapters.family_for_config(fico.embedded.build_config()).planning_geometry(
+        fico.embedded.build_config())).features == llava
+    model = model_of("qwen2.5-vl")
+    for name in (f"budgets/divprune_keep{share}", f"budgets/vispruner_cls_free_keep{share}",
+                 f"budgets/random_keep{share}"):
+        with torch.no_grad(), fico.apply(model, fico.load_recipe(name)) as run:
+            model(**inputs("qwen2.5-vl"))
+        assert run.trace.vision_features == qwen, name
+
+
+def test_a_share_must_be_a_percentage():
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.keep: a share must be a percentage in \(0%, 100%\], "
+                                               r"got '150%'"):
+        fico.load_recipe("divprune", ["keep=150%"])

@@ -16,7 +16,9 @@ from fico import embedded
 # every bundled recipe at its defaults fits a model with LLaVA-1.5's depths (24 CLIP, 32 decoder layers),
 # except LLaVA-NeXT budgets whose per-image keep exceeds LLaVA-1.5's 576 visual tokens
 NEXT_ONLY = [n for n in fico.bundled_recipes() if "_next_" in n and fico.load_recipe(n).config.get("keep", 0) > 576]
-RECIPES = [n for n in fico.bundled_recipes() if n not in NEXT_ONLY]
+#: the [CLS]-free forms, for towers without [CLS] (Qwen-VL)
+CLS_FREE = [n for n in fico.bundled_recipes() if "_cls_free_" in n]
+RECIPES = [n for n in fico.bundled_recipes() if n not in NEXT_ONLY + CLS_FREE]
 
 
 def standard_config() -> LlavaConfig:
@@ -60,6 +62,12 @@ def test_a_next_budget_above_576_tokens_is_refused_naming_its_keep(standard_mode
     with pytest.raises(fico.RecipeError, match=r"keep: keeps 640 tokens .* only 576 reducible tokens"):
         fico.apply(standard_model, recipe)
     assert [(type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for m in standard_model.modules()] == before
+
+
+@pytest.mark.parametrize("name", CLS_FREE)
+def test_a_cls_free_form_is_refused_naming_its_signal(standard_model, name):
+    with pytest.raises(fico.RecipeError, match=r"cannot give the signal\(s\) attention_received on LLaVA-1.5"):
+        fico.apply(standard_model, fico.load_recipe(name))
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import pluggy
+import torch
 
 from ..errors import RecipeError, UnsupportedModelError
 from ..hookspecs import PROJECT, FicoSpec
@@ -87,12 +88,10 @@ class ModelFamily:
         stock one on this machine, or None (the stock one's error stands)."""
         return None
 
-    def continuation_position_ids(self, model, start: int, steps: int, device) -> "torch.Tensor":
+    def continuation_position_ids(self, model, start: int, steps: int, device) -> torch.Tensor:
         """``position_ids`` of ``steps`` tokens decoded after a prompt whose cache holds
         ``start`` tokens (a plain forward on the cache, as a scorer of continuations runs):
         1-D positions ``start, start + 1, ...``."""
-        import torch
-
         return torch.arange(start, start + steps, device=device)[None]
 
 

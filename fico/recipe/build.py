@@ -164,8 +164,19 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
         return Schedule(kind, tuple(value), _source(raw.get(kind)))
     if kind == "keep" and value in ("adaptive", "filter"):
         return Schedule(kind, value, _source(raw.get(kind)))
+    if kind == "keep" and isinstance(value, str) and value.endswith("%"):
+        # a share of each image's visual tokens (the native-resolution protocol's 33.3% / 22.2% /
+        # 11.1%): kept as keep_ratio, ceil(share x n), so 33.3% of 576 keeps 192
+        try:
+            share = float(value[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise RecipeError(f"{where}.keep: a share must be a percentage in (0%, 100%], got {shown}")
+        return Schedule("keep_ratio", share, _source(raw.get(kind)))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        extra = ", a list of them (one per layer), 'filter' or 'adaptive'" if kind == "keep" else ""
+        extra = ", a list of them (one per layer), a share ('33.3%'), 'filter' or 'adaptive'" if kind == "keep" \
+            else ""
         raise RecipeError(f"{where}.{kind}: must be a number{extra}, got {shown}")
     if kind in ("remove", "keep") and (not isinstance(value, int) or value < 0):
         raise RecipeError(f"{where}.{kind}: must be a non-negative integer, got {shown}")
