@@ -148,6 +148,19 @@ def load_model(which: str, dtype: str = "float32", attn: str = "sdpa"):
     return model, processor
 
 
+def image_size_of(inputs: dict, config) -> list[int] | None:
+    """The first image's (height, width) as a model's token count reads it, from processor
+    outputs: LLaVA-NeXT's ``image_sizes``; a Qwen-VL image's size after its processor's resize
+    (its patch grid, ``image_grid_thw``). None where the count does not depend on it."""
+    if inputs.get("image_sizes") is not None:
+        return [int(v) for v in inputs["image_sizes"][0]]
+    if inputs.get("image_grid_thw") is not None:
+        patch = config.vision_config.patch_size
+        _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+        return [h * patch, w * patch]
+    return None
+
+
 def checkpoint_class(directory: str | Path) -> str:
     """The transformers class name that loads the checkpoint in ``directory``, a directory
     :func:`model_source` returned (it has checked that the config reads and has an adapter)."""

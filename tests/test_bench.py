@@ -183,3 +183,38 @@ def test_stage_growth_compares_two_reports(tmp_path):
     text = md.read_text()
     assert f"<!-- bench:{BLOCK}:begin -->" in text and "5.08 x" in text
     assert "| fastv | 20.0 | 1.0 | 100.0 | 2.0 | 5.0 x |" in text and "only_here" not in text
+
+
+def test_bench_on_a_qwen_checkpoint_counts_its_own_image_and_tower(tmp_path):
+    """A Qwen2.5-VL checkpoint: the token counts come from the image's patch grid, the replay
+    runs its whole tower, and fico's work (the attention_received capture included) is timed."""
+    from fico import embedded_qwen
+
+    directory = tmp_path / "qwen"
+    embedded_qwen.build_model("qwen2.5-vl").save_pretrained(directory)
+    embedded_qwen.build_processor("qwen2.5-vl").save_pretrained(directory)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "budgets/vispruner_cls_free_keep22", "fastv", "--model", str(directory), "--reps", "1",
+                 "--replay", "--memory", "--decode-tokens", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    base, vispruner, fastv = report["baseline"], *report["results"]
+    assert base["image_features"] == 144  # the toy's 336 x 336 image: 24 x 24 patches, 12 x 12 merged
+    assert vispruner["image_features"] == 32 and vispruner["tflops"] < base["tflops"]
+    assert vispruner["work_share"] > vispruner["stage_share"] > 0  # the tower signal is fico's work too
+    assert fastv["replay_ms"] > 0 and vispruner["work_peak_mb"] is not None
+
+
+def test_the_shaped_qwen_model_has_qwen2_5_vl_7b_depths_and_a_1280_token_image():
+    import inspect
+
+    from fico.benchmarks import shaped
+    from fico.cost.model import model_spec
+
+    defaults = inspect.signature(shaped.build_shaped_qwen2_5_vl).parameters
+    assert (defaults["vision_layers"].default, defaults["llm_layers"].default) == (32, 28)  # Qwen2.5-VL-7B's
+    model = shaped.build_shaped_qwen2_5_vl(vision_layers=2, llm_layers=2)
+    inputs = shaped.shaped_qwen_inputs(model)
+    assert int((inputs["input_ids"] == shaped.IMAGE_TOKEN_ID).sum()) == 1280
+    assert inputs["image_grid_thw"].tolist() == [[1, 64, 80]] and inputs["pixel_values"].shape == (5120, 1176)
+    assert model_spec(model).image(shaped.QWEN_IMAGE_SIZE)[1] == 1280
+    assert model.config.vision_config.fullatt_block_indexes == (7, 15, 23, 31)

@@ -204,19 +204,14 @@ def test_fico_eval_writes_the_table_json_and_plot_and_resumes(tmp_path, offline,
     assert "other conditions" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", [None, "visionzip"])
-def test_a_longer_continuation_is_decoded_on_the_prompts_cache(recipe):
-    """Prompt prefill + the continuation as decode steps gives what one forward over prompt
-    and continuation gives, where the reduction does not depend on the text (unreduced, or
-    reduced before the decoder, which shortens the prompt the cache holds)."""
+def _scored_against_one_forward(model, processor, pretrained: str, recipe: str | None, image) -> str:
+    """Score a 3-token continuation through FicoLMM (prompt prefill, then decode steps on its
+    cache) and check it against one forward over prompt and continuation; returns the prompt."""
     from lmms_eval.api.instance import Instance
 
-    from fico import embedded
     from fico.integrations.lmms_model import FicoLMM
 
-    model, processor = embedded.build_model(dtype=torch.float64), embedded.build_processor()
-    lm = FicoLMM(pretrained="embedded", recipe=recipe, model=(model, processor))
-    image = embedded.example_image(0)
+    lm = FicoLMM(pretrained=pretrained, recipe=recipe, model=(model, processor))
     lm.task_dict = {"t": {"test": [{"image": image}]}}
     context, continuation = "what is the color of the circle ?", " the color of"
     request = Instance("loglikelihood", (context, continuation, lambda doc: [doc["image"]], 0, "t", "test"), 0,
@@ -232,6 +227,18 @@ def test_a_longer_continuation_is_decoded_on_the_prompts_cache(recipe):
     expected = -logits.gather(-1, whole["input_ids"][0, -count:, None]).mean()
     assert loss == pytest.approx(float(expected), abs=1e-9)
     assert greedy == bool((logits.argmax(-1) == whole["input_ids"][0, -count:]).all())
+    return prompt
+
+
+@pytest.mark.parametrize("recipe", [None, "visionzip"])
+def test_a_longer_continuation_is_decoded_on_the_prompts_cache(recipe):
+    """Prompt prefill + the continuation as decode steps gives what one forward over prompt
+    and continuation gives, where the reduction does not depend on the text (unreduced, or
+    reduced before the decoder, which shortens the prompt the cache holds)."""
+    from fico import embedded
+
+    model, processor = embedded.build_model(dtype=torch.float64), embedded.build_processor()
+    _scored_against_one_forward(model, processor, "embedded", recipe, embedded.example_image(0))
 
 
 @pytest.mark.parametrize("args,message", [
@@ -272,29 +279,12 @@ def test_a_qwen_continuation_is_decoded_on_the_prompts_cache_with_its_m_rope_pos
     """Scoring a continuation on a Qwen-VL model: the decode steps after the prompt's prefill
     continue its M-RoPE positions (rope_deltas; after a pre_llm step, fico's), so they give
     what one forward over prompt and continuation gives."""
-    from lmms_eval.api.instance import Instance
-
     from fico import embedded_qwen
-    from fico.integrations.lmms_model import FicoLMM
 
     model = embedded_qwen.build_model(family, dtype=torch.float64)
-    processor = embedded_qwen.build_processor(family)
-    lm = FicoLMM(pretrained=f"embedded-{family}", recipe=recipe, model=(model, processor))
-    image = embedded_qwen.example_image(0).resize((192, 128))
-    lm.task_dict = {"t": {"test": [{"image": image}]}}
-    context, continuation = "what is the color of the circle ?", " the color of"
-    request = Instance("loglikelihood", (context, continuation, lambda doc: [doc["image"]], 0, "t", "test"), 0,
-                       {"task": "t", "doc_id": 0, "repeats": 1})
-    loss, greedy = lm.loglikelihood([request])[0].text
-    prompt = lm.prompt_text(context, 1)
+    prompt = _scored_against_one_forward(model, embedded_qwen.build_processor(family), f"embedded-{family}", recipe,
+                                         embedded_qwen.example_image(0).resize((192, 128)))
     assert prompt.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what")  # its template
-    whole = processor(images=[image], text=[prompt + continuation])
-    whole["pixel_values"] = whole["pixel_values"].double()
-    count = 3
-    with torch.no_grad(), (fico.apply(model, fico.load_recipe(recipe)) if recipe else torch.no_grad()):
-        logits = model(**whole).logits[0, -count - 1:-1].log_softmax(-1)
-    expected = -logits.gather(-1, whole["input_ids"][0, -count:, None]).mean()
-    assert loss == pytest.approx(float(expected), abs=1e-9)
 
 
 def test_a_qwen_checkpoint_answers_a_local_task(tasks, tmp_path):

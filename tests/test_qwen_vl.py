@@ -22,7 +22,8 @@ IMAGE = embedded_qwen.token_id("<|image_pad|>")
 #: recipes at counts that fit 16-24 visual tokens and 4 decoder layers
 LLM_CASES = {"fastv": ["k=2"], "pdrop": [], "ficoco_l": ["k=2", "r=6"], "dart": ["k=2", "keep=8"],
              "sparsevlm": ["layers=[0,1]", "steps.0.keep=[14,10]"], "fitprune": ["steps.0.remove=[0,0,6,4]"],
-             "random_llm": ["site=llm", "layers=[2]", "keep=8"]}
+             "random_llm": ["site=llm", "layers=[2]", "keep=8"],
+             "random_renumber": ["site=llm", "layers=[1]", "keep=8", "steps.0.positions=renumber"]}
 PRE_LLM_CASES = {"random": ["keep=8"], "divprune": ["keep=8"], "pool": []}
 CASES = {**LLM_CASES, **PRE_LLM_CASES}
 
@@ -46,7 +47,7 @@ def inputs(family, samples=(0, 1), dtype=torch.float64):
 
 
 def recipe(name):
-    return fico.load_recipe(name.replace("_llm", ""), CASES[name])
+    return fico.load_recipe(name.split("_")[0] if name.startswith("random") else name, CASES[name])
 
 
 def _generate(model, batch, steps=3, **kwargs):
@@ -115,7 +116,7 @@ def test_each_sample_of_a_batch_of_two_image_sizes_equals_it_alone(family, name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["random", "pool", "random_llm"])
+@pytest.mark.parametrize("name", ["random", "pool", "random_llm", "random_renumber"])
 def test_cached_generate_equals_a_recompute_without_cache(family, name):
     """The kept set of these recipes does not depend on the text, so generating without a
     cache (every step recomputes the whole sequence with the same drop) is the reference for

@@ -243,7 +243,7 @@ def test_bad_values_that_need_the_model(tiny_model, name, overrides, match):
     ("dart", ["budget_mode=closest"], r"budget_mode must be one of official, exact, got 'closest'"),
     ("dart", ["image_pivots=0"], r"image_pivots must be >= 1"),
     ("fastervlm", ["keep=-1"], r"steps\[0\]\.keep: must be a non-negative integer, got -1"),
-    ("fastervlm", ["keep=many"], r"steps\[0\]\.keep: must be a number, a list of them \(one per layer\), 'filter' "
+    ("fastervlm", ["keep=many"], r"steps\[0\]\.keep: must be a number, a list of them \(one per layer\), a share \('33.3%'\), 'filter' "
                                  r"or 'adaptive', got 'many'"),
 ])
 def test_bad_knob_values_name_the_key(name, overrides, match):

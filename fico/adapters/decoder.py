@@ -277,6 +277,7 @@ class LLMPass:
     layer_shift: dict = field(default_factory=dict)  # decode position shift of renumbered layers
     captured: dict = field(default_factory=dict)
     sources: Tensor | None = None  # provenance (B, L, L0), when the run records it
+    renumbered: bool = False  # a step renumbered the positions (``rope`` then holds ranks)
     shift: int | Tensor = 0  # positions the current frame is shifted by (renumbering: tokens gone so
     # far; (B, 1) where samples removed different numbers)
     ghost: Tensor | None = None  # (B, L) ghost slots of a ragged batch (fico.adapters.ghosts), or None
@@ -661,7 +662,6 @@ class LLMSite:
             counts = (gather_tokens(lp.visual, keep.clamp_min(0)) | created)
             counts = (counts if ghost is None else counts & ~ghost).sum(1).tolist()
             lp.visual_count = counts[0]
-        cos, sin = lp.full_position_embeddings
         if step.positions == "renumber":
             # contiguous positions: the i-th token present takes the i-th position of the full
             # table (real tokens are contiguous there, padding before or after them; ghost
@@ -671,8 +671,10 @@ class LLMSite:
             if ghost is not None:
                 rope = ((~ghost).long().cumsum(1) - 1).clamp_min(0)
                 lp.shift = lp.shift + ghost.sum(1, keepdim=True)
+            lp.renumbered = True
         lp.rope = rope
-        lp.position_embeddings = (gather_tokens(cos, rope), gather_tokens(sin, rope))
+        lp.position_embeddings = self.positions.present(lp.full_position_embeddings, rope, lp.renumbered, self.lm,
+                                                        hidden, lp.real)
         full_mask = lp.full_attention_mask
         if ghost is not None and full_mask is None:
             full_mask = lp.full_attention_mask = causal_mask(b, lp.real.shape[1], keep.device)

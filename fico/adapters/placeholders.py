@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 
 def padding_token_id(config) -> int:
     """The id written into the slots a rebuilt row gains as padding. Those slots are masked,
@@ -14,6 +16,22 @@ def padding_token_id(config) -> int:
     ``pad_token_id`` when built as ``LlavaConfig(text_config=...)``, so it is never read."""
     pad = getattr(config.get_text_config(), "pad_token_id", None)
     return pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
+
+
+def check_placeholder_runs(ids: Tensor, image_token_id: int, runs: list[int], counted_by: str) -> None:
+    """Each sample's placeholders are whole runs of its images' counts ``runs``, in order (the
+    model checks only the batch's total, so a mismatch per image would pass it silently);
+    InputError naming what ``counted_by`` the counts, else."""
+    per_sample = (ids == image_token_id).sum(1).tolist()
+    image, ok = 0, True
+    for count in per_sample:
+        while count > 0 and image < len(runs):
+            count -= runs[image]
+            image += 1
+        ok &= count == 0
+    if not ok or image != len(runs):
+        raise InputError(f"fico: the placeholders in input_ids ({per_sample} per sample) do not match the "
+                         f"images' token counts ({runs}, by {counted_by}); pass the processor's outputs unchanged")
 
 
 def rebuild_placeholders(call: dict, counts: list[int], image_token_id: int, per_image: int | list[int],

@@ -34,6 +34,8 @@ def _timed(fn) -> float:
 
 def replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
     """Seconds the vanilla modules of ``model`` take on ``counts`` (one sample, no fico)."""
+    if hasattr(model.model, "visual"):
+        return native_replay_seconds(model, counts, seed)
     g = torch.Generator().manual_seed(seed)
     parameter = next(model.parameters())
     dtype, device = parameter.dtype, parameter.device
@@ -68,5 +70,36 @@ def replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
                                                          position_embeddings=rope)[0])
         total += _timed(lambda: after + layer.mlp(layer.post_attention_layernorm(after)))
     last = randn(1, llm_width)
+    total += _timed(lambda: model.lm_head(text.norm(last)))
+    return total
+
+
+def native_replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
+    """A native-resolution model (Qwen-VL): its whole tower and merger on the image's patches
+    (no site reduces inside it), then the decoder layers on ``counts`` and one lm_head row."""
+    g = torch.Generator().manual_seed(seed)
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
+    vision = model.config.vision_config
+    patch, merge = vision.patch_size, vision.spatial_merge_size
+    h, w = (side // patch for side in counts.image_size)
+    h, w = h - h % merge, w - w % merge
+    pixels = torch.randn(h * w, 3 * vision.temporal_patch_size * patch * patch, generator=g).to(device, dtype)
+    grid = torch.tensor([[1, h, w]], device=device)
+    total = _timed(lambda: model.model.visual(pixels, grid_thw=grid))
+    text = model.model.language_model
+    width = model.config.text_config.hidden_size
+    for layer, n, m in zip(text.layers, counts.llm, counts.llm_mlp):
+        hidden = torch.randn(1, n, width, generator=g).to(device, dtype)
+        after = torch.randn(1, m, width, generator=g).to(device, dtype)
+        positions = torch.arange(n, device=device)[None]
+        rope = text.rotary_emb(hidden, positions)
+        if m == n:
+            total += _timed(lambda: layer(hidden, attention_mask=None, position_embeddings=rope))
+            continue
+        total += _timed(lambda: hidden + layer.self_attn(hidden_states=layer.input_layernorm(hidden),
+                                                         attention_mask=None, position_embeddings=rope)[0])
+        total += _timed(lambda: after + layer.mlp(layer.post_attention_layernorm(after)))
+    last = torch.randn(1, 1, width, generator=g).to(device, dtype)
     total += _timed(lambda: model.lm_head(text.norm(last)))
     return total

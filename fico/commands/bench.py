@@ -28,7 +28,7 @@ from ..benchmarks.shaped import architecture
 from ..cost.model import TokenCounts, model_spec, prefill_cost
 from ..errors import RecipeError
 from ..loading import load_recipe
-from ..models import RUNNABLE, check_recipes, load_model, model_source, torch_dtype
+from ..models import RUNNABLE, check_recipes, image_size_of, load_model, model_source, torch_dtype
 from ..recipe import Recipe
 from .console import Table
 from .results import save_figure, write_whole
@@ -54,9 +54,11 @@ BENCH_MODELS = {"shaped": "LLaVA-1.5's layer and token counts at CLIP 512 / Llam
                                "CLIP 512 / Llama 1024 widths, random weights",
                 "shaped-next-7b": "LLaVA-NeXT-7B's real widths and depths on a 672 x 672 image, random weights "
                                   "(about 14 GB in float16; for a GPU)",
+                "shaped-qwen2.5-vl": "Qwen2.5-VL-7B's depths and token counts (an 896 x 1120 image: 5120 patches, "
+                                     "1280 visual tokens) at tower 320 / decoder 512 widths, random weights",
                 **RUNNABLE}
 #: the shaped models: built from their architecture with random weights, timed on a random prompt
-SHAPED = ("shaped", "shaped-7b", "shaped-next", "shaped-next-7b")
+SHAPED = ("shaped", "shaped-7b", "shaped-next", "shaped-next-7b", "shaped-qwen2.5-vl")
 
 
 def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", device: str = "cpu") -> BenchModel:
@@ -71,6 +73,11 @@ def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", dev
         from ..benchmarks import shaped
 
         kind = torch_dtype(dtype)
+        if which == "shaped-qwen2.5-vl":
+            model = shaped.build_shaped_qwen2_5_vl(dtype=kind, attn_implementation=attn).to(device)
+            inputs = shaped.shaped_qwen_inputs(model, dtype=kind)
+            return BenchModel(which, model, None, {k: v.to(device) for k, v in inputs.items()},
+                              image_size=shaped.QWEN_IMAGE_SIZE)
         if which in ("shaped-7b", "shaped-next-7b"):
             build = shaped.build_shaped_7b if which == "shaped-7b" else shaped.build_shaped_next_7b
             model = build(dtype=kind, attn_implementation=attn, device=device)
@@ -89,7 +96,8 @@ def load_bench_model(which: str, dtype: str = "float32", attn: str = "sdpa", dev
     text = family_of(model).prompt(question, 1, processor)
     inputs = processor(images=[ex.image], text=[text], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype(dtype))
-    size = tuple(int(v) for v in inputs["image_sizes"][0]) if "image_sizes" in inputs else None
+    size = image_size_of(inputs, model.config)
+    size = tuple(size) if size is not None else None
     return BenchModel(which, model, processor, {k: v.to(device) for k, v in inputs.items()}, question, size)
 
 
@@ -260,7 +268,7 @@ def bench(recipes: list[str], model: str = "toy", budgets: list[str] | None = No
                                     instruction=bm.instruction)
         else:
             decode = {name: [] for name in configs}
-        counts = {name: TokenCounts.from_trace(timings[name]["trace"], spec) if recipe is not None
+        counts = {name: TokenCounts.from_trace(timings[name]["trace"], spec, bm.image_size) if recipe is not None
                   else TokenCounts.unreduced(spec, text_tokens, bm.image_size) for name, recipe in configs.items()}
         replayed = measure_replay(bm.model, counts, reps) if replay else {}
         task = progress.add_task("accuracy, decode, memory", total=len(configs))

@@ -304,13 +304,19 @@ def list_components(console: Console) -> int:
     console.print("[bold]formulas[/] (LaTeX, from each component's docstring)")
     for line in formula_lines:
         console.print(line, highlight=False, markup=True, soft_wrap=True)
+    from .docgen import family_configs, family_support
+
     recipes = Table(title="bundled recipes")
-    for column in ("recipe", "knobs", "description"):
+    for column in ("recipe", "knobs", "runs on", "description"):
         recipes.add_column(column)
+    configs = family_configs()
     for name in bundled_recipes():
         recipe = load_recipe(name)
         solved = recipe.budget.knob if recipe.budget is not None else None
-        recipes.add_row(name, knob_text(recipe.knobs, solved), recipe.description)
+        support = family_support(recipe, configs)
+        runs_on = ", ".join(f"{family} ([CLS]-free)" if cell == "cls-free" else family
+                            for family, cell in support.items() if not cell.startswith("no"))
+        recipes.add_row(name, knob_text(recipe.knobs, solved), runs_on or "none as written", recipe.description)
     console.print(recipes)
     return 0
 
@@ -455,18 +461,6 @@ def _questions(args, family, processor):
     return [image], [text], [question], None
 
 
-def _image_size_of(inputs: dict, model) -> list[int] | None:
-    """The first image's (height, width) as the model's count reads it: LLaVA-NeXT's
-    ``image_sizes``; a Qwen-VL image's size after its processor's resize (its patch grid)."""
-    if inputs.get("image_sizes") is not None:
-        return inputs["image_sizes"][0].tolist()
-    if inputs.get("image_grid_thw") is not None:
-        patch = model.config.vision_config.patch_size
-        _, h, w = inputs["image_grid_thw"][0].tolist()
-        return [h * patch, w * patch]
-    return None
-
-
 def run_recipe(args, console: Console) -> int:
     import time
 
@@ -476,7 +470,7 @@ def run_recipe(args, console: Console) -> int:
     from ..adapters import family_of
     from ..cost.model import TokenCounts, model_spec, prefill_cost, recipe_cost
     from ..loading import load_recipe
-    from ..models import check_recipes, load_model, torch_dtype
+    from ..models import check_recipes, image_size_of, load_model, torch_dtype
     from .console import Table
     from .timing import Spread, ratio_text
 
@@ -550,7 +544,7 @@ def run_recipe(args, console: Console) -> int:
     if recipe.budget is not None:
         summary.add_row("budget", recipe.budget.describe())
     spec = model_spec(args.model if args.model.startswith("embedded-qwen") else model)
-    image_size = _image_size_of(timed, model)  # where the model's count depends on the image's size
+    image_size = image_size_of(timed, model.config)  # where the model's count depends on the image's size
     ran = prefill_cost(spec, TokenCounts.from_trace(trace, spec, image_size), "llm-viewer")
     unreduced = recipe_cost(spec, None, ran.text_tokens, "llm-viewer", image_size=image_size)
     summary.add_row("cost of what ran (llm-viewer)", f"{unreduced.tflops * 1e3:.2f} -> {ran.tflops * 1e3:.2f} GFLOPs "

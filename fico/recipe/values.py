@@ -97,6 +97,7 @@ def split_overrides(text: str) -> list[str]:
 
 
 _PLAIN = re.compile(r"[A-Za-z_][\w.\-/]*")
+_SHARE = re.compile(r"\d+(\.\d+)?%")  # a share of the tokens, 'keep: 33.3%'
 
 
 def format_value(value: Any) -> str:
@@ -114,7 +115,7 @@ def format_value(value: Any) -> str:
     text = str(value)
     if LAYER_RANGE.fullmatch(text) and ":" in text:
         return text.replace(" ", "")
-    if _PLAIN.fullmatch(text) and parse_value(text) == text:
+    if (_PLAIN.fullmatch(text) or _SHARE.fullmatch(text)) and parse_value(text) == text:
         return text
     return "'" + text.replace("'", "''") + "'"
 
@@ -122,7 +123,7 @@ def format_value(value: Any) -> str:
 def format_override(key: str, value: Any) -> str:
     """``key=value`` as one shell word that round-trips through ``load_recipe``."""
     word = f"{key}={format_value(value)}"
-    return word if re.fullmatch(r"[\w.\-/=:\[\],+]*", word) else shlex.quote(word)
+    return word if re.fullmatch(r"[\w.\-/=:\[\],+%]*", word) else shlex.quote(word)
 
 
 def flatten_knobs(knobs: dict, prefix: str = "") -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ...run import ReductionRun
 from ...state import TokenState
 from ..decoder import LLM_SIGNALS, LLMSite
 from ..forward import ForwardPasses
-from ..placeholders import padding_token_id, rebuild_placeholders
+from ..placeholders import check_placeholder_runs, padding_token_id, rebuild_placeholders
 from ..positions import RotaryPositions
 from ..steps import image_removal, run_point_step
 from ..towers.clip import VISION_OUTPUT_SIGNALS, VISION_SIGNALS, VisionSite, patch_grid
@@ -127,7 +127,7 @@ class NextEncoder(LlavaEncoder):
         config = self.model.config
         sizes = [[int(v) for v in size] for size in sizes.tolist()]
         stock = [stock_count(config, size) for size in sizes]
-        self._check_placeholders(ids, stock)
+        check_placeholder_runs(ids, self.geo.image_token_id, stock, "image_sizes, LLaVA-NeXT's anyres")
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         packed = self.encode_images(pixels, sizes)
@@ -147,20 +147,6 @@ class NextEncoder(LlavaEncoder):
                                config.vision_config.patch_size)[0] for size in sizes]
         self.run.trace.vision_passes = passes[0] if len(set(passes)) == 1 else passes
         return new
-
-    def _check_placeholders(self, ids: Tensor, stock: list[int]) -> None:
-        """Each sample's placeholders are whole runs of its images' stock counts, in order."""
-        per_sample = (ids == self.geo.image_token_id).sum(1).tolist()
-        image, ok = 0, True
-        for count in per_sample:
-            while count > 0 and image < len(stock):
-                count -= stock[image]
-                image += 1
-            ok &= count == 0
-        if not ok or image != len(stock):
-            raise InputError(f"fico: the placeholders in input_ids ({per_sample} per sample) do not match the "
-                             f"images' LLaVA-NeXT token counts ({stock}, by image_sizes); pass the processor's "
-                             f"outputs unchanged")
 
     def encode_images(self, pixel_values: Tensor, sizes: list[list[int]]) -> list[PackedImage]:
         """Per image: its features packed as LLaVA-NeXT packs them, after every vision-side step."""

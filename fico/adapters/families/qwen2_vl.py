@@ -29,7 +29,6 @@ Each visual token carries its layout (image, part 0, row, column on its image's 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import torch
@@ -46,8 +45,8 @@ from ..entry import wrap_entry_points
 from ..family import ModelFamily
 from ..forward import ForwardPasses
 from ..hooks import hook
-from ..placeholders import padding_token_id, rebuild_kept_placeholders
-from ..positions import RotaryPositions
+from ..placeholders import check_placeholder_runs, padding_token_id, rebuild_kept_placeholders
+from ..positions import MultimodalRotaryPositions
 from ..steps import image_removal, run_point_step
 from ..towers.packed_vit import PACKED_VIT_SIGNALS, PackedTowerSignals
 
@@ -133,7 +132,7 @@ class Qwen2VL(ModelFamily):
         inner = model.model
         encoder = self.encoder(run, model, plan, passes)
         encoder.attach()
-        positions = RotaryPositions(modeling.rotate_half, modeling.apply_rotary_pos_emb, modeling.repeat_kv)
+        positions = MultimodalRotaryPositions(modeling.rotate_half, modeling.apply_rotary_pos_emb, modeling.repeat_kv)
         site = LLMSite(run, plan.llm, inner, inner.language_model, model.config.image_token_id, passes,
                        PLANNED_IMAGE_TOKENS, PLANNED_GRID, positions, self.qk_norm)
         site.attach()
@@ -260,9 +259,8 @@ class QwenEncoder:
         if ids.is_meta or pixels.is_meta:
             raise InputError("fico: Qwen-VL's pre_llm site reads each image's grid; it cannot run on the meta device")
         runs = (grid.prod(-1) // self.merge ** 2).tolist()
-        self._check_placeholders(ids, runs)
-        with self.run.work() if self.tower_signals is not None else contextlib.nullcontext():
-            encoded = self.encode(pixels, grid)
+        check_placeholder_runs(ids, self.image_token_id, runs, "image_grid_thw")
+        encoded = self.encode(pixels, grid)  # the tower signals' capture is timed as fico's work
         signals = self.tower_signals.take() if self.tower_signals is not None else [{} for _ in runs]
         layouts = image_layouts(grid, self.merge)
         kept, reduced, carried, new_layouts = [], [], [], []
@@ -293,20 +291,6 @@ class QwenEncoder:
         counts = [r.shape[0] for r in kept]
         self.run.trace.vision_features = counts[0] if len(set(counts)) == 1 else counts
         return new
-
-    def _check_placeholders(self, ids: Tensor, runs: list[int]) -> None:
-        """Each sample's placeholders are whole runs of its images' counts, in order."""
-        per_sample = (ids == self.image_token_id).sum(1).tolist()
-        image, ok = 0, True
-        for count in per_sample:
-            while count > 0 and image < len(runs):
-                count -= runs[image]
-                image += 1
-            ok &= count == 0
-        if not ok or image != len(runs):
-            raise InputError(f"fico: the placeholders in input_ids ({per_sample} per sample) do not match the "
-                             f"images' token counts ({runs}, by image_grid_thw); pass the processor's outputs "
-                             f"unchanged")
 
     @staticmethod
     def _positions(positions: Tensor, sources: Tensor, mask: Tensor | None) -> Tensor:

@@ -80,8 +80,10 @@ class PackedTowerSignals:
         self.grid: Tensor | None = None
         #: per image: signal name -> values in the order the merger emits them
         self.captured: list[dict[str, Tensor]] = []
+        self.run = None  # the run it is attached to: its work spans time the capture
 
     def attach(self, run) -> None:
+        self.run = run
         hook(run, self.tower.register_forward_pre_hook(self._begin, with_kwargs=True))
         attention = self.tower.blocks[self.block].attn
         hook(run, attention.register_forward_pre_hook(functools.partial(self._capture, attention),
@@ -96,7 +98,12 @@ class PackedTowerSignals:
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.is_meta or self.grid is None:
             return None
-        cos, sin = kwargs["position_embeddings"]
+        with self.run.work():  # fico's own work inside the tower's forward
+            self._signals(attention, hidden, kwargs["position_embeddings"])
+        return None
+
+    def _signals(self, attention: nn.Module, hidden: Tensor, rotary: tuple[Tensor, Tensor]) -> None:
+        cos, sin = rotary
         n, heads = hidden.shape[0], attention.num_heads
         queries, keys, _ = attention.qkv(hidden).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
         rotated_q, rotated_k = self.apply_rotary(queries, keys, cos, sin)
@@ -119,7 +126,6 @@ class PackedTowerSignals:
                 out["keys"] = per_merged_token(keys[rows].mean(1), self.merge)
             self.captured.append(out)
             first += length
-        return None
 
     def take(self) -> list[dict[str, Tensor]]:
         """The signals of each image of the last forward, and forget them."""
