@@ -265,6 +265,8 @@ def test_pre_llm_inputs_are_checked():
             model(**{k: v for k, v in batch.items() if k != "mm_token_type_ids"})
         with pytest.raises(fico.InputError, match="position_ids"):
             model(**batch, position_ids=torch.zeros(4, 2, batch["input_ids"].shape[1], dtype=torch.long))
+        with pytest.raises(fico.InputError, match=r"videos \(pixel_values_videos\) are not supported yet"):
+            model(**batch, pixel_values_videos=torch.zeros(4, 1176, dtype=torch.float64))
         cut = dict(batch, input_ids=batch["input_ids"].masked_fill(
             torch.arange(batch["input_ids"].shape[1]) == int((batch["input_ids"][0] == IMAGE).nonzero()[0]), 0))
         with pytest.raises(fico.InputError, match="placeholders"):

@@ -256,6 +256,9 @@ class QwenEncoder:
         if call.get("position_ids") is not None:
             raise InputError("fico: explicit position_ids cannot be combined with a pre_llm step on Qwen-VL: fico "
                              "gathers the M-RoPE positions of the tokens it keeps; leave them to fico")
+        if call.get("pixel_values_videos") is not None:
+            raise InputError("fico: a pre_llm step on Qwen-VL reduces images; videos (pixel_values_videos) are not "
+                             "supported yet: use a decoder-site recipe, or images")
         if ids.is_meta or pixels.is_meta:
             raise InputError("fico: Qwen-VL's pre_llm site reads each image's grid; it cannot run on the meta device")
         runs = (grid.prod(-1) // self.merge ** 2).tolist()
@@ -273,7 +276,7 @@ class QwenEncoder:
                 carried.append(moved)
                 new_layouts.append((torch.where((ranks >= 0)[:, None], layout[ranks.clamp_min(0)], -1), cells))
         # a created token takes its anchor's rank (the last kept token of its image)
-        anchored = [torch.where(r >= 0, r, r.max().clamp_min(0)) for r in kept]
+        anchored = [torch.where(r >= 0, r, r.max().clamp_min(0)) if r.numel() else r for r in kept]
         mask = call.get("attention_mask")
         positions, deltas = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid,
                                                             attention_mask=mask)

@@ -32,6 +32,7 @@ import functools
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import row_bands
@@ -41,16 +42,22 @@ from ..hooks import hook
 PACKED_VIT_SIGNALS = {"attention_received", "keys"}
 
 
+#: logits a band of the received-attention signal holds (4 M values, 16 MB in float32): it runs
+#: inside the tower's forward, beside the tower's own activations, so smaller than the decoder's
+RECEIVED_BAND_ELEMENTS = 1 << 22
+
+
 def received_attention(queries: Tensor, keys: Tensor, scaling: float) -> Tensor:
     """``(n,)`` the head- and query-mean softmax attention each key receives, from ``queries``
-    and ``keys`` ``(H, n, d)`` of one image (full, bidirectional attention)."""
+    and ``keys`` ``(H, n, d)`` of one image (full, bidirectional attention), a band of query
+    rows at a time."""
     heads, n, _ = queries.shape
     total = queries.new_zeros(n, dtype=torch.float32 if queries.dtype in (torch.float16, torch.bfloat16)
                               else queries.dtype)
-    for band in row_bands(n, heads, n):
-        logits = (queries[:, band] @ keys.transpose(-1, -2)) * scaling
-        probabilities = torch.softmax(logits.to(total.dtype), -1)
-        total += probabilities.sum(dim=(0, 1))
+    for band in row_bands(n, heads, n, RECEIVED_BAND_ELEMENTS):
+        logits = torch.matmul(queries[:, band], keys.transpose(-1, -2)).mul_(scaling).to(total.dtype)
+        total += torch.softmax(logits, -1).sum(dim=(0, 1))
+        del logits
     return total / (heads * n)
 
 
@@ -105,8 +112,12 @@ class PackedTowerSignals:
     def _signals(self, attention: nn.Module, hidden: Tensor, rotary: tuple[Tensor, Tensor]) -> None:
         cos, sin = rotary
         n, heads = hidden.shape[0], attention.num_heads
-        queries, keys, _ = attention.qkv(hidden).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        width = attention.qkv.out_features // 3  # the fused projection's q and k rows only
+        bias = attention.qkv.bias[:2 * width] if attention.qkv.bias is not None else None
+        queries, keys = F.linear(hidden, attention.qkv.weight[:2 * width], bias).view(n, 2, heads, -1).unbind(1)
+        head_mean_keys = keys.mean(1) if "keys" in self.names else None
         rotated_q, rotated_k = self.apply_rotary(queries, keys, cos, sin)
+        del queries, keys
         order = None
         if self.window_order is not None:  # rows in window order: back to the merger's output order
             window = self.window_order(self.grid).to(hidden.device)
@@ -115,15 +126,15 @@ class PackedTowerSignals:
         lengths = (self.grid.prod(-1)).tolist()
         first = 0
         for length in lengths:
-            rows = order[first:first + length] if order is not None else torch.arange(first, first + length,
-                                                                                      device=hidden.device)
+            # the image's rows: a slice in raster order, gathered where the tower runs windows
+            rows = order[first:first + length] if order is not None else slice(first, first + length)
             out = {}
             if "attention_received" in self.names:
                 received = received_attention(rotated_q[rows].transpose(0, 1), rotated_k[rows].transpose(0, 1),
                                               attention.scaling)
                 out["attention_received"] = per_merged_token(received, self.merge)
-            if "keys" in self.names:
-                out["keys"] = per_merged_token(keys[rows].mean(1), self.merge)
+            if head_mean_keys is not None:
+                out["keys"] = per_merged_token(head_mean_keys[rows], self.merge)
             self.captured.append(out)
             first += length
 
