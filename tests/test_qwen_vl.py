@@ -457,3 +457,29 @@ def test_a_share_must_be_a_percentage():
     with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.keep: a share must be a percentage in \(0%, 100%\], "
                                                r"got '150%'"):
         fico.load_recipe("divprune", ["keep=150%"])
+
+
+def test_attention_received_is_formed_in_bands_that_change_nothing(monkeypatch):
+    """One query row per band keeps what the default bands keep; and with small bands fico's
+    work never holds the image's whole (H, n, n) attention (measured by the memory probe)."""
+    import fico.adapters.towers.packed_vit as packed_vit
+    from fico.benchmarks.memory import prefill_memory
+
+    model = model_of("qwen2-vl", dtype=torch.float32)
+    one = embedded_qwen.example_inputs("qwen2-vl", sizes=[(448, 448)])  # 32 x 32 patches, 256 tokens
+    recipe = fico.load_recipe("fastervlm", ["site=pre_llm", "signal=attention_received", "keep=64"])
+
+    def kept():
+        with torch.no_grad(), fico.apply(model, recipe, provenance=True) as run:
+            model(**one)
+        return run.trace.steps[0].positions_out
+
+    default = kept()
+    monkeypatch.setattr(packed_vit, "RECEIVED_BAND_ELEMENTS", 1)
+    assert torch.equal(kept(), default)
+    monkeypatch.setattr(packed_vit, "RECEIVED_BAND_ELEMENTS", 1 << 14)
+    heads, patches = model.config.vision_config.num_heads, 32 * 32
+    whole = heads * patches * patches * 4  # the float32 attention of every head: 16.8 MB
+    with torch.no_grad():
+        work = prefill_memory(model, one, recipe).work
+    assert work is not None and work < whole / 4
