@@ -483,3 +483,24 @@ def test_attention_received_is_formed_in_bands_that_change_nothing(monkeypatch):
     with torch.no_grad():
         work = prefill_memory(model, one, recipe).work
     assert work is not None and work < whole / 4
+
+
+@pytest.mark.parametrize("name,overrides,message", [
+    ("fastervlm", ["site=nowhere"], r"steps\[0\]\.site: must be one of .*got 'nowhere' \(from \$\{site\}\)"),
+    ("vispruner", ["site=pre_llm", "signal=no_such_signal"], r"steps\[0\]\.filter: unknown signal 'no_such_signal'"),
+    ("visionzip", ["site=llm"], r"steps\[0\]\.keep: fico.pick: 'llm' is not one of vision_output, pre_llm"),
+    ("fastervlm", ["site=pre_llm", "signal=attention_received", "steps.0.vision_layer=two"],
+     r"steps\[0\]\.vision_layer: a vision block index \(an integer, negative from the end\) is needed, got 'two'"),
+    ("fastervlm", ["steps.0.vision_layer=3"], r"steps\[0\]\.vision_layer: only the pre_llm site takes it"),
+])
+def test_bad_values_of_the_cls_free_knobs_name_the_key(name, overrides, message):
+    with pytest.raises(fico.RecipeError, match=message):
+        recipe = fico.load_recipe(name, overrides)
+        fico.adapters.check_recipe(recipe, embedded_qwen.build_config("qwen2.5-vl"))
+
+
+def test_a_vision_layer_out_of_range_is_refused():
+    recipe = fico.load_recipe("fastervlm", ["site=pre_llm", "signal=attention_received", "steps.0.vision_layer=9"])
+    with pytest.raises(fico.RecipeError, match=r"vision_layer: 9 is not a vision block of Qwen2-VL whose attention "
+                                               r"spans the whole image; those are 0, 1, 2, 3 \(of 4\)"):
+        fico.adapters.check_recipe(recipe, embedded_qwen.build_config("qwen2-vl"))

@@ -83,6 +83,15 @@ class ModelFamily:
         template where it has one, else the family's own format."""
         raise NotImplementedError
 
+    @staticmethod
+    def chat_template_prompt(question: str, images: int, processor) -> str | None:
+        """``question`` after ``images`` images in one user turn of the processor's chat
+        template, or None where the processor has none."""
+        if not getattr(processor, "chat_template", None):
+            return None
+        content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
     def offline_processor(self, directory):
         """A processor for the checkpoint in ``directory`` where transformers cannot build the
         stock one on this machine, or None (the stock one's error stands)."""

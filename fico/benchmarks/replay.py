@@ -41,8 +41,6 @@ def replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
     dtype, device = parameter.dtype, parameter.device
     vision_tower = model.model.vision_tower
     vision_width = model.config.vision_config.hidden_size
-    text = model.model.language_model
-    llm_width = model.config.text_config.hidden_size
 
     def randn(n: int, width: int, batch: int = 1) -> torch.Tensor:
         return torch.randn(batch, n, width, generator=g).to(device, dtype)
@@ -56,22 +54,7 @@ def replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
         total += _timed(lambda: x_out + layer.mlp(layer.layer_norm2(x_out)))
     features = randn(counts.projected, vision_width)
     total += _timed(lambda: model.model.multi_modal_projector(features))
-    for layer, n, m in zip(text.layers, counts.llm, counts.llm_mlp):
-        hidden, after = randn(n, llm_width), randn(m, llm_width)
-        positions = torch.arange(n, device=device)[None]
-        rope = text.rotary_emb(hidden, positions)  # computed once per forward by the model too
-        if m == n:
-            total += _timed(lambda: layer(hidden, attention_mask=None, position_ids=positions,
-                                          position_embeddings=rope))
-            continue
-        # an llm_mid step: the attention half on n tokens, the MLP half on m
-        total += _timed(lambda: hidden + layer.self_attn(hidden_states=layer.input_layernorm(hidden),
-                                                         attention_mask=None, position_ids=positions,
-                                                         position_embeddings=rope)[0])
-        total += _timed(lambda: after + layer.mlp(layer.post_attention_layernorm(after)))
-    last = randn(1, llm_width)
-    total += _timed(lambda: model.lm_head(text.norm(last)))
-    return total
+    return total + _decoder_seconds(model, counts, randn)
 
 
 def native_replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
@@ -80,26 +63,37 @@ def native_replay_seconds(model, counts: TokenCounts, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     parameter = next(model.parameters())
     dtype, device = parameter.dtype, parameter.device
+
+    def randn(n: int, width: int, batch: int = 1) -> torch.Tensor:
+        return torch.randn(batch, n, width, generator=g).to(device, dtype)
+
     vision = model.config.vision_config
     patch, merge = vision.patch_size, vision.spatial_merge_size
     h, w = (side // patch for side in counts.image_size)
     h, w = h - h % merge, w - w % merge
-    pixels = torch.randn(h * w, 3 * vision.temporal_patch_size * patch * patch, generator=g).to(device, dtype)
+    pixels = randn(h * w, 3 * vision.temporal_patch_size * patch * patch)[0]
     grid = torch.tensor([[1, h, w]], device=device)
     total = _timed(lambda: model.model.visual(pixels, grid_thw=grid))
-    text = model.model.language_model
-    width = model.config.text_config.hidden_size
+    return total + _decoder_seconds(model, counts, randn)
+
+
+def _decoder_seconds(model, counts: TokenCounts, randn) -> float:
+    """The decoder layers on ``counts.llm`` tokens (an ``llm_mid`` step's layer: its attention
+    half on those, its MLP half on ``counts.llm_mlp``), then the final norm and one lm_head row;
+    ``randn(n, width)`` gives random hidden states."""
+    text, width = model.model.language_model, model.config.text_config.hidden_size
+    total = 0.0
     for layer, n, m in zip(text.layers, counts.llm, counts.llm_mlp):
-        hidden = torch.randn(1, n, width, generator=g).to(device, dtype)
-        after = torch.randn(1, m, width, generator=g).to(device, dtype)
-        positions = torch.arange(n, device=device)[None]
-        rope = text.rotary_emb(hidden, positions)
+        hidden, after = randn(n, width), randn(m, width)
+        positions = torch.arange(n, device=hidden.device)[None]
+        rope = text.rotary_emb(hidden, positions)  # computed once per forward by the model too
         if m == n:
-            total += _timed(lambda: layer(hidden, attention_mask=None, position_embeddings=rope))
+            total += _timed(lambda: layer(hidden, attention_mask=None, position_ids=positions,
+                                          position_embeddings=rope))
             continue
         total += _timed(lambda: hidden + layer.self_attn(hidden_states=layer.input_layernorm(hidden),
-                                                         attention_mask=None, position_embeddings=rope)[0])
+                                                         attention_mask=None, position_ids=positions,
+                                                         position_embeddings=rope)[0])
         total += _timed(lambda: after + layer.mlp(layer.post_attention_layernorm(after)))
-    last = torch.randn(1, 1, width, generator=g).to(device, dtype)
-    total += _timed(lambda: model.lm_head(text.norm(last)))
-    return total
+    last = randn(1, width)
+    return total + _timed(lambda: model.lm_head(text.norm(last)))

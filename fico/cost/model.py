@@ -373,8 +373,7 @@ def prefill_cost(spec: ModelSpec, counts: TokenCounts, convention: str = "llm-vi
     per_layer = []
     total = 0.0
     if convention == "full":
-        entries = spec.vision_entries(counts.image_size) if isinstance(spec, NativeSpec) else \
-            spec.vision_entries(counts)
+        entries = spec.vision_entries(counts)
         per_layer += entries
         total += sum(entry["flops"] for entry in entries)
     image_only = MAC_CONVENTIONS.get(convention, (0, False))[1]

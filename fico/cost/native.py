@@ -122,9 +122,10 @@ class NativeSpec:
         side = self.window
         return [min(side, h - i) * min(side, w - j) for i in range(0, h, side) for j in range(0, w, side)]
 
-    def vision_entries(self, image_size=None) -> list[dict]:
-        """Per-part FLOPs of the tower and the mergers on one image (nothing in them is reduced)."""
-        grid = self.patch_grid(image_size)
+    def vision_entries(self, counts) -> list[dict]:
+        """Per-part FLOPs of the tower and the mergers on one image of ``counts.image_size``
+        (nothing in them is reduced), as :meth:`fico.cost.model.ModelSpec.vision_entries`."""
+        grid = self.patch_grid(counts.image_size)
         n, c, f = grid[0] * grid[1], self.vision_hidden, self.vision_ffn
         entries = [{"site": "vision", "layer": "patch_embedding", "tokens": n,
                     "flops": 2.0 * n * 3 * self.temporal_patch * self.patch_size ** 2 * c}]

@@ -142,9 +142,9 @@ class Llava(ModelFamily):
     def prompt(self, question: str, images: int = 1, processor=None) -> str:
         """The processor's chat template where it has one, else LLaVA-1.5's conversation format
         ``USER: <image>\\n{question} ASSISTANT:`` (one ``<image>\\n`` per image)."""
-        if getattr(processor, "chat_template", None):
-            content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
-            return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        templated = self.chat_template_prompt(question, images, processor)
+        if templated is not None:
+            return templated
         return "USER: " + "<image>\n" * images + f"{question} ASSISTANT:"
 
 

@@ -176,9 +176,9 @@ class Qwen2VL(ModelFamily):
     def prompt(self, question: str, images: int = 1, processor=None) -> str:
         """The processor's chat template where it has one, else Qwen's chat format with one
         vision block per image."""
-        if getattr(processor, "chat_template", None):
-            content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]
-            return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        templated = self.chat_template_prompt(question, images, processor)
+        if templated is not None:
+            return templated
         image = "<|vision_start|><|image_pad|><|vision_end|>" * images
         return f"<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
 
