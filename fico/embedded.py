@@ -85,6 +85,23 @@ def build_config(vision_layers: int = 24, llm_layers: int = 32, width: int = 64)
 CLIP_WORDS = WORDS + ["<|startoftext|>", "<|endoftext|>"]
 
 
+def clip_tokenizer(words: list[str]):
+    """A word-level tokenizer shaped like CLIP's: ``words`` (with ``<unk>``) then the begin and
+    end tokens, which take the two highest ids as in CLIP's vocabulary; every text is wrapped
+    in them, and the end token pads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = list(words) + ["<|startoftext|>", "<|endoftext|>"]
+    bos, eos = len(vocabulary) - 2, len(vocabulary) - 1
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<|startoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
 def save_clip_checkpoint(path, vision_width: int = 64, seed: int = 0, projection_dim: int = 32, text_width: int = 32,
                          text_layers: int = 2) -> None:
     """Save a tiny seeded ``CLIPModel`` and a word-level CLIP-style tokenizer to ``path``: the
@@ -94,16 +111,10 @@ def save_clip_checkpoint(path, vision_width: int = 64, seed: int = 0, projection
     highest ids and text runs in segments of 77 tokens. ``text_width=768, text_layers=12,
     projection_dim=768`` give CLIP-L's text tower shape (for timings).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPModel
 
-    bos, eos = len(WORDS), len(WORDS) + 1
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(CLIP_WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<|startoftext|>",
-                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = clip_tokenizer(WORDS)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     config = CLIPConfig(
         text_config=dict(vocab_size=len(CLIP_WORDS), hidden_size=text_width, intermediate_size=4 * text_width,
                          num_hidden_layers=text_layers, num_attention_heads=max(1, text_width // 64),

@@ -504,3 +504,83 @@ def cdpruner_features(model, pixel_values, texts, clip_dir, keep, relevance_sign
         assert len(set(selected)) == keep
         out.append(x[sorted(selected)])
     return out
+
+
+def fitprune_fit(model, samples, reduction_ratio):
+    """FitPrune's ``statistical_analysis.py`` on ``samples`` ((input_ids, pixel_values) pairs):
+    reference masses from the unreduced model, then for each bisected alpha the layer-outer,
+    sample-inner loop with its FLOPs forecast (the official constants 4096 / 11008 replaced
+    by the model's widths). Returns every (alpha, reached, table) tried, in order."""
+    config = model.config.text_config
+    d_model, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = d_model // config.num_attention_heads
+    q_width, kv_width = d_model, config.num_key_value_heads * head_dim
+
+    def attention_flops(n):  # the official ``tmp``: qkv, then qk^T and *v
+        return n * d_model * q_width + 2 * n * d_model * kv_width + n * n * q_width * 2
+
+    def after_flops(n):  # output projection + FFN
+        return n * q_width * d_model + 3 * ffn * d_model * n
+
+    def rest_flops(n, layer):
+        return after_flops(n) + (attention_flops(n) + after_flops(n)) * (layers - 1 - layer)
+
+    def masses(ids, px):
+        d = Decoder(model, ids, px)
+        cross, self_ = [], []
+        for layer in d.lm.layers:
+            def mid(probs):
+                amax = probs[0].max(0).values
+                visual, after = d.visual_rows(), d.text_after_rows()
+                cross.append(amax[after][:, visual].sum().item() / len(after))
+                self_.append(amax[visual][:, visual].sum().item() / len(visual))
+            d.run_layer(layer, mid)
+        return cross, self_
+
+    reference = [masses(ids, px) for ids, px in samples]
+    n0 = [len(Decoder(model, ids, px).visual_rows()) for ids, px in samples]
+    origin = sum((attention_flops(n) + after_flops(n)) * layers for n in n0) / len(samples)
+
+    def deleted(scores, total_reference, alpha):
+        order = torch.argsort(scores, stable=True)
+        total = scores.sum()
+        count = len(scores) - 1  # every count keeps the mass: the loop's last
+        for i in range(len(order)):
+            if total - scores[order[:i]].sum() < total_reference - total_reference * alpha:
+                count = max(i - 1, 0)
+                break
+        return set(order[:count].tolist())
+
+    def fit_model(alpha):
+        decoders = [Decoder(model, ids, px) for ids, px in samples]
+        spent, scheme = 0, [0] * layers
+        for index in range(layers):
+            forecast = 0
+            for d in decoders:
+                n = len(d.visual_rows())
+                spent += attention_flops(n)
+                forecast += rest_flops(n, index)
+            if (spent + forecast) / len(samples) <= origin * (1 - reduction_ratio):
+                return True, [s // len(samples) for s in scheme]
+            for s, d in enumerate(decoders):
+                def mid(probs, s=s):
+                    amax = probs[0].max(0).values
+                    visual, after = d.visual_rows(), d.text_after_rows()
+                    focus = amax[after][:, visual].sum(0) / len(after)
+                    image = (amax[visual][:, visual] / len(visual)).sum(0)
+                    both = (deleted(focus, reference[s][0][index], alpha)
+                            & deleted(image, reference[s][1][index], alpha))
+                    scheme[index] += len(both)
+                    gone = {visual[j] for j in both}
+                    return [i for i in range(len(d.index)) if i not in gone]
+                d.run_layer(d.lm.layers[index], mid)
+                spent += after_flops(len(d.visual_rows()))
+        return False, [s // len(samples) for s in scheme]
+
+    tried, low, high = [], 0.0, 1.0
+    while high - low > 0.01 + 1e-6:
+        alpha = (low + high) / 2
+        reached, table = fit_model(alpha)
+        tried.append((alpha, reached, table))
+        high, low = (alpha, low) if reached else (high, alpha)
+    return tried

@@ -37,7 +37,7 @@ from ..run import ReductionRun, StepRecord, run_step
 from ..state import TokenState, gather_tokens
 from .attention import masked_logits, reduce_heads, row_bands, softmax_heads
 from .forward import ForwardPasses
-from .ghosts import GHOST, causal_mask, hide_ghosts, step_per_sample
+from .ghosts import GHOST, causal_mask, hide_ghosts, select_sample, step_per_sample
 from .hooks import hook, swap_forward
 from .positions import RotaryPositions
 from .steps import record_provenance
@@ -340,14 +340,14 @@ class LLMSite:
         # the layer's own for mid-layer steps
         self.capture: dict[int, set[str]] = {}
         for layer, planned in plan.steps.items():
-            if planned.remove and planned.step.signal_layer == "previous":
+            if planned.acts and planned.step.signal_layer == "previous":
                 self._need(layer - 1, planned.step.required_signals())
         for layer, planned in plan.mid_steps.items():
-            if planned.remove:
+            if planned.acts:
                 self._need(layer, planned.step.required_signals())
         #: mid-layer steps that read attention rows: their layer forms its attention whole, once
         self.whole_attention = {layer for layer, planned in plan.mid_steps.items()
-                                if planned.remove and "attention_rows" in planned.step.required_signals()}
+                                if planned.acts and "attention_rows" in planned.step.required_signals()}
 
     def _need(self, layer: int, names: set[str]) -> None:
         attention = names - {"final_normed_hidden", "input_embeddings"}
@@ -465,7 +465,7 @@ class LLMSite:
                 lp.sources = torch.eye(n0, device=hidden.device).expand(hidden.shape[0], n0, n0)
             lp.visual_count = None if lp.visual.is_meta else int(lp.visual[0].sum())
         planned = self.plan.steps.get(layer)
-        if planned is not None and planned.remove:
+        if planned is not None and planned.acts:
             with self.run.work():
                 hidden = self._reduce(layer, planned, lp, hidden, self._input_source(layer, planned, lp, hidden))
         # what earlier layers captured is read by no later step (an input step reads the layer
@@ -525,7 +525,7 @@ class LLMSite:
         """The ``llm_mid`` step of ``layer``, called by the class-swapped decoder layer."""
         lp = self.current
         planned = self.plan.mid_steps.get(layer)
-        if lp is None or lp.phase != "prefill" or planned is None or not planned.remove:
+        if lp is None or lp.phase != "prefill" or planned is None or not planned.acts:
             return hidden
         with self.run.work():
             return self._reduce(layer, planned, lp, hidden, self._captured_source(layer, planned, lp))
@@ -591,10 +591,10 @@ class LLMSite:
         # a schedule relative to the step's first layer (PyramidDrop's) counts each sample's own
         firsts = lp.first_counts.setdefault(step.index, available) if not hidden.is_meta else [planned.first] * b
         removals = []
-        for count, first in zip(available, firsts):
+        for count, first in zip(available, firsts) if planned.remove is not None else ():
             # a keep above this sample's count (its images brought fewer tokens than the plan's
             # bound: a smaller LLaVA-NeXT image, an adaptive step before) keeps all of them
-            requested = max(requested_removal(step, count, planned.position, first), 0)
+            requested = max(requested_removal(step, count, planned.position, first, layers=planned.step_layers), 0)
             if requested > count:
                 raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
                                   f"tokens at {step.site} layer {layer}, where only {count} visual tokens are left")
@@ -618,6 +618,8 @@ class LLMSite:
                            signals=signals,
                            extras=extras, sources=lp.sources, site=step.site, layer=layer, layout=layout,
                            grids=lp.grids if layout is not None else None)
+        if planned.remove is None:
+            removals = self._chosen_removals(planned, state, available)
         appended = any(step.compressor.appended(r) for r in removals)
         if len(set(available)) > 1 or len(set(removals)) > 1:
             # each sample has its own candidates and count: ghost slots pad the shorter outputs
@@ -683,6 +685,21 @@ class LLMSite:
             lp.attention_mask = hide_ghosts(lp.attention_mask, ghost)
         self.run.trace.steps.append(record)
         return hidden
+
+    def _chosen_removals(self, planned: PlannedStep, state: TokenState, available: list[int]) -> list[int]:
+        """What an adaptive step (``keep: adaptive``) removes from each sample: the filter
+        chooses from the sample alone, as it would in a batch of one."""
+        step = planned.step
+        if state.hidden.is_meta:
+            raise InputError(f"fico: {step.where} chooses its count from the data; it cannot run on the meta device")
+        removals = []
+        for index, count in enumerate(available):
+            keep = step.filter.adaptive_keep(select_sample(state, index))
+            if not 0 <= keep <= count:
+                raise RecipeError(f"{self.run.recipe.source}: {step.where}: the filter {step.filter.name!r} chose to "
+                                  f"keep {keep} of {count} candidates at {step.site} layer {planned.layer}")
+            removals.append(count - keep)
+        return removals
 
     def _decode(self, layer: int, lp: LLMPass, args, kwargs):
         keep = lp.layer_keep.get(layer)

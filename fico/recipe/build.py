@@ -125,7 +125,24 @@ def _parse_text_encoder(cfg: dict, raw: dict, site: str, where: str) -> str | No
     return str(Path(value).expanduser())
 
 
-def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str:
+def _parse_layers(value: Any, raw: Any, where: str) -> list[int] | str | dict[int | str, list[int]]:
+    if isinstance(value, dict):  # {depth: [layer, ...], default: [...]}: a method with no rule per depth
+        lists = {}
+        for key, layers in value.items():
+            try:
+                depth = "default" if key == "default" else int(key)
+            except (TypeError, ValueError):
+                depth = -1
+            if depth != "default" and depth <= 0 or not isinstance(layers, list):
+                raise RecipeError(f"{where}: layers by depth need {{layers of the site: [layer, ...]}} (and "
+                                  f"optionally default: [...]), got {shown_value(raw, value)}")
+            lists[depth] = _parse_layers(layers, layers, f"{where}.{depth}")
+            if depth != "default" and any(layer >= depth for layer in lists[depth]):
+                raise RecipeError(f"{where}.{depth}: a site of {depth} layers has layers 0..{depth - 1}, got "
+                                  f"{lists[depth]}")
+        if not lists:
+            raise RecipeError(f"{where}: layers by depth need at least one {{layers: [layer, ...]}}")
+        return lists
     if value == "all":
         return "all"
     stages = STAGES.fullmatch(value.replace(" ", "")) if isinstance(value, str) else None
@@ -162,6 +179,8 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
         if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise RecipeError(f"{where}.{kind}: a list needs non-negative integers, one per layer, got {shown}")
         return Schedule(kind, tuple(value), _source(raw.get(kind)))
+    if kind in ("remove", "keep") and isinstance(value, dict):
+        return Schedule(kind, _lists_by_depth(value, f"{where}.{kind}", shown), _source(raw.get(kind)))
     if kind == "keep" and value in ("adaptive", "filter"):
         return Schedule(kind, value, _source(raw.get(kind)))
     if kind == "keep" and isinstance(value, str) and value.endswith("%"):
@@ -187,6 +206,27 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
     if kind == "remove_ratio" and not 0 <= value <= 1:
         raise RecipeError(f"{where}.remove_ratio: must be in [0, 1], got {shown}")
     return Schedule(kind, value, _source(raw.get(kind)))
+
+
+def _lists_by_depth(value: dict, where: str, shown: str) -> dict[int, tuple[int, ...]]:
+    """``{layers: [count, ...]}``: count lists keyed by how many layers the step runs at, each
+    as long as its key (tables fitted per model depth)."""
+    lists = {}
+    for key, counts in value.items():
+        try:
+            depth = int(key)
+        except (TypeError, ValueError):
+            depth = -1
+        good = isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in counts)
+        if depth <= 0 or not good or len(counts) != depth:
+            raise RecipeError(f"{where}: lists by depth need {{layers: [count, ...]}} with one non-negative count "
+                              f"per layer (as many as the key says); {key!r} gives {counts!r} "
+                              f"in {shown}")
+        lists[depth] = tuple(counts)
+    if not lists:
+        raise RecipeError(f"{where}: lists by depth need at least one {{layers: [count, ...]}}, got {shown}")
+    return lists
 
 
 def _source(raw: Any) -> str | None:

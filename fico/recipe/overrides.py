@@ -94,10 +94,13 @@ def apply_overrides(config: DictConfig, overrides: list[str], source: str) -> Di
             raise RecipeError(f"{source}: override {key!r}: the recipe has no knob {key!r}; its knobs: "
                               f"{', '.join(knobs) or 'none'}{hint}")
         try:
-            # A mapping value replaces the node (a stage swap must not keep the old parameters);
-            # reserved keys (budget_tflops, ...) may be added by an override.
+            # A mapping value replaces the node (a stage swap must not keep the old parameters), and
+            # so does any value given for a mapping (a layer list for layers by depth); reserved
+            # keys (budget_tflops, ...) may be added by an override.
+            replaces = isinstance(value, dict) or isinstance(OmegaConf.select(config, key.lstrip("+"), default=None),
+                                                             DictConfig)
             with open_dict(config) if top in RESERVED else contextlib.nullcontext():
-                OmegaConf.update(config, key, value, merge=not isinstance(value, dict))
+                OmegaConf.update(config, key, value, merge=not replaces)
         except IndexError as error:
             count = len(config.steps) if isinstance(config.get("steps"), ListConfig) else 0
             raise RecipeError(f"{source}: override {key!r}: the recipe has {count} step(s), "

@@ -2,8 +2,9 @@
 
 Token counts do not depend on data (each sample of a batch discards the same number), so
 a recipe is checked against a model's geometry before anything is modified. The one
-exception is an ``adaptive`` schedule (PruMerge's outlier count): the filter chooses the
-count per image, and the plan records it as unknown (None).
+exception is an ``adaptive`` schedule (PruMerge's outlier count, FitPrune's fitting rule):
+the filter chooses the count per image (per sample in the decoder), and the plan records
+it as unknown (None) and plans what follows on the count before it (an upper bound).
 
 The sites, in the order a forward pass meets them:
 
@@ -58,6 +59,12 @@ class PlannedStep:
     position: int = 0
     appended: int = 0
     first: int = 0  # candidates entering the step's first layer (keep_geometric's n0)
+    step_layers: int = 1  # how many layers the step runs at (picks a count list by depth)
+
+    @property
+    def acts(self) -> bool:
+        """Whether the step may remove tokens (a count above zero, or the filter's choice)."""
+        return self.remove is None or self.remove > 0
 
     @property
     def tokens_out(self) -> int | None:
@@ -114,7 +121,17 @@ def stage_starts(stages: int, num_layers: int) -> list[int]:
 
 
 def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
-    if step.layers == "all":
+    if isinstance(step.layers, dict):  # layers by the site's depth, or its default
+        chosen = step.layers.get(num_layers, step.layers.get("default"))
+        if chosen is None:
+            knobs = knobs_in(step.layers_source)
+            depths = sorted(d for d in step.layers if d != "default")
+            raise recipe.error(f"{step.where}.layers", f"no layer list for a {step.site} site of {num_layers} layers; "
+                               f"the recipe has lists for {' or '.join(map(str, depths))} layers"
+                               + (f" (from {step.layers_source}): override " + " or ".join(f"{k}=..." for k in knobs)
+                                  + " with layers this model has" if knobs else ""))
+        layers = list(chosen)
+    elif step.layers == "all":
         layers = list(range(num_layers))
     elif isinstance(step.layers, str) and step.layers.startswith("stages:"):
         stages = int(step.layers.partition(":")[2])
@@ -144,35 +161,37 @@ def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
 
 
 def requested_removal(step: Step, candidates: int, position: int = 0, first: int | None = None,
-                      grids: tuple[tuple[int, int], ...] | None = None) -> int | None:
+                      grids: tuple[tuple[int, int], ...] | None = None, layers: int | None = None) -> int | None:
     """What ``step``'s schedule asks to remove of ``candidates`` (None: the filter decides per
-    image); ``grids``: the parts the candidates lie on, where an image has several."""
+    image) at the ``position``-th of its ``layers`` layers; ``grids``: the parts the candidates
+    lie on, where an image has several."""
     if step.schedule.kind == "keep" and step.schedule.value == "filter":
         if grids is None:
             return candidates - step.filter.planned_keep(candidates)
         return sum(rows * cols for rows, cols in grids) - step.filter.planned_keep_on(grids)
-    return step.schedule.tokens_to_remove(candidates, position, first)
+    return step.schedule.tokens_to_remove(candidates, position, first, layers)
 
 
 def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: int, position: int,
               first_candidates: int, where: str, grids: tuple[tuple[int, int], ...] | None = None,
-              protected: int = 0) -> PlannedStep:
+              protected: int = 0, step_layers: int = 1) -> PlannedStep:
     """How many of ``candidates`` the step removes here (a RecipeError if its schedule cannot
     run); ``protected``: visual tokens that stay whatever the step does, which a fixed ``keep``
     counts (:attr:`Schedule.counts_kept`)."""
     key = f"{step.where}.{step.schedule.kind}"
     try:
         if protected and step.schedule.counts_kept:
-            requested = requested_removal(step, candidates + protected, position, first_candidates, grids)
+            requested = requested_removal(step, candidates + protected, position, first_candidates, grids,
+                                          step_layers)
         else:
-            requested = requested_removal(step, candidates, position, first_candidates, grids)
+            requested = requested_removal(step, candidates, position, first_candidates, grids, step_layers)
     except RecipeError as error:
         raise recipe.error(f"{step.where}.filter", str(error)) from error
     if requested is None:
         if not step.filter.adaptive:
             raise recipe.error(key, f"'adaptive' needs a filter that chooses its own count (such as "
                                f"iqr_outliers); {step.filter.name!r} does not")
-        return PlannedStep(step, layer, tokens, candidates, None, position, 0, first_candidates)
+        return PlannedStep(step, layer, tokens, candidates, None, position, 0, first_candidates, step_layers)
     if requested < 0:
         raise recipe.error(key, f"keeps {candidates - requested} tokens{step.schedule.shown()} at {where}, where "
                            f"only {candidates} reducible tokens are present")
@@ -184,18 +203,26 @@ def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: i
     except RecipeError as error:
         raise recipe.error(f"{step.where}.filter", str(error)) from error
     return PlannedStep(step, layer, tokens, candidates, remove, position, step.compressor.appended(remove),
-                       first_candidates)
+                       first_candidates, step_layers)
 
 
 def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int
-                    ) -> tuple[dict[int, Step], dict[int, int]]:
+                    ) -> tuple[dict[int, Step], dict[int, int], dict[int, int]]:
     by_layer: dict[int, Step] = {}
     position: dict[int, int] = {}
+    step_layers: dict[int, int] = {}  # by layer: how many layers its step runs at
     for step in recipe.steps:
         if step.site != site:
             continue
         layers = expand_layers(step, num_layers, recipe)
         counts = step.schedule.value
+        if isinstance(counts, dict) and len(layers) not in counts:
+            knobs = knobs_in(step.schedule.source) if step.schedule.source else []
+            raise recipe.error(f"{step.where}.{step.schedule.kind}",
+                               f"no count list for a step at {len(layers)} layers, as it runs on this model; "
+                               f"the recipe has lists for {' or '.join(map(str, sorted(counts)))} "
+                               f"layers{step.schedule.shown()}: add a list of {len(layers)} counts"
+                               + (" (the list is chosen by " + ", ".join(knobs) + ")" if knobs else ""))
         if isinstance(counts, tuple) and len(counts) != len(layers):
             raise recipe.error(f"{step.where}.{step.schedule.kind}", f"a list needs one count per layer of the "
                                f"step ({len(layers)} layers), got {len(counts)}{step.schedule.shown()}"
@@ -204,6 +231,7 @@ def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int
                                   if step.schedule.source else ""))
         for index, layer in enumerate(layers):
             position[layer] = index
+            step_layers[layer] = len(layers)
             if layer in by_layer:
                 raise recipe.error(f"{step.where}.layers", f"layer {layer} of the {site} site is already reduced by "
                                    f"{by_layer[layer].where}; one step per layer")
@@ -211,7 +239,7 @@ def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int
                 raise recipe.error(f"{step.where}.layers", f"the {site} site cannot reduce at layer {layer}: its "
                                    f"signals come from the previous layer, so the first usable layer is {first_layer}")
             by_layer[layer] = step
-    return by_layer, position
+    return by_layer, position, step_layers
 
 
 def plan_layers(recipe: Recipe, site: str, num_layers: int, tokens: int, candidates: int,
@@ -226,24 +254,27 @@ def plan_layers(recipe: Recipe, site: str, num_layers: int, tokens: int, candida
         first_layer: the lowest layer an input step may use (1 where signals come from the
             previous layer).
     """
-    inputs, input_position = (_steps_by_layer(recipe, input_site, num_layers, first_layer) if input_site
-                              else ({}, {}))
-    mids, mid_position = _steps_by_layer(recipe, mid_site, num_layers, 0) if mid_site else ({}, {})
+    inputs, input_position, input_layers = (_steps_by_layer(recipe, input_site, num_layers, first_layer)
+                                            if input_site else ({}, {}, {}))
+    mids, mid_position, mid_layers = _steps_by_layer(recipe, mid_site, num_layers, 0) if mid_site else ({}, {}, {})
     first_seen: dict[int, int] = {}  # candidates entering the first layer of each step (keep_geometric)
     steps, mid_steps, attention, mlp = {}, {}, [], []
     for layer in range(num_layers):
-        for table, positions, planned_at, label in ((inputs, input_position, steps, "input"),
-                                                    (mids, mid_position, mid_steps, "mid")):
+        for table, positions, depths, planned_at, label in ((inputs, input_position, input_layers, steps, "input"),
+                                                            (mids, mid_position, mid_layers, mid_steps, "mid")):
             step = table.get(layer)
             if step is not None:
                 first = first_seen.setdefault(step.index, candidates)
                 where = f"{step.site} layer {layer}"
-                planned = plan_step(recipe, step, layer, tokens, candidates, positions[layer], first, where)
-                if planned.remove is None:
-                    raise recipe.error(f"{step.where}.{step.schedule.kind}", f"'adaptive' counts are for the "
-                                       f"vision_output and pre_llm sites, not the {step.site} site")
+                planned = plan_step(recipe, step, layer, tokens, candidates, positions[layer], first, where,
+                                    step_layers=depths[layer])
+                if planned.remove is None and step.site == "vision":
+                    raise recipe.error(f"{step.where}.{step.schedule.kind}", "'adaptive' counts are for the "
+                                       "vision_output, pre_llm, llm and llm_mid sites, not the vision site")
                 planned_at[layer] = planned
-                delta = planned.appended - planned.remove
+                # an adaptive step (the filter chooses per sample) is planned as removing nothing:
+                # the counts after it are upper bounds, and the batch runs ragged
+                delta = 0 if planned.remove is None else planned.appended - planned.remove
                 tokens += delta
                 candidates += delta
             if label == "input":

@@ -33,8 +33,10 @@ def _pick(table: Any, *keys: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-def _next_layers(layers: Any) -> list[int]:
-    layers = OmegaConf.to_container(layers) if isinstance(layers, ListConfig) else layers
+def _next_layers(layers: Any) -> list[int] | dict:
+    layers = OmegaConf.to_container(layers) if isinstance(layers, (ListConfig, DictConfig)) else layers
+    if isinstance(layers, dict):  # layers by depth: each list moved on
+        return {depth: _next_layers(each) for depth, each in layers.items()}
     if not isinstance(layers, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
         raise RecipeError(f"fico.next_layers: takes a list of layer indices, got {layers!r}")
     return [v + 1 for v in layers]

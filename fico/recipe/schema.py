@@ -55,8 +55,10 @@ STAGE_KEYS = {"filter": "filter", "correlate": "correlator", "compress": "compre
 class Schedule:
     """How many candidates one step discards, from the number ``n`` present.
 
-    * ``remove``: a fixed count, or one count per layer of the step;
-    * ``keep``: keep a fixed count (or one per layer); ``filter``: the filter's own rule
+    * ``remove``: a fixed count, or one count per layer of the step, or several such lists
+      keyed by how many layers the step runs at (``{32: [...], 6: [...]}``: tables fitted per
+      model depth, FitPrune's; the plan takes the one for the model);
+    * ``keep``: keep a fixed count (or one per layer, or lists by depth); ``filter``: the filter's own rule
       from the token count (pooling's windows); or ``adaptive``: the filter chooses per
       image (PruMerge's outlier count);
     * ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
@@ -66,7 +68,7 @@ class Schedule:
     """
 
     kind: str
-    value: float | str | tuple[int, ...]
+    value: float | str | tuple[int, ...] | dict[int, tuple[int, ...]]
     #: the value as written, when it came from knobs (``${keep}``), for messages
     source: str | None = field(default=None, compare=False)
 
@@ -80,10 +82,23 @@ class Schedule:
         too (LLaVA-NeXT's newlines), where the other schedules count candidates."""
         return self.kind == "keep" and self.value not in ("filter", "adaptive")
 
-    def tokens_to_remove(self, n: int, position: int = 0, first: int | None = None) -> int | None:
-        """Tokens to remove from ``n`` candidates at the ``position``-th layer of the step
-        (``first``: candidates at its first layer); None when the filter decides."""
-        value = self.value[position] if isinstance(self.value, tuple) else self.value
+    def counts_for(self, layers: int) -> tuple[int, ...] | None:
+        """The per-layer counts for a step that runs at ``layers`` layers (lists keyed by depth:
+        the one of that length, None where there is none); the list itself otherwise."""
+        if isinstance(self.value, dict):
+            return self.value.get(layers)
+        return self.value if isinstance(self.value, tuple) else None
+
+    def tokens_to_remove(self, n: int, position: int = 0, first: int | None = None,
+                         layers: int | None = None) -> int | None:
+        """Tokens to remove from ``n`` candidates at the ``position``-th of the step's
+        ``layers`` layers (``first``: candidates at its first layer); None when the filter decides."""
+        value = self.value
+        if isinstance(value, dict):
+            if layers not in value:
+                raise ValueError(f"no count list for a step at {layers} layers (lists for {sorted(value)})")
+            value = value[layers]
+        value = value[position] if isinstance(value, tuple) else value
         if self.kind == "remove":
             return int(value)
         if self.kind == "keep":
@@ -103,7 +118,9 @@ class Step:
 
     index: int
     site: str
-    layers: list[int] | str  # indices, "all", "START:STOP" or "stages:S", resolved against the model
+    #: indices, "all", "START:STOP", "stages:S", or index lists by the site's depth (and a "default"),
+    #: resolved against the model
+    layers: list[int] | str | dict[int | str, list[int]]
     schedule: Schedule
     filter: Filter
     correlator: Correlator

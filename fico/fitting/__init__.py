@@ -1,0 +1,1 @@
+"""Calibration procedures that fit a method's schedule on a model (FitPrune's tables)."""
