@@ -303,3 +303,27 @@ def test_pdrop_stages_follow_the_depth(capsys):
         fico.load_recipe("pdrop", ["layers=stages:1"])
     assert main(["run", "pdrop", "--repeats", "1"]) == 0, "the default (toy) model runs PyramidDrop's own partition"
     assert "pdrop" in capsys.readouterr().out
+
+
+def test_sparsevlm_layers_follow_the_depth(tmp_path):
+    """SparseVLM's pruning layers have no rule per depth: the official ones where the model has
+    them, the toy's own list on a 6-layer decoder; an override replaces the whole mapping."""
+    from fico.recipe.plan import Geometry, plan_recipe
+
+    def inputs_of(recipe, depth):
+        return sorted(plan_recipe(recipe, Geometry(24, 577, 23, True, depth)).llm.steps)
+
+    recipe = fico.load_recipe("sparsevlm")
+    assert inputs_of(recipe, 32) == [3, 7, 16] and inputs_of(recipe, 28) == [3, 7, 16]
+    assert inputs_of(recipe, 6) == [1, 2, 4]
+    assert inputs_of(fico.load_recipe("sparsevlm", ["layers=[0,1,2]"]), 6) == [1, 2, 3]
+    assert inputs_of(fico.load_recipe("sparsevlm", ["layers.6=[0,2,3]"]), 6) == [1, 3, 4]
+    path = tmp_path / "r.yaml"
+    path.write_text("steps:\n  - {site: llm, layers: {6: [1, 2]}, keep: 100, filter: {name: attention_rank, "
+                    "signal: last_query_attention}, correlate: none, compress: drop}\n")
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.layers: no layer list for a llm site of 32 layers; "
+                                               r"the recipe has lists for 6 layers"):
+        plan_recipe(fico.load_recipe(path), Geometry(24, 577, 23, True, 32))
+    path.write_text(path.read_text().replace("{6: [1, 2]}", "{6: [1, 7]}"))
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.layers\.6: a site of 6 layers has layers 0\.\.5"):
+        fico.load_recipe(path)
