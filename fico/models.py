@@ -197,7 +197,11 @@ def load_config(which: str):
     import transformers
 
     config_class = getattr(transformers, checkpoint_class(source)).config_class
-    return config_class.from_pretrained(source, local_files_only=True)
+    config = config_class.from_pretrained(source, local_files_only=True)
+    # where it was read from, as a model's from_pretrained records it (files shipped beside it,
+    # such as a companion CLIP, are found from there)
+    config._name_or_path = str(source)
+    return config
 
 
 def check_recipes(recipes, which: str) -> None:

@@ -51,7 +51,8 @@ def page(cls: type) -> str:
         lines += ["| recipe key | default | type |", "|---|---|---|"]
         for p in params:
             annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", p.annotation)
-            lines.append(f"| `{recipe_name(p.name)}` | `{format_value(p.default)}` | `{annotation}` |")
+            default = "required" if p.default is p.empty else f"`{format_value(p.default)}`"
+            lines.append(f"| `{recipe_name(p.name)}` | {default} | `{annotation}` |")
     else:
         lines.append("none")
     if cls.required_signals is not Component.required_signals:

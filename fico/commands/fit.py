@@ -107,7 +107,7 @@ def fitted_recipe(fits: dict[int, "object"], which: str, layers: int) -> str:
 def main_fit(args, console: "Console") -> int:
     import torch
 
-    from ..fitting.fitprune import fit_fitprune
+    from ..fitting.fitprune import fit_fitprune, reference_masses
     from ..models import load_model
     from .console import Table
 
@@ -119,9 +119,11 @@ def main_fit(args, console: "Console") -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     model, processor = load_model(args.model, "float32", "sdpa")
     samples = calibration_samples(args.model, model, processor, args.samples)
+    with torch.inference_mode():
+        masses = [reference_masses(model, inputs) for inputs in samples]  # shared by every ratio
     fits = {}
     for ratio in targets:
-        fits[ratio] = fit_fitprune(model, samples, ratio / 100, spec=args.count_as,
+        fits[ratio] = fit_fitprune(model, samples, ratio / 100, spec=args.count_as, masses=masses,
                                    progress=(lambda text, r=ratio: console.print(f"[dim]{r}%: {text}[/]"))
                                    if args.verbose else None)
     layers = model.config.get_text_config().num_hidden_layers

@@ -69,8 +69,8 @@ class RetainedAttentionMass(Filter):
     :math:`W^c_l, W^s_l` the totals :math:`\sum_j` of both in the **unreduced** model's layer
     l (``cross_mass[l]``, ``self_mass[l]``, measured per sample by the fitting):
 
-    .. math::  k_c = \maxigl(0,\ \#\{k < N : 	extstyle\sum_j \mathrm{cross}_j - \sum_{i \le k}
-               \mathrm{cross}_{(i)} \ge (1 - lpha) W^c_l\} - 1igr)
+    .. math::  k_c = \max(0,\ \#\{k < N : \sum_j \mathrm{cross}_j - \sum_{i \le k}
+               \mathrm{cross}_{(i)} \ge (1 - \alpha) W^c_l\} - 1)
 
     with :math:`\mathrm{cross}_{(i)}` in ascending order, likewise :math:`k_s`; the discarded
     set is the intersection of the :math:`k_c` lowest-cross and the :math:`k_s` lowest-self

@@ -137,13 +137,14 @@ def reference_masses(model, inputs: dict[str, torch.Tensor]) -> tuple[list[float
     after = ~visual & (order > order[visual].max())
     if "attention_mask" in inputs:
         after &= inputs["attention_mask"][0].bool()
-    decoder = model.get_decoder()
-    previous = decoder.config._attn_implementation
-    decoder.set_attn_implementation("eager")
+    # eager throughout (the vision tower is asked for attentions too), each part restored after
+    previous = {name: getattr(model.config, name)._attn_implementation for name in model.config.sub_configs}
+    previous[""] = model.config._attn_implementation
+    model.set_attn_implementation("eager")
     try:
         attentions = model(**inputs, output_attentions=True, logits_to_keep=1).attentions
     finally:
-        decoder.set_attn_implementation(previous)
+        model.set_attn_implementation(previous)
     cross, self_ = [], []
     for attention in attentions:
         top = attention[0].float().amax(0)  # (L, L): heads maximised
@@ -206,11 +207,13 @@ def table_for(counts: list[tuple[list[int], list[int]]], flops: FlopsModel, rati
 
 
 def fit_fitprune(model, samples: list[dict[str, torch.Tensor]], reduction_ratio: float, spec: Any = None,
-                 progress: Callable[[str], None] | None = None) -> FitPruneFit:
+                 progress: Callable[[str], None] | None = None,
+                 masses: list[tuple[list[float], list[float]]] | None = None) -> FitPruneFit:
     """FitPrune's table for ``model`` at the FLOPs reduction ``reduction_ratio`` (a fraction,
     0.7 for the official ``70``), fitted on ``samples`` (processor outputs, one sample each);
     ``spec``: whose widths the FLOPs forecast counts with (default: the model's own, from
-    :func:`fico.cost.model_spec`; its depth must be the model's)."""
+    :func:`fico.cost.model_spec`; its depth must be the model's); ``masses``: the samples'
+    :func:`reference_masses`, where several ratios are fitted on them."""
     from ..cost.model import model_spec
 
     if not 0 <= reduction_ratio < 1:
@@ -224,8 +227,9 @@ def fit_fitprune(model, samples: list[dict[str, torch.Tensor]], reduction_ratio:
                           f"has {layers}")
     say = progress or (lambda text: None)
     with torch.inference_mode():
-        masses = [reference_masses(model, inputs) for inputs in samples]
-        say(f"reference masses of {len(samples)} samples")
+        if masses is None:
+            masses = [reference_masses(model, inputs) for inputs in samples]
+            say(f"reference masses of {len(samples)} samples")
         low, high, last = 0.0, 1.0, None
         tried = []
         while high - low > ALPHA_WIDTH:

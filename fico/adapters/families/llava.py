@@ -40,7 +40,7 @@ from ..positions import RotaryPositions
 from ..steps import run_point_step
 from ..towers.clip import (NEXT_LAYER_SIGNALS, VISION_OUTPUT_SIGNALS, VISION_SIGNALS, VisionPass, VisionSite,
                            fullwidth_signals, hidden_states_index, patch_grid, vision_signals)
-from ..towers.clip_text import ClipTextTower, instruction_signals, text_tower_for
+from ..towers.clip_text import ClipTextTower, companion_clip, instruction_signals, text_tower_for
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class Llava(ModelFamily):
                                   f"layer {feature_layer}); move that step earlier")
         pre = plan.pre_llm
         if runs and pre is not None and pre.step.required_signals() & INSTRUCTION_SIGNALS \
-                and pre.step.text_encoder is None:
+                and pre.step.text_encoder is None and companion_clip(config) is None:
             raise RecipeError(f"{recipe.source}: {pre.step.where}.text_encoder: the signal(s) "
                               f"{', '.join(sorted(pre.step.required_signals() & INSTRUCTION_SIGNALS))} need CLIP's "
                               f"text tower: give the local CLIP checkpoint the vision tower came from (override "
@@ -129,7 +129,7 @@ class Llava(ModelFamily):
         pre = plan.pre_llm
         if pre is not None and pre.step.required_signals() & INSTRUCTION_SIGNALS and model.device.type != "meta":
             text_tower = text_tower_for(run.recipe, pre.step, model.device, model.dtype,
-                                        model.config.vision_config.hidden_size)
+                                        model.config.vision_config.hidden_size, companion_clip(model.config))
         passes = ForwardPasses()
         llava = model.model
         vision = VisionSite(run, llava.vision_tower, plan, geo.feature_index, geo.drops_cls, passes)

@@ -3,7 +3,8 @@
 LLaVA keeps only CLIP's vision tower; methods that rate visual tokens by their relevance to
 the instruction (CDPruner) take CLIP's text tower, text projection and visual projection
 from the CLIP checkpoint the vision tower came from, given as a local directory (the
-step's ``text_encoder``; nothing is downloaded).
+step's ``text_encoder``, or the one a checkpoint ships beside its files: ``clip/``, as
+fico-toy does; nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -78,16 +79,32 @@ def instruction_similarity(image: Tensor, text: Tensor) -> Tensor:
     return (image @ text.T).mean(-1)
 
 
-def text_tower_for(recipe, step, device: torch.device, model_dtype: torch.dtype, vision_width: int) -> ClipTextTower:
-    """The text tower ``step`` names (``text_encoder:``) for a vision tower ``vision_width`` wide,
-    loaded once per recipe, device and dtype (float64 models get a float64 tower, others float32)."""
+#: where a checkpoint ships the CLIP its vision tower came from (a ``CLIPModel`` directory)
+COMPANION_CLIP = "clip"
+
+
+def companion_clip(config) -> str | None:
+    """The CLIP checkpoint shipped beside a model's own files (``COMPANION_CLIP`` in the
+    directory ``from_pretrained`` read it from; fico-toy ships one), or None. A step that needs
+    a text tower and names none (``text_encoder``) takes it."""
+    source = getattr(config, "_name_or_path", "") or ""
+    path = Path(source) / COMPANION_CLIP if source else None
+    return str(path) if path is not None and (path / "config.json").is_file() else None
+
+
+def text_tower_for(recipe, step, device: torch.device, model_dtype: torch.dtype, vision_width: int,
+                   companion: str | None = None) -> ClipTextTower:
+    """The text tower ``step`` names (``text_encoder:``, else the model's ``companion`` CLIP)
+    for a vision tower ``vision_width`` wide, loaded once per recipe, device and dtype (float64
+    models get a float64 tower, others float32)."""
     key = f"{recipe.source}: {step.where}.text_encoder"
+    source = step.text_encoder or companion
     dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
-    cache = (step.text_encoder, str(device), dtype)
+    cache = (source, str(device), dtype)
     if cache not in recipe.auxiliary:
-        tower = ClipTextTower.load(step.text_encoder, device, dtype, key)
+        tower = ClipTextTower.load(source, device, dtype, key)
         if tower.visual_projection.in_features != vision_width:
-            raise RecipeError(f"{key}: {step.text_encoder!r} projects {tower.visual_projection.in_features}-wide "
+            raise RecipeError(f"{key}: {source!r} projects {tower.visual_projection.in_features}-wide "
                               f"vision states; this model's vision tower is {vision_width} wide (a different CLIP?)")
         recipe.auxiliary[cache] = tower
     return recipe.auxiliary[cache]
