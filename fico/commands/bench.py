@@ -543,8 +543,9 @@ def markdown(report: dict, command: str, block: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, block: str, model: str) -> None:
-    begin, end = f"<!-- bench:{model}:begin -->", f"<!-- bench:{model}:end -->"
+def write_markdown(path: Path, block: str, model: str, kind: str = "bench") -> None:
+    """Replace the ``<!-- kind:model:begin -->`` ... ``end`` block of ``path`` (or append it)."""
+    begin, end = f"<!-- {kind}:{model}:begin -->", f"<!-- {kind}:{model}:end -->"
     text = path.read_text() if path.exists() else ""
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]

@@ -5,7 +5,8 @@ prefill time, fidelity), ``list`` (registered components and bundled recipes), `
 (analytic FLOPs and memory), ``explain`` (a recipe as filter/correlate/compress with
 formulas and BibTeX), ``ablate`` (a measured grid of knob values or stage swaps), ``show``
 (where discarded tokens went, as a PNG), ``bench`` (recipes side by side, measured),
-``eval`` (lmms-eval tasks) and ``toy-task``. Options and ``key=value`` overrides may come
+``eval`` (lmms-eval tasks), ``leaderboard`` (every method on fico-toy at equal budgets),
+``fit`` (FitPrune's tables fitted on a model) and ``toy-task``. Options and ``key=value`` overrides may come
 in any order. Without ``--model``, ``run`` uses the trained toy model (or the embedded
 tiny LLaVA-1.5-shaped one).
 
@@ -208,6 +209,32 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", default=None, help="results folder; reruns skip finished cells (default: a folder "
                                                       "named after the model and the conditions)")
     _plugin_option(evaluate)
+    board = sub.add_parser("leaderboard", help="every bundled method on fico-toy at equal budgets, with standard errors")
+    board.add_argument("--model", default="toy", help="toy (the leaderboard's model)")
+    board.add_argument("--methods", default=None, help="comma-separated bundled methods (default: all)")
+    board.add_argument("--tokens", default="192,128,64", help="visual-token budgets (budgets/NAME_T variants)")
+    board.add_argument("--flops", default="1.5,2.4,3.3,4.2",
+                       help="the FiCoCo paper's TFLOPs budgets on LLaVA-1.5-7B (budgets/NAME_Bt variants, solved on "
+                            "the toy for the same fraction of its cost)")
+    board.add_argument("--images", type=_positive_int, default=300, help="toy test images (6 questions each)")
+    board.add_argument("--threads", type=_positive_int, default=2)
+    board.add_argument("--json", default=None, help="write the report as JSON")
+    board.add_argument("--plot", default=None, help="write accuracy against FLOPs per method as an image")
+    board.add_argument("--markdown", default=None, help="update this markdown file's leaderboard block")
+    fit = sub.add_parser("fit", help="fit a method's schedule on a model: FitPrune's per-layer tables")
+    fit.add_argument("method", choices=["fitprune"])
+    fit.add_argument("--model", default=None, help="toy (default), embedded..., or a local checkpoint directory")
+    fit.add_argument("--reduction-ratio", default="70,80,90",
+                     help="FLOPs reduction targets in percent, as FitPrune's reduction_ratio knob (default 70,80,90)")
+    fit.add_argument("--samples", default="64",
+                     help="calibration samples: a count (toy: training images; embedded: generated pictures) or a "
+                          "JSON-lines file of {\"image\": PATH, \"text\": QUESTION} (default 64)")
+    fit.add_argument("--count-as", default=None, metavar="MODEL",
+                     help="count FLOPs with this model's widths (llava-1.5-7b: the official constants); same depth")
+    fit.add_argument("--out", default=None, help="write a recipe extending fitprune with the fitted tables")
+    fit.add_argument("--threads", type=_positive_int, default=None)
+    fit.add_argument("--json", action="store_true", help="print JSON (each bisection step included)")
+    fit.add_argument("--verbose", action="store_true", help="print each bisection step")
     toy_task = sub.add_parser("toy-task", help="write fico's toy VQA tasks for lmms-eval (--include_path DIR)")
     toy_task.add_argument("directory")
     toy_task.add_argument("--images", type=int, default=50, help="toy test images (6 questions each)")
@@ -262,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation import main_eval
 
             return main_eval(args, console)
+        if args.command == "leaderboard":
+            from .leaderboard import main_leaderboard
+
+            return main_leaderboard(args, console)
+        if args.command == "fit":
+            from .fit import main_fit
+
+            return main_fit(args, console)
         if args.command == "toy-task":
             from .evaluation import main_toy_task
 
@@ -295,7 +330,7 @@ def list_components(console: Console) -> int:
     for stage in ("filter", "correlator", "compressor"):
         for name in registry.names(stage):
             cls = registry.components[stage][name]
-            params = [f"{recipe_name(p.name)}={format_value(p.default)}"
+            params = [f"{recipe_name(p.name)}=" + ("(required)" if p.default is p.empty else format_value(p.default))
                       for p in inspect.signature(cls.__init__).parameters.values()
                       if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
             table.add_row(stage, name, ", ".join(params), summary(cls))
