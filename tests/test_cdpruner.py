@@ -142,3 +142,24 @@ def test_missing_or_wrong_inputs_are_clear_errors(tiny_model, single_inputs, cli
 def test_bad_knob_values_name_the_key(overrides, match):
     with pytest.raises(fico.RecipeError, match=match):
         fico.load_recipe("cdpruner", overrides)
+
+
+def test_a_checkpoint_s_companion_clip_is_the_default_text_encoder(tmp_path, batch_inputs, clip_dir):
+    """A checkpoint that ships its CLIP in clip/ runs CDPruner without text_encoder, exactly as
+    with text_encoder naming that CLIP; without one the step is refused, naming the key."""
+    import shutil
+
+    from fico.models import check_recipes, load_model
+
+    checkpoint = tmp_path / "llava"
+    embedded.build_model(dtype=torch.float64).save_pretrained(checkpoint)
+    embedded.build_processor().save_pretrained(checkpoint)
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.text_encoder: the signal\(s\) instruction_similarity"):
+        check_recipes([fico.load_recipe("cdpruner")], str(checkpoint))
+    shutil.copytree(clip_dir, checkpoint / "clip")
+    check_recipes([fico.load_recipe("cdpruner")], str(checkpoint))
+    model, _ = load_model(str(checkpoint), "float64")
+    inputs = batch_inputs()
+    default, _ = handed(model, inputs, fico.load_recipe("cdpruner", ["keep=40"]), QUESTIONS)
+    named, _ = handed(model, inputs, cdpruner(clip_dir, "keep=40"), QUESTIONS)
+    assert all(torch.equal(a, b) for a, b in zip(default, named))
