@@ -167,3 +167,103 @@ def test_two_phase_training_runs_and_phase_two_keeps_the_vision_tower(tmp_path):
     assert (top_dir / train.HEADS).is_file()  # the auxiliary heads, for --resume
     assert torch.equal(before.model.vision_tower.embeddings.patch_embedding.weight,
                        top.model.vision_tower.embeddings.patch_embedding.weight)
+
+
+SHIPPED = pytest.mark.skipif(not (WEIGHTS / "config.json").is_file(), reason="no trained toy weights shipped")
+
+
+@SHIPPED
+def test_shipped_cls_attention_rests_on_the_objects():
+    """The stated [CLS] saliency, re-measured on a few test images: at every CLIP layer where
+    EViT and FiCoCo-V read [CLS] by default, at least half of its attention lies on object and
+    digit patches (about a quarter of the patches)."""
+    from fico.toy.evaluate import CLS_LAYERS, cls_saliency
+
+    stated = json.loads((WEIGHTS / "accuracy.json").read_text())["cls_saliency"]
+    model, _ = load()
+    with torch.no_grad():
+        measured = cls_saliency(model, TEST_SEEDS.start + stated_first_image(), images=10)
+    assert measured["least_at_layers"] >= 0.5, measured
+    assert stated["least_at_layers"] >= 0.5 and stated["layers"] == list(CLS_LAYERS)
+    assert abs(measured["mean_at_layers"] - stated["mean_at_layers"]) < 0.05
+    assert measured["foreground_share"] < 0.35
+
+
+def stated_first_image() -> int:
+    return json.loads((WEIGHTS / "accuracy.json").read_text())["first_image"]
+
+
+@SHIPPED
+def test_shipped_clip_is_the_toy_tower_with_a_text_tower_that_reads_the_image():
+    """The toy's CLIP checkpoint: its vision tower is the LLaVA model's, and its text tower
+    finds each image's caption among the others' (CLIP's objective), and the patches a
+    question names (CDPruner's relevance)."""
+    import random
+
+    from transformers import CLIPModel
+
+    from fico.toy.train_clip import CLIP_DIR, caption, clip_tokenizer
+
+    model, _ = load()
+    clip = CLIPModel.from_pretrained(WEIGHTS / CLIP_DIR, local_files_only=True).eval()
+    for name, tensor in model.model.vision_tower.state_dict().items():
+        assert torch.equal(tensor, clip.vision_model.state_dict()[name]), name
+    seeds = list(range(TEST_SEEDS.start, TEST_SEEDS.start + 8))
+    tokenizer = clip_tokenizer()
+    with torch.no_grad():
+        pixels = torch.from_numpy(pixel_values([example(s).image for s in seeds]))
+        images = torch.nn.functional.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        texts = tokenizer([caption(s, random.Random(0)) for s in seeds], return_tensors="pt", padding=True)
+        texts = torch.nn.functional.normalize(clip.get_text_features(**texts).pooler_output, dim=-1)
+    assert ((images @ texts.T).argmax(-1) == torch.arange(8)).float().mean() >= 0.75
+
+
+def test_patch_phrases_name_what_covers_the_patch_and_where():
+    from fico.toy.train_clip import PHRASES, patch_phrase_ids
+
+    ex = example(21)
+    ids = patch_phrase_ids(ex.patch_labels)
+    assert (ids >= 0).sum() == (ex.patch_labels > 0).sum()
+    for index in np.flatnonzero(ids >= 0)[::7]:
+        row, col = index // 24 // 6, index % 24 // 6
+        assert PHRASES[ids[index]].endswith(f"row{row} col{col}")
+    digit = next(q for q in ex.questions if q.kind == "digit")
+    assert any(PHRASES[i].startswith(f"digit {digit.answer} ") for i in ids[ids >= 0])
+
+
+@SHIPPED
+@pytest.mark.parametrize("name", ["cdpruner", "fitprune", "sparsevlm", "pdrop", "evit", "visionzip"])
+def test_every_bundled_method_runs_on_the_default_model(name, capsys):
+    """Methods whose schedules were written for 32 layers or that need CLIP's text tower run on
+    the toy as bundled (the others have run there since the toy shipped)."""
+    from fico.commands.cli import main
+
+    assert main(["run", name, "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{name}: tokens per site and layer" in out and "fico-toy" in out
+
+
+@SHIPPED
+def test_every_bundled_recipe_fits_the_default_model():
+    import fico
+    from fico.models import check_recipes
+    from fico.recipe import bundled_recipes
+
+    check_recipes([fico.load_recipe(name) for name in bundled_recipes()], "toy")
+
+
+@SHIPPED
+def test_the_leaderboard_runs_on_a_ci_sized_configuration(tmp_path, capsys):
+    from fico.commands.cli import main
+
+    report, markdown = tmp_path / "board.json", tmp_path / "board.md"
+    assert main(["leaderboard", "--methods", "random,fastv,prumerge", "--tokens", "64", "--flops", "1.5",
+                 "--images", "3", "--json", str(report), "--plot", str(tmp_path / "board.png"),
+                 "--markdown", str(markdown)]) == 0
+    data = json.loads(report.read_text())
+    cells = {(e["method"], e["budget"]) for e in data["results"]}
+    assert cells == {("random", "64"), ("fastv", "1.5t"), ("prumerge", "default")}
+    for entry in data["results"]:
+        assert 0 <= entry["retention_se"] and 0 <= entry["agreement"] <= 1
+        assert set(entry["accuracy"]) == {*QUESTION_TYPES, "overall"}
+    assert "<!-- leaderboard:toy:begin -->" in markdown.read_text() and (tmp_path / "board.png").stat().st_size

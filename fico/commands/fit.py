@@ -10,6 +10,7 @@ extends the bundled ``fitprune`` with the fitted tables, keyed by the model's de
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,5 +141,6 @@ def main_fit(args, console: "Console") -> int:
         console.print(table)
     if args.out:
         Path(args.out).write_text(fitted_recipe(fits, args.model, layers))
-        console.print(f"wrote {args.out}: fico run {args.out} --model {args.model} reduction_ratio={targets[0]}")
+        message = f"wrote {args.out}: fico run {args.out} --model {args.model} reduction_ratio={targets[0]}"
+        print(message, file=sys.stderr) if args.json else console.print(message)  # stdout stays JSON
     return 0

@@ -21,6 +21,8 @@ from .data import QUESTION_TYPES, TEST_SEEDS, example, pixel_values, prompt
 
 #: test images re-evaluated in CI (6 questions each; well within a minute on 2 cores)
 SLICE_IMAGES = 20
+#: test images whose [CLS] saliency ``--write`` states (CI re-measures the first few)
+SALIENCY_IMAGES = 100
 
 
 def answer_logits(model, processor, images, questions, batch: int = 24, recipe=None) -> torch.Tensor:
@@ -57,28 +59,42 @@ def evaluate(model, processor, first_seed: int = TEST_SEEDS.start, images: int =
     return {k: round(result[k], 4) for k in (*QUESTION_TYPES, "overall")}
 
 
-def cls_saliency(model, first_seed: int = TEST_SEEDS.start, images: int = 10) -> dict:
+#: CLIP layers whose [CLS] row the bundled [CLS]-ranked filters read by default: EViT's 6, 12,
+#: 18 and FiCoCo-V's 11..22 (recipes/evit.yaml, ficoco_v.yaml): the saliency target's layers
+CLS_LAYERS = (6, *range(11, 23))
+
+
+def cls_saliency(model, first_seed: int = TEST_SEEDS.start, images: int = 10, chunk: int = 10) -> dict:
     """Per CLIP layer, the share of the [CLS] row's head-mean attention (over patches) that
-    falls on patches holding an object or the digit, next to those patches' share of all
-    patches. Filters that rank patches by [CLS] attention (EViT, FiCoCo-V) need the first to
-    exceed the second at the layers they reduce."""
+    falls on patches holding an object or the digit, averaged over the images, next to those
+    patches' share of all patches; and its mean and least value over ``CLS_LAYERS``. Filters
+    that rank patches by [CLS] attention (EViT, FiCoCo-V) need the first to exceed the second
+    at the layers they reduce."""
     import numpy as np
 
-    examples = [example(seed) for seed in range(first_seed, first_seed + images)]
-    pixels = torch.from_numpy(pixel_values([ex.image for ex in examples])).to(model.dtype)
-    foreground = torch.from_numpy(np.stack([ex.patch_labels for ex in examples]) > 0)
+    totals, foreground_share = None, 0.0
     previous = model.config.vision_config._attn_implementation
     model.model.vision_tower.set_attn_implementation("eager")  # attention weights: eager only
     try:
-        attentions = model.model.vision_tower(pixels, output_attentions=True).attentions
+        for start in range(first_seed, first_seed + images, chunk):
+            examples = [example(seed) for seed in range(start, min(start + chunk, first_seed + images))]
+            pixels = torch.from_numpy(pixel_values([ex.image for ex in examples])).to(model.dtype)
+            foreground = torch.from_numpy(np.stack([ex.patch_labels for ex in examples]) > 0)
+            attentions = model.model.vision_tower(pixels, output_attentions=True).attentions
+            shares = []
+            for attention in attentions:
+                row = attention[:, :, 0, 1:].float().mean(1)
+                row = row / row.sum(-1, keepdim=True)
+                shares.append((row * foreground).sum(-1).sum().item())
+            totals = shares if totals is None else [a + b for a, b in zip(totals, shares)]
+            foreground_share += foreground.float().mean(-1).sum().item()
     finally:
         model.model.vision_tower.set_attn_implementation(previous)
-    result = {"foreground_share": round(foreground.float().mean().item(), 4), "cls_on_foreground": {}}
-    for layer, attention in enumerate(attentions):
-        row = attention[:, :, 0, 1:].float().mean(1)
-        row = row / row.sum(-1, keepdim=True)
-        result["cls_on_foreground"][layer] = round((row * foreground).sum(-1).mean().item(), 4)
-    return result
+    per_layer = {layer: round(total / images, 4) for layer, total in enumerate(totals)}
+    return {"images": images, "foreground_share": round(foreground_share / images, 4),
+            "cls_on_foreground": per_layer, "layers": list(CLS_LAYERS),
+            "mean_at_layers": round(sum(per_layer[i] for i in CLS_LAYERS) / len(CLS_LAYERS), 4),
+            "least_at_layers": min(per_layer[i] for i in CLS_LAYERS)}
 
 
 def main(argv=None) -> None:
@@ -95,15 +111,18 @@ def main(argv=None) -> None:
     parser.add_argument("--cls-saliency", action="store_true",
                         help="instead of accuracy: the share of [CLS] attention on object patches, per CLIP layer")
     parser.add_argument("--write", action="store_true",
-                        help="record the result (and the CI slice's) as the shipped weights' accuracy")
+                        help="record the result (and the CI slice's) as the weights' accuracy (accuracy.json)")
+    parser.add_argument("--weights", default=None, help="the weights' directory (default: the shipped ones)")
     args = parser.parse_args(argv)
-    model, processor = load()
+    model, processor = load(args.weights)
     first_seed = TEST_SEEDS.start + args.first_image
     if args.cls_saliency:
         with torch.no_grad():
             print(json.dumps(cls_saliency(model, first_seed, args.images), indent=2))
         return
     if args.write:
+        from pathlib import Path
+
         from .model import WEIGHTS
 
         if args.recipe:
@@ -114,7 +133,8 @@ def main(argv=None) -> None:
             result["images"] = args.images
             result["questions"] = args.images * len(QUESTION_TYPES)
             result["slice"] = dict(evaluate(model, processor, images=SLICE_IMAGES), images=SLICE_IMAGES)
-        (WEIGHTS / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+            result["cls_saliency"] = cls_saliency(model, TEST_SEEDS.start + args.first_image, SALIENCY_IMAGES)
+        (Path(args.weights or WEIGHTS) / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
     with torch.no_grad():
