@@ -190,3 +190,15 @@ def test_fico_fit_writes_a_recipe_that_runs(tmp_path, capsys):
     assert main(["run", str(out), "--model", "embedded", "--repeats", "1", "reduction_ratio=60"]) == 0
     assert main(["fit", "fitprune", "--model", "embedded", "--reduction-ratio", "120"]) == 2
     assert "--reduction-ratio takes percentages in [0, 100)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("params,match", [
+    ("alpha: 2, cross_mass: [1.0], self_mass: [1.0]", r"alpha must be in \[0, 1\], got 2"),
+    ("alpha: 0.5, cross_mass: [1.0, 1.0], self_mass: [1.0]", r"cross_mass and self_mass need one value per layer"),
+])
+def test_bad_values_of_the_fitting_rule_name_the_key(tmp_path, params, match):
+    path = tmp_path / "r.yaml"
+    path.write_text("steps:\n  - {site: llm_mid, layers: all, keep: adaptive, correlate: none, compress: drop,\n"
+                    f"     filter: {{name: retained_attention_mass, {params}}}}}\n")
+    with pytest.raises(fico.RecipeError, match=match):
+        fico.load_recipe(path)

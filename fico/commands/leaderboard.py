@@ -157,16 +157,17 @@ def leaderboard(methods: list[str] | None = None, tokens: list[str] = TOKEN_BUDG
     for configuration, (guesses, trace) in runs.items():
         correct = (guesses == truth).view(images, types)
         agree = (guesses == base_guess).view(images, types)
-        boot = retention(resampled(correct), base_boot)
+        correct_boot = resampled(correct)
+        boot = retention(correct_boot, base_boot)
         boot_retention[configuration] = boot
         counts = TokenCounts.from_trace(trace, spec)
         cost = prefill_cost(spec, counts, "full").tflops
         language_cost = prefill_cost(spec, counts, "llm-viewer").tflops
         accuracy = {kind: correct[:, i].float().mean().item() for i, kind in enumerate(QUESTION_TYPES)}
         accuracy["overall"] = correct.float().mean().item()
-        accuracy_se = {kind: resampled(correct)[..., i].float().mean(-1).std().item()
+        accuracy_se = {kind: correct_boot[..., i].float().mean(-1).std().item()
                        for i, kind in enumerate(QUESTION_TYPES)}
-        accuracy_se["overall"] = resampled(correct).float().mean((-1, -2)).std().item()
+        accuracy_se["overall"] = correct_boot.float().mean((-1, -2)).std().item()
         recipe = recipes[configuration]
         entries.append({
             "method": configuration.method, "budget": configuration.budget, "recipe": configuration.recipe,
