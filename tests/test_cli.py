@@ -178,11 +178,11 @@ def test_help_and_usage_errors_do_not_import_torch():
 
 @pytest.mark.parametrize("argv,match", [
     (["run", "pdrop", "layers=[8,16,24]"], "layer 8 is out of range"),
-    (["run", "fitprune"], "the schedule was written for 32 layers"),
+    (["run", "fitprune", "reduction_ratio=50"], "no count list for a step at 6 layers"),
     (["run", "cdpruner", "--model", "embedded"], "need CLIP's text tower"),
     (["ablate", "pdrop", "layers=[8,16,24]", "--grid", "ratio=0.5,0.25"], "layer 8 is out of range"),
     (["show", "pdrop", "layers=[8,16,24]"], "layer 8 is out of range"),
-    (["bench", "fastv", "sparsevlm", "--reps", "1"], "layer 7 is out of range"),
+    (["bench", "fastv", "budgets/pdrop_64", "--reps", "1"], "layer 8 is out of range"),
 ])
 def test_a_recipe_that_cannot_run_on_the_model_fails_before_its_weights_load(argv, match, monkeypatch, capsys):
     import fico.models

@@ -300,7 +300,7 @@ def test_every_bundled_recipe_runs_on_a_qwen_model_of_real_depth_or_names_what_i
     # schedules written as counts for LLaVA-1.5's 576 tokens or 32 decoder layers say so
     for name, message in refused.items():
         assert name.split("/")[-1].split("_")[0] in ("ficoco", "fitprune"), name
-        assert re.search(r"only \d+ visual tokens are left|written for 32 layers", message), name
+        assert re.search(r"only \d+ visual tokens are left|written for 32 layers|no count list for a step at 28 layers", message), name
 
 
 def _received_reference(model, family, one, block):

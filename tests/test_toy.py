@@ -258,7 +258,7 @@ def test_the_leaderboard_runs_on_a_ci_sized_configuration(tmp_path, capsys):
     from fico.commands.cli import main
 
     report, markdown = tmp_path / "board.json", tmp_path / "board.md"
-    assert main(["leaderboard", "--methods", "random,fastv,prumerge", "--tokens", "64", "--flops", "1.5",
+    assert main(["leaderboard", "--methods", "random,fastv,prumerge,pdrop", "--tokens", "64", "--flops", "1.5",
                  "--images", "3", "--json", str(report), "--plot", str(tmp_path / "board.png"),
                  "--markdown", str(markdown)]) == 0
     data = json.loads(report.read_text())
@@ -268,3 +268,7 @@ def test_the_leaderboard_runs_on_a_ci_sized_configuration(tmp_path, capsys):
         assert 0 <= entry["retention_se"] and 0 <= entry["agreement"] <= 1
         assert set(entry["accuracy"]) == {*QUESTION_TYPES, "overall"}
     assert "<!-- leaderboard:toy:begin -->" in markdown.read_text() and (tmp_path / "board.png").stat().st_size
+    # a budget the toy's depth cannot reach is listed with fico's reason, not run as something else
+    assert [(r["recipe"], "layer 8 is out of range" in r["reason"]) for r in data["refused"]] == [
+        ("budgets/pdrop_64", True)]
+    assert "- budgets/pdrop_64: steps[0].layers: layer 8 is out of range" in markdown.read_text()

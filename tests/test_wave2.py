@@ -213,7 +213,7 @@ def test_rebuild_placeholders_cuts_each_image_to_its_count():
     ("dart", ["keep=600"], r"steps\[0\]\.keep: keeps 600 tokens"),
     ("pool", ["kernel=30"], r"steps\[0\]\.filter: kernel=30 is larger than the 24 x 24 grid"),
     ("fitprune", [], r"steps\[0\]\.remove: no count list for a step at 4 layers, as it runs on this model; the "
-                     r"recipe has lists for 32 layers \(from \$\{fico.pick:.*\}\): add a list of 4 counts"),
+                     r"recipe has lists for 6 or 32 layers \(from \$\{fico.pick:.*\}\): add a list of 4 counts"),
     ("pdrop", ["layers=[8,16,24]"], r"steps\[0\]\.layers: layer 8 is out of range: the llm site of this model has layers 0..3 "
                   r"\(from \$\{layers\}\); the recipe's schedule was written for a deeper model: override "
                   r"layers=\.\.\. with layers this model has"),
@@ -327,3 +327,33 @@ def test_sparsevlm_layers_follow_the_depth(tmp_path):
     path.write_text(path.read_text().replace("{6: [1, 2]}", "{6: [1, 7]}"))
     with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.layers\.6: a site of 6 layers has layers 0\.\.5"):
         fico.load_recipe(path)
+
+
+def test_pdrop_budget_variants_solve_their_ratio_per_depth(tmp_path):
+    """The maintainer's rule (layers [2, 8, 16] and the ratio whose layer-average is the budget)
+    carried to the toy's 6 layers with a ratio solved there; 64 cannot be reached on 6 layers
+    and the variant says which layer it lacks instead of running something else."""
+    from fico.recipe.plan import Geometry, plan_recipe
+
+    def averaged(name, depth):  # the layers it drops at, and visual tokens averaged over the layers' inputs
+        plan = plan_recipe(fico.load_recipe(name), Geometry(24, 577, 23, True, depth))
+        return sorted(plan.llm.steps), sum(plan.llm.attention) / depth
+
+    for budget, toy_ratio in ((192, 0.47), (128, 0.24)):
+        layers, means = averaged(f"budgets/pdrop_{budget}", 32)
+        assert layers == [2, 8, 16] and abs(means - budget) < 1
+        layers, means = averaged(f"budgets/pdrop_{budget}", 6)
+        assert layers == [1, 2, 3] and abs(means - budget) < 1
+        assert fico.load_recipe(f"budgets/pdrop_{budget}").steps[0].schedule.value == {"default": pytest.approx(
+            {192: 0.56, 128: 0.42}[budget]), 6: toy_ratio}
+    with pytest.raises(fico.RecipeError, match=r"layer 8 is out of range: the llm site of this model has layers 0\.\.5"):
+        averaged("budgets/pdrop_64", 6)
+    # a ratio by depth that lacks the model's depth (and has no default) names the knob to extend
+    recipe = fico.load_recipe("pdrop", ["layers=[1,2,3]", "ratio={6: 0.3}"])
+    with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.keep_geometric: no ratio for a llm site of 4 layers; "
+                                               r"the recipe has ratios for 6 layers \(from \$\{ratio\}\): add one "
+                                               r"for 4 to ratio"):
+        plan_recipe(recipe, Geometry(24, 577, 23, True, 4))
+    for bad in ("{6: 1.5}", "{six: 0.5}", "{}"):
+        with pytest.raises(fico.RecipeError, match=r"steps\[0\]\.keep_geometric: ratios by depth need"):
+            fico.load_recipe("pdrop", [f"ratio={bad}"])

@@ -594,7 +594,8 @@ class LLMSite:
         for count, first in zip(available, firsts) if planned.remove is not None else ():
             # a keep above this sample's count (its images brought fewer tokens than the plan's
             # bound: a smaller LLaVA-NeXT image, an adaptive step before) keeps all of them
-            requested = max(requested_removal(step, count, planned.position, first, layers=planned.step_layers), 0)
+            requested = max(requested_removal(step, count, planned.position, first, layers=planned.step_layers,
+                                              depth=planned.site_layers), 0)
             if requested > count:
                 raise RecipeError(f"{self.run.recipe.source}: {step.where}.{step.schedule.kind}: removes {requested} "
                                   f"tokens at {step.site} layer {layer}, where only {count} visual tokens are left")

@@ -4,8 +4,9 @@ Each bundled method runs at each visual-token budget it has a variant for
 (``budgets/NAME_192``, ``_128``, ``_64``: the field's protocol), at each of the FiCoCo paper's
 FLOPs budgets it has one for (``budgets/NAME_1.5t`` ... ``_4.2t``: LLaVA-1.5-7B's TFLOPs,
 solved on the toy for the same fraction of its unreduced cost), or, with neither, at its own
-defaults (PruMerge's adaptive count). Every configuration answers the same toy test questions
-(six per image); per configuration:
+defaults (PruMerge's adaptive count). A configuration the toy cannot run (a budget its depth
+cannot reach) is checked against the config first and listed with the reason. Every other
+configuration answers the same toy test questions (six per image); per configuration:
 
 - accuracy per question type and overall;
 - **retention**: the field's "relative accuracy", :math:`\\frac{1}{6}\\sum_t a_t / a^0_t` over
@@ -116,6 +117,7 @@ def leaderboard(methods: list[str] | None = None, tokens: list[str] = TOKEN_BUDG
 
     from rich.progress import Progress
 
+    from ..adapters import check_recipe
     from ..cost.model import TokenCounts, model_spec, prefill_cost
     from ..loading import load_recipe
     from ..models import load_model
@@ -131,10 +133,18 @@ def leaderboard(methods: list[str] | None = None, tokens: list[str] = TOKEN_BUDG
     truth = torch.tensor(processor.tokenizer.convert_tokens_to_ids(truths))
     first = processor(images=pictures[:1], text=[prompt(questions[0])], return_tensors="pt")["input_ids"]
     text_tokens = first.shape[1] - spec.patches  # the first question's prompt, whose prefill is costed
-    recipes = {c: load_recipe(c.recipe, budget_for=(spec, text_tokens)) for c in chosen}  # bad ones fail first
+    recipes, refused = {}, []
+    for c in chosen:
+        try:
+            recipe = load_recipe(c.recipe, budget_for=(spec, text_tokens))
+            check_recipe(recipe, network.config)
+        except RecipeError as error:
+            refused.append({"method": c.method, "budget": c.budget, "recipe": c.recipe, "reason": str(error)})
+            continue
+        recipes[c] = recipe
     types = len(QUESTION_TYPES)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("leaderboard", total=len(chosen) + 1)
+        task = progress.add_task("leaderboard", total=len(recipes) + 1)
         base_guess, _ = answers_of(network, processor, None, pictures, questions)
         progress.advance(task)
         runs = {}
@@ -191,7 +201,7 @@ def leaderboard(methods: list[str] | None = None, tokens: list[str] = TOKEN_BUDG
         "images": images, "questions": images * types, "bootstrap": BOOTSTRAP,
         "baseline": {"accuracy": base_accuracy, "tflops": unreduced_cost,
                      "accuracy_se": resampled(base_correct).float().mean((-1, -2)).std().item()},
-        "results": entries,
+        "results": entries, "refused": refused,
     }
 
 
@@ -263,8 +273,18 @@ def markdown(report: dict, command: str) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows(report)]
     worst = max(e["retention_se"] for e in report["results"])
-    lines += ["", f"The largest standard error of a retention is {worst:.3f}.", "<!-- leaderboard:toy:end -->"]
+    lines += ["", f"The largest standard error of a retention is {worst:.3f}."]
+    if report.get("refused"):
+        lines += ["", "Not run on fico-toy (refused before running, with fico's reason):", ""]
+        lines += [f"- {r['recipe']}: {_reason(r['reason'])}" for r in report["refused"]]
+    lines += ["<!-- leaderboard:toy:end -->"]
     return "\n".join(lines)
+
+
+def _reason(message: str) -> str:
+    """A refusal without the recipe file's absolute path (it names the machine, not the reason)."""
+    head, colon, rest = message.partition(".yaml: ")
+    return rest if colon else message
 
 
 def plot(report: dict, path: Path) -> None:
@@ -313,6 +333,8 @@ def main_leaderboard(args, console: "Console") -> int:
     for row in rows(report):
         table.add_row(*row)
     console.print(table)
+    for r in report["refused"]:
+        console.print(f"not run: {r['recipe']}: {_reason(r['reason'])}")
     if args.json:
         write_whole(Path(args.json), json.dumps(report, indent=2) + "\n")
     if args.plot:

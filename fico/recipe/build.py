@@ -181,6 +181,8 @@ def _parse_schedule(cfg: dict, raw: dict, where: str) -> Schedule:
         return Schedule(kind, tuple(value), _source(raw.get(kind)))
     if kind in ("remove", "keep") and isinstance(value, dict):
         return Schedule(kind, _lists_by_depth(value, f"{where}.{kind}", shown), _source(raw.get(kind)))
+    if kind == "keep_geometric" and isinstance(value, dict):
+        return Schedule(kind, _ratios_by_depth(value, f"{where}.{kind}", shown), _source(raw.get(kind)))
     if kind == "keep" and value in ("adaptive", "filter"):
         return Schedule(kind, value, _source(raw.get(kind)))
     if kind == "keep" and isinstance(value, str) and value.endswith("%"):
@@ -227,6 +229,25 @@ def _lists_by_depth(value: dict, where: str, shown: str) -> dict[int, tuple[int,
     if not lists:
         raise RecipeError(f"{where}: lists by depth need at least one {{layers: [count, ...]}}, got {shown}")
     return lists
+
+
+def _ratios_by_depth(value: dict, where: str, shown: str) -> dict[int | str, float]:
+    """``{depth: ratio, default: ratio}``: keep_geometric ratios keyed by the site's depth (a
+    budget rule solved per depth, as the layers by depth it goes with)."""
+    ratios: dict[int | str, float] = {}
+    for key, ratio in value.items():
+        try:
+            depth = "default" if key == "default" else int(key)
+        except (TypeError, ValueError):
+            depth = -1
+        good = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= 1
+        if depth != "default" and depth <= 0 or not good:
+            raise RecipeError(f"{where}: ratios by depth need {{layers of the site: ratio in (0, 1]}} (and "
+                              f"optionally default: ratio); {key!r} gives {ratio!r} in {shown}")
+        ratios[depth] = float(ratio)
+    if not ratios:
+        raise RecipeError(f"{where}: ratios by depth need at least one {{layers of the site: ratio}}, got {shown}")
+    return ratios
 
 
 def _source(raw: Any) -> str | None:

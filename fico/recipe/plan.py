@@ -60,6 +60,7 @@ class PlannedStep:
     appended: int = 0
     first: int = 0  # candidates entering the step's first layer (keep_geometric's n0)
     step_layers: int = 1  # how many layers the step runs at (picks a count list by depth)
+    site_layers: int | None = None  # how many layers its site has (picks a keep_geometric ratio by depth)
 
     @property
     def acts(self) -> bool:
@@ -161,7 +162,8 @@ def expand_layers(step: Step, num_layers: int, recipe: Recipe) -> list[int]:
 
 
 def requested_removal(step: Step, candidates: int, position: int = 0, first: int | None = None,
-                      grids: tuple[tuple[int, int], ...] | None = None, layers: int | None = None) -> int | None:
+                      grids: tuple[tuple[int, int], ...] | None = None, layers: int | None = None,
+                      depth: int | None = None) -> int | None:
     """What ``step``'s schedule asks to remove of ``candidates`` (None: the filter decides per
     image) at the ``position``-th of its ``layers`` layers; ``grids``: the parts the candidates
     lie on, where an image has several."""
@@ -169,12 +171,12 @@ def requested_removal(step: Step, candidates: int, position: int = 0, first: int
         if grids is None:
             return candidates - step.filter.planned_keep(candidates)
         return sum(rows * cols for rows, cols in grids) - step.filter.planned_keep_on(grids)
-    return step.schedule.tokens_to_remove(candidates, position, first, layers)
+    return step.schedule.tokens_to_remove(candidates, position, first, layers, depth)
 
 
 def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: int, position: int,
               first_candidates: int, where: str, grids: tuple[tuple[int, int], ...] | None = None,
-              protected: int = 0, step_layers: int = 1) -> PlannedStep:
+              protected: int = 0, step_layers: int = 1, site_layers: int | None = None) -> PlannedStep:
     """How many of ``candidates`` the step removes here (a RecipeError if its schedule cannot
     run); ``protected``: visual tokens that stay whatever the step does, which a fixed ``keep``
     counts (:attr:`Schedule.counts_kept`)."""
@@ -182,16 +184,18 @@ def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: i
     try:
         if protected and step.schedule.counts_kept:
             requested = requested_removal(step, candidates + protected, position, first_candidates, grids,
-                                          step_layers)
+                                          step_layers, site_layers)
         else:
-            requested = requested_removal(step, candidates, position, first_candidates, grids, step_layers)
+            requested = requested_removal(step, candidates, position, first_candidates, grids, step_layers,
+                                          site_layers)
     except RecipeError as error:
         raise recipe.error(f"{step.where}.filter", str(error)) from error
     if requested is None:
         if not step.filter.adaptive:
             raise recipe.error(key, f"'adaptive' needs a filter that chooses its own count (such as "
                                f"iqr_outliers); {step.filter.name!r} does not")
-        return PlannedStep(step, layer, tokens, candidates, None, position, 0, first_candidates, step_layers)
+        return PlannedStep(step, layer, tokens, candidates, None, position, 0, first_candidates, step_layers,
+                           site_layers)
     if requested < 0:
         raise recipe.error(key, f"keeps {candidates - requested} tokens{step.schedule.shown()} at {where}, where "
                            f"only {candidates} reducible tokens are present")
@@ -203,7 +207,7 @@ def plan_step(recipe: Recipe, step: Step, layer: int, tokens: int, candidates: i
     except RecipeError as error:
         raise recipe.error(f"{step.where}.filter", str(error)) from error
     return PlannedStep(step, layer, tokens, candidates, remove, position, step.compressor.appended(remove),
-                       first_candidates, step_layers)
+                       first_candidates, step_layers, site_layers)
 
 
 def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int
@@ -216,7 +220,15 @@ def _steps_by_layer(recipe: Recipe, site: str, num_layers: int, first_layer: int
             continue
         layers = expand_layers(step, num_layers, recipe)
         counts = step.schedule.value
-        if isinstance(counts, dict) and len(layers) not in counts:
+        if step.schedule.kind == "keep_geometric" and isinstance(counts, dict):
+            if step.schedule.ratio_at(num_layers) is None:
+                knobs = knobs_in(step.schedule.source) if step.schedule.source else []
+                raise recipe.error(f"{step.where}.keep_geometric",
+                                   f"no ratio for a {site} site of {num_layers} layers; the recipe has ratios for "
+                                   f"{' or '.join(map(str, sorted(d for d in counts if d != 'default')))} "
+                                   f"layers{step.schedule.shown()}: add one for {num_layers}"
+                                   + (" to " + ", ".join(knobs) if knobs else ""))
+        elif isinstance(counts, dict) and len(layers) not in counts:
             knobs = knobs_in(step.schedule.source) if step.schedule.source else []
             raise recipe.error(f"{step.where}.{step.schedule.kind}",
                                f"no count list for a step at {len(layers)} layers, as it runs on this model; "
@@ -267,7 +279,7 @@ def plan_layers(recipe: Recipe, site: str, num_layers: int, tokens: int, candida
                 first = first_seen.setdefault(step.index, candidates)
                 where = f"{step.site} layer {layer}"
                 planned = plan_step(recipe, step, layer, tokens, candidates, positions[layer], first, where,
-                                    step_layers=depths[layer])
+                                    step_layers=depths[layer], site_layers=num_layers)
                 if planned.remove is None and step.site == "vision":
                     raise recipe.error(f"{step.where}.{step.schedule.kind}", "'adaptive' counts are for the "
                                        "vision_output, pre_llm, llm and llm_mid sites, not the vision site")

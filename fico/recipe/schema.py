@@ -64,11 +64,13 @@ class Schedule:
     * ``keep_ratio``: keep ``ceil(keep_ratio * n)`` (EViT);
     * ``remove_ratio``: remove ``round(remove_ratio * n)`` (FastV; Python's round);
     * ``keep_geometric``: at the s-th layer of the step keep ``int(n0 * ratio ** (s + 1))`` of
-      the ``n0`` candidates that entered its first layer (PyramidDrop's stages).
+      the ``n0`` candidates that entered its first layer (PyramidDrop's stages); or ratios keyed
+      by the site's depth (``{default: 0.19, 6: 0.335}``, with layers by depth: a budget rule
+      solved per depth), the plan taking the one for the model.
     """
 
     kind: str
-    value: float | str | tuple[int, ...] | dict[int, tuple[int, ...]]
+    value: float | str | tuple[int, ...] | dict[int, tuple[int, ...]] | dict[int | str, float]
     #: the value as written, when it came from knobs (``${keep}``), for messages
     source: str | None = field(default=None, compare=False)
 
@@ -89,12 +91,25 @@ class Schedule:
             return self.value.get(layers)
         return self.value if isinstance(self.value, tuple) else None
 
+    def ratio_at(self, depth: int | None) -> float | None:
+        """A ``keep_geometric`` ratio for a site of ``depth`` layers: the one keyed by that depth,
+        else the ``default`` (None where there is neither)."""
+        if not isinstance(self.value, dict):
+            return self.value
+        return self.value.get(depth, self.value.get("default"))
+
     def tokens_to_remove(self, n: int, position: int = 0, first: int | None = None,
-                         layers: int | None = None) -> int | None:
+                         layers: int | None = None, depth: int | None = None) -> int | None:
         """Tokens to remove from ``n`` candidates at the ``position``-th of the step's
-        ``layers`` layers (``first``: candidates at its first layer); None when the filter decides."""
+        ``layers`` layers (``first``: candidates at its first layer) on a site of ``depth``
+        layers; None when the filter decides."""
         value = self.value
-        if isinstance(value, dict):
+        if self.kind == "keep_geometric" and isinstance(value, dict):
+            value = self.ratio_at(depth)
+            if value is None:
+                raise ValueError(f"no keep_geometric ratio for a site of {depth} layers (ratios for "
+                                 f"{sorted(map(str, self.value))})")
+        elif isinstance(value, dict):
             if layers not in value:
                 raise ValueError(f"no count list for a step at {layers} layers (lists for {sorted(value)})")
             value = value[layers]
