@@ -1,6 +1,7 @@
 """fico-toy: deterministic generator, packed training equals unpacked prompts, shipped weights."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,36 @@ def test_the_leaderboard_runs_on_a_ci_sized_configuration(tmp_path, capsys):
     assert [(r["recipe"], "layer 8 is out of range" in r["reason"]) for r in data["refused"]] == [
         ("budgets/pdrop_64", True)]
     assert "- budgets/pdrop_64: steps[0].layers: layer 8 is out of range" in markdown.read_text()
+
+
+def test_the_build_resumes_at_its_first_unfinished_phase(tmp_path, monkeypatch):
+    """A build stopped during phase 2 keeps phase 1 when started again, and a phase that runs
+    again builds every phase after it anew."""
+    from fico.toy import build, pretrain_vision, train, train_clip
+
+    calls = []
+
+    def phase(name, log=None, stop=False):
+        def run(arguments):
+            calls.append(name)
+            if stop:
+                raise KeyboardInterrupt  # the session closed
+            if log:
+                out = Path(arguments[arguments.index("--out") + 1])
+                out.mkdir(parents=True, exist_ok=True)
+                (out / log).write_text("{}\n")
+        return run
+
+    monkeypatch.setattr(pretrain_vision, "main", phase("phase1", "vision_log.jsonl"))
+    monkeypatch.setattr(train, "main", phase("phase2", stop=True))
+    monkeypatch.setattr(train_clip, "main", phase("phase3"))
+    with pytest.raises(KeyboardInterrupt):
+        build.main(["--out", str(tmp_path)])
+    monkeypatch.setattr(train, "main", phase("phase2", "training_log.jsonl"))
+    build.main(["--out", str(tmp_path)])
+    assert calls == ["phase1", "phase2", "phase2", "phase3"]
+    record = json.loads((tmp_path / "build.json").read_text())
+    assert [p["phase"] for p in record["phases"]] == ["phase1", "phase2", "phase3"]
+    calls.clear()
+    build.main(["--out", str(tmp_path), "--threads", "1"])  # other arguments: every phase again
+    assert calls == ["phase1", "phase2", "phase3"]

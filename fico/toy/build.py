@@ -12,7 +12,11 @@
 Every phase is bounded by steps, not minutes, and seeded, so the result does not depend on
 the machine's speed. Phases 1 and 2 write to ``DIR/phase1`` and ``DIR/phase2``; the final
 model, its CLIP checkpoint (``DIR/clip``) and every phase's log go to ``DIR``, with
-``build.json`` (each phase's arguments and wall time). Then state the accuracy with
+``build.json`` (each phase's arguments and wall time). A run that stops (a closed session)
+resumes at the first unfinished phase when started again with the same ``--out``: a phase
+counts as finished once ``build.json`` records it with the same arguments; an unfinished one
+starts over from its seed, so the result is the same as an uninterrupted run. Then state the
+accuracy with
 ``python -m fico.toy.evaluate --weights DIR --images 200 --first-image 60 --write``.
 """
 
@@ -49,16 +53,28 @@ def main(argv=None) -> None:
                                                        "--out", str(args.out / "phase2")] + threads),
             ("phase3", train_clip.main, PHASES["phase3"] + ["--resume", str(args.out / "phase2"),
                                                             "--out", str(args.out)] + threads)]
-    record = {"machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}", "phases": []}
-    for name, run, arguments in runs:
+    machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
+    record = {"machine": machine, "phases": []}
+    written = args.out / "build.json"
+    finished = json.loads(written.read_text())["phases"] if written.is_file() else []
+    for index, (name, run, arguments) in enumerate(runs):
+        # each phase seeds itself from its arguments, so an earlier run's finished phases stand in
+        # for running them again, up to the first one it did not finish
+        done = finished[index] if index < len(finished) and len(record["phases"]) == index else None
+        if done is not None and done["phase"] == name and done["arguments"] == arguments:
+            print(f"fico.toy.build: {name} finished in an earlier run ({done['minutes']} minutes), kept")
+            record["phases"].append(done)
+            continue
+        finished = []  # a phase that runs again invalidates what an earlier run built after it
         start = time.time()
         run(arguments)
-        record["phases"].append({"phase": name, "arguments": arguments, "minutes": round((time.time() - start) / 60, 1)})
-        (args.out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+        record["phases"].append({"phase": name, "arguments": arguments, "machine": machine,
+                                 "minutes": round((time.time() - start) / 60, 1)})
+        written.write_text(json.dumps(record, indent=2) + "\n")
     for log in ("phase1/vision_log.jsonl", "phase2/training_log.jsonl"):
         shutil.copyfile(args.out / log, args.out / Path(log).name)
     record["minutes"] = round(sum(p["minutes"] for p in record["phases"]), 1)
-    (args.out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    written.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
