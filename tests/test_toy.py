@@ -306,3 +306,13 @@ def test_the_build_resumes_at_its_first_unfinished_phase(tmp_path, monkeypatch):
     calls.clear()
     build.main(["--out", str(tmp_path), "--threads", "1"])  # other arguments: every phase again
     assert calls == ["phase1", "phase2", "phase3"]
+
+
+def test_retention_is_the_mean_ratio_over_the_types_the_unreduced_model_answers():
+    from fico.commands.leaderboard import retention
+
+    base = torch.tensor([[1, 0, 1], [1, 0, 0]])  # (images, types): type 1 never right unreduced
+    correct = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    assert retention(correct, base).item() == pytest.approx((0.5 / 1.0 + 0.5 / 0.5) / 2)
+    resampled = torch.stack([base, base.flip(0)]), torch.stack([correct, correct.flip(0)])
+    assert retention(resampled[1], resampled[0]).tolist() == pytest.approx([0.75, 0.75])

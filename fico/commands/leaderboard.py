@@ -105,8 +105,12 @@ def answers_of(model, processor, recipe, pictures, questions) -> tuple[torch.Ten
 
 def retention(correct: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Mean over question types of accuracy / the unreduced accuracy; ``correct`` and ``base``
-    are ``(..., images, types)``."""
-    return (correct.float().mean(-2) / base.float().mean(-2).clamp_min(1e-9)).mean(-1)
+    are ``(..., images, types)``. A type the unreduced model answers no question of right (in
+    a small or resampled set) has no ratio and is left out of that mean."""
+    reference = base.float().mean(-2)
+    defined = reference > 0
+    ratios = torch.where(defined, correct.float().mean(-2) / reference.clamp_min(1e-9), 0.0)
+    return ratios.sum(-1) / defined.sum(-1).clamp_min(1)
 
 
 def leaderboard(methods: list[str] | None = None, tokens: list[str] = TOKEN_BUDGETS,
