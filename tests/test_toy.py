@@ -308,6 +308,43 @@ def test_the_build_resumes_at_its_first_unfinished_phase(tmp_path, monkeypatch):
     assert calls == ["phase1", "phase2", "phase3"]
 
 
+@SHIPPED
+def test_shipping_a_build_stores_fp16_with_its_logs_and_refuses_an_unfinished_one(tmp_path):
+    """``--ship`` writes the model and its CLIP checkpoint in fp16 beside the build's logs and
+    drops the previous weights' accuracy.json; an unfinished build ships nothing."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from fico.toy import build
+    from fico.toy.train_clip import CLIP_DIR
+
+    finished = tmp_path / "build"
+    shutil.copytree(WEIGHTS, finished, ignore=shutil.ignore_patterns(*build.SHIPPED_LOGS, "accuracy.json"))
+    for name in build.SHIPPED_LOGS[:-1]:
+        (finished / name).write_text('{"step": 1}\n')
+    (finished / "build.json").write_text(json.dumps({"phases": [], "minutes": 1.0}))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "accuracy.json").write_text("{}")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished, unfinished)
+    (unfinished / "build.json").write_text(json.dumps({"phases": []}))
+    with pytest.raises(SystemExit, match="not a finished build"):
+        build.main(["--ship", str(unfinished)])
+    build.ship(finished, weights)
+    assert not (weights / "accuracy.json").exists()
+    copied = [*build.SHIPPED_LOGS, *build.SHIPPED_PROCESSOR, *(f"{CLIP_DIR}/{n}" for n in build.SHIPPED_CLIP_TOKENIZER)]
+    assert all((weights / name).read_bytes() == (finished / name).read_bytes() for name in copied)
+    for checkpoint in (weights / "model.safetensors", weights / CLIP_DIR / "model.safetensors"):
+        with safe_open(checkpoint, "pt") as stored:
+            assert {str(stored.get_slice(key).get_dtype()) for key in stored.keys()} == {"F16"}
+    shipped, built = load(weights)[0], load(finished)[0]  # fp16 in, fp16 out: bit for bit
+    assert shipped.dtype == torch.float32
+    for (name, a), b in zip(shipped.state_dict().items(), built.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_retention_is_the_mean_ratio_over_the_types_the_unreduced_model_answers():
     from fico.commands.leaderboard import retention
 

@@ -15,9 +15,14 @@ model, its CLIP checkpoint (``DIR/clip``) and every phase's log go to ``DIR``, w
 ``build.json`` (each phase's arguments and wall time). A run that stops (a closed session)
 resumes at the first unfinished phase when started again with the same ``--out``: a phase
 counts as finished once ``build.json`` records it with the same arguments; an unfinished one
-starts over from its seed, so the result is the same as an uninterrupted run. Then state the
-accuracy with
-``python -m fico.toy.evaluate --weights DIR --images 200 --first-image 60 --write``.
+starts over from its seed, so the result is the same as an uninterrupted run. Then ship and
+state the accuracy of what ships:
+
+    python -m fico.toy.build --ship DIR      # fp16 copies into fico/toy/weights, with the logs
+    python -m fico.toy.evaluate --images 200 --first-image 60 --write
+
+Shipping stores the weights in fp16 (half the size in git; ``fico.toy.model.load`` loads them
+as fp32), so the stated accuracy is measured on the shipped copy, not on ``DIR``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ import platform
 import shutil
 import time
 from pathlib import Path
+
+#: what ``--ship`` copies beside the weights: every phase's log and the build's record
+SHIPPED_LOGS = ("vision_log.jsonl", "training_log.jsonl", "clip_log.jsonl", "build.json")
+SHIPPED_PROCESSOR = ("processor_config.json", "tokenizer.json", "tokenizer_config.json")
+SHIPPED_CLIP_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 
 PHASES = {
     "phase1": ["--steps", "1100", "--minutes", "100000"],
@@ -43,9 +53,16 @@ def main(argv=None) -> None:
     from . import pretrain_vision, train, train_clip
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ship", type=Path, metavar="DIR",
+                        help="copy a finished build in DIR into fico/toy/weights (fp16) instead of building")
     args = parser.parse_args(argv)
+    if args.ship is not None:
+        ship(args.ship)
+        return
+    if args.out is None:
+        parser.error("--out DIR (where to build) or --ship DIR (a finished build to ship) is required")
     args.out.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", str(args.threads)]
     runs = [("phase1", pretrain_vision.main, PHASES["phase1"] + ["--out", str(args.out / "phase1")] + threads),
@@ -75,6 +92,39 @@ def main(argv=None) -> None:
         shutil.copyfile(args.out / log, args.out / Path(log).name)
     record["minutes"] = round(sum(p["minutes"] for p in record["phases"]), 1)
     written.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def ship(build: Path, weights: Path | None = None) -> None:
+    """Copy a finished build into ``weights`` (default: ``fico/toy/weights``): the LLaVA model
+    and its CLIP checkpoint in fp16, processor, tokenizer and the logs. Refuses an unfinished
+    build, and writes nothing until everything it needs has loaded."""
+    import torch
+    from transformers import CLIPModel, LlavaForConditionalGeneration
+
+    from .model import WEIGHTS
+    from .train_clip import CLIP_DIR
+
+    weights = Path(weights or WEIGHTS)
+    record = build / "build.json"
+    if not record.is_file() or "minutes" not in json.loads(record.read_text()):
+        raise SystemExit(f"fico.toy.build --ship: {build} is not a finished build (no complete build.json); "
+                         f"finish it with `python -m fico.toy.build --out {build}`")
+    copied = [*SHIPPED_LOGS, *SHIPPED_PROCESSOR, *(f"{CLIP_DIR}/{name}" for name in SHIPPED_CLIP_TOKENIZER)]
+    missing = [name for name in copied if not (build / name).is_file()]
+    if missing:
+        raise SystemExit(f"fico.toy.build --ship: {build} lacks {', '.join(missing)}")
+    model = LlavaForConditionalGeneration.from_pretrained(build, dtype=torch.float16, local_files_only=True)
+    clip = CLIPModel.from_pretrained(build / CLIP_DIR, dtype=torch.float16, local_files_only=True)
+    stale = weights / "accuracy.json"  # states the previous weights' accuracy, not these
+    if stale.is_file():
+        stale.unlink()
+    model.save_pretrained(weights)
+    clip.save_pretrained(weights / CLIP_DIR)
+    # verbatim: a tokenizer loaded and saved again gains loading options in its config
+    for name in copied:
+        shutil.copyfile(build / name, weights / name)
+    print(f"fico.toy.build: shipped {build} to {weights}; state its accuracy with "
+          "`python -m fico.toy.evaluate --images 200 --first-image 60 --write`")
 
 
 if __name__ == "__main__":
