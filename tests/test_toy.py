@@ -353,3 +353,14 @@ def test_retention_is_the_mean_ratio_over_the_types_the_unreduced_model_answers(
     assert retention(correct, base).item() == pytest.approx((0.5 / 1.0 + 0.5 / 0.5) / 2)
     resampled = torch.stack([base, base.flip(0)]), torch.stack([correct, correct.flip(0)])
     assert retention(resampled[1], resampled[0]).tolist() == pytest.approx([0.75, 0.75])
+
+
+@SHIPPED
+def test_evaluate_names_the_recipe_key_of_a_bad_recipe_without_a_traceback(capsys):
+    from fico.toy import evaluate
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--images", "1", "--recipe", "random", "site=llm", "layers=[0]"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "steps[0].layers" in error and "Traceback" not in error

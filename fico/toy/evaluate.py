@@ -139,8 +139,12 @@ def main(argv=None) -> None:
         return
     with torch.no_grad():
         if args.recipe:
-            with fico.apply(model, fico.load_recipe(args.recipe, args.overrides)):
-                result = evaluate(model, processor, first_seed, images=args.images)
+            try:
+                recipe = fico.load_recipe(args.recipe, args.overrides)
+                with fico.apply(model, recipe):
+                    result = evaluate(model, processor, first_seed, images=args.images)
+            except fico.FicoError as error:  # names the recipe key; a traceback would bury it
+                parser.exit(2, f"error: {error}\n")
         else:
             result = evaluate(model, processor, first_seed, images=args.images)
     print(json.dumps(result, indent=2))
