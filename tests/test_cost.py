@@ -195,3 +195,32 @@ def test_a_count_kept_is_solved_for_a_budget():
     assert recipe.knobs["keep"] == 55
     assert recipe_cost("llava-1.5-7b", fico.load_recipe("fastervlm", ["keep=56"])).tflops > 1.5
     assert recipe.budget.tflops <= 1.5
+
+
+@pytest.mark.parametrize("method, knob", [("fastv", "ratio"), ("ficoco_l", "r")])
+def test_a_budget_out_of_reach_on_the_model_that_runs_comes_as_close_as_the_knob_can(method, knob):
+    """On a 6-layer model FastV's and FiCoCo-L's fixed layer K=2 cannot cut the decoder to the
+    1.5- and 2.4-TFLOPs fractions: both take the knob's cheapest value, so a smaller budget never
+    costs more than a larger one (keeping LLaVA-1.5-7B's value did: 2.4t cost more than 3.3t)."""
+    from fico.toy.model import build_config
+
+    spec = model_spec(build_config())
+    unreduced = recipe_cost(spec, None, 60).tflops
+    solved = {b: fico.load_recipe(f"budgets/{method}_{b}t", budget_for=(spec, 60)).budget
+              for b in ("1.5", "2.4", "3.3", "4.2")}
+    fractions = [solved[b].solved_fraction for b in ("1.5", "2.4", "3.3", "4.2")]
+    assert fractions == sorted(fractions)
+    assert [solved[b].equal_cost for b in solved] == [False, False, True, True]
+
+    def cost(value):
+        try:
+            shape = ["layers=[2]"] if method == "ficoco_l" else []  # the budget variant's one step
+            return recipe_cost(spec, fico.load_recipe(method, [*shape, f"{knob}={value}"]), 60).tflops
+        except fico.RecipeError:  # removes more tokens than there are
+            return None
+
+    values = (0.9, 0.99, 1.0) if knob == "ratio" else range(400, 577, 4)
+    cheapest = min(c for c in map(cost, values) if c is not None)
+    assert solved["1.5"].solved_tflops == pytest.approx(cheapest, rel=1e-3)
+    assert solved["1.5"].solved_fraction == pytest.approx(cheapest / unreduced, rel=1e-3)
+    assert "the closest" in solved["2.4"].describe()

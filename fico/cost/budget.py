@@ -33,8 +33,8 @@ BUDGET_KEYS = {"tflops", "model", "text_tokens", "convention", "solve"}
 class BudgetSolution:
     """How a budget was met. ``model`` is the model the budget names; ``solved_for`` the one
     the knob was solved on (the same, or the model that runs, at the same fraction of its
-    unreduced cost); ``equal_cost`` is False when that fraction could not be reached there
-    and the named model's schedule was kept."""
+    unreduced cost); ``equal_cost`` is False when that fraction could not be reached there,
+    and the knob then takes the value that comes closest to it (the least cost it reaches)."""
 
     budget_tflops: float
     model: str
@@ -59,7 +59,7 @@ class BudgetSolution:
             return (f"{text}, solved for {self.solved_for} at the same fraction: {self.knob} = {value} -> "
                     f"{self.solved_fraction:.3f} of its unreduced cost ({1e3 * self.solved_tflops:.3f} GFLOPs)")
         return (f"{text}: NOT equal-cost on {self.solved_for}, where no {self.knob} reaches that fraction; "
-                f"{self.model}'s {self.knob} = {value} costs {self.solved_fraction:.3f} of its unreduced cost")
+                f"the closest, {self.knob} = {value}, costs {self.solved_fraction:.3f} of its unreduced cost")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,8 +136,14 @@ def solve_budget(config: DictConfig, source: str, overrides: list[str],
             try:
                 value, solution.solved_tflops = solve(on, tokens, fraction * unreduced)
                 solution.value = value
-            except RecipeError:  # that fraction is out of reach there: keep the named model's schedule
+            except RecipeError as error:
+                # that fraction is out of reach there: come as close to it as the knob can (the named
+                # model's value could cost more there than a larger budget's does)
                 solution.equal_cost = False
+                least = getattr(error, "least_tflops", None)
+                if least is not None:
+                    value, _ = solve(on, tokens, least)
+                    solution.value = value
                 solution.solved_tflops = recipe_cost(on, build(with_value(value)), tokens, convention).tflops
             solution.solved_fraction = solution.solved_tflops / unreduced
     return with_value(value), solution
@@ -164,7 +170,9 @@ def _layers_of(config: DictConfig, knob: str, build, spec) -> int:
 
 def _infeasible(source: str, knob: str, budget: float, best: float | None) -> RecipeError:
     reach = f"the least it reaches is {best:.3f} TFLOPs" if best is not None else "no value of it runs"
-    return RecipeError(f"{source}: budget_tflops.tflops: {budget} cannot be met by solving {knob}: {reach}")
+    error = RecipeError(f"{source}: budget_tflops.tflops: {budget} cannot be met by solving {knob}: {reach}")
+    error.least_tflops = best  # what solving for the closest reachable cost asks for
+    return error
 
 
 def _solve_kept(cost, budget: float, source: str, knob: str) -> int:
