@@ -143,7 +143,7 @@ def leaderboard(methods: list[str] | None = None, tokens: list[str] = TOKEN_BUDG
             recipe = load_recipe(c.recipe, budget_for=(spec, text_tokens))
             check_recipe(recipe, network.config)
         except RecipeError as error:
-            refused.append({"method": c.method, "budget": c.budget, "recipe": c.recipe, "reason": str(error)})
+            refused.append({"method": c.method, "budget": c.budget, "recipe": c.recipe, "reason": _reason(str(error))})
             continue
         recipes[c] = recipe
     types = len(QUESTION_TYPES)
@@ -304,11 +304,13 @@ def plot(report: dict, path: Path) -> None:
     methods: dict[str, list[dict]] = {}
     for entry in report["results"]:
         methods.setdefault(entry["method"], []).append(entry)
+    colours = matplotlib.colormaps["tab20"].colors  # 20 methods: the default cycle of 10 repeats colours
     for index, (method, entries) in enumerate(sorted(methods.items())):
         entries = sorted(entries, key=lambda e: e["tflops"])
         ax.errorbar([e["tflops"] * 1e3 for e in entries], [e["accuracy"]["overall"] for e in entries],
                     yerr=[e["accuracy_se"]["overall"] for e in entries], marker="os^Dv<>ph"[index % 9], capsize=3,
-                    label=method, linestyle="-" if len(entries) > 1 else "none")
+                    label=method, linestyle="-" if len(entries) > 1 else "none",
+                    color=colours[(2 * index + index // 10) % len(colours)])
     base = report["baseline"]
     ax.axhline(base["accuracy"]["overall"], color="black", linestyle="--", linewidth=1, label="unreduced")
     ax.axvline(base["tflops"] * 1e3, color="grey", linestyle=":", linewidth=1)
