@@ -140,9 +140,8 @@ def solve_budget(config: DictConfig, source: str, overrides: list[str],
                 # that fraction is out of reach there: come as close to it as the knob can (the named
                 # model's value could cost more there than a larger budget's does)
                 solution.equal_cost = False
-                least = getattr(error, "least_tflops", None)
-                if least is not None:
-                    value, _ = solve(on, tokens, least)
+                if isinstance(error, BudgetOutOfReach) and error.least_tflops is not None:
+                    value, _ = solve(on, tokens, error.least_tflops)
                     solution.value = value
                 solution.solved_tflops = recipe_cost(on, build(with_value(value)), tokens, convention).tflops
             solution.solved_fraction = solution.solved_tflops / unreduced
@@ -168,11 +167,19 @@ def _layers_of(config: DictConfig, knob: str, build, spec) -> int:
     return counts.popitem()[1] if len(set(counts.values())) == 1 else 0
 
 
-def _infeasible(source: str, knob: str, budget: float, best: float | None) -> RecipeError:
+class BudgetOutOfReach(RecipeError):
+    """No value of the solved knob meets the budget; ``least_tflops``: the least cost one
+    reaches (None: no value runs), what solving for the closest reachable cost asks for."""
+
+    def __init__(self, message: str, least_tflops: float | None):
+        super().__init__(message)
+        self.least_tflops = least_tflops
+
+
+def _infeasible(source: str, knob: str, budget: float, best: float | None) -> BudgetOutOfReach:
     reach = f"the least it reaches is {best:.3f} TFLOPs" if best is not None else "no value of it runs"
-    error = RecipeError(f"{source}: budget_tflops.tflops: {budget} cannot be met by solving {knob}: {reach}")
-    error.least_tflops = best  # what solving for the closest reachable cost asks for
-    return error
+    return BudgetOutOfReach(f"{source}: budget_tflops.tflops: {budget} cannot be met by solving {knob}: {reach}",
+                            best)
 
 
 def _solve_kept(cost, budget: float, source: str, knob: str) -> int:
