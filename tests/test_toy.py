@@ -334,8 +334,7 @@ def test_shipping_a_build_stores_fp16_with_its_logs_and_refuses_an_unfinished_on
         build.main(["--ship", str(unfinished)])
     build.ship(finished, weights)
     assert not (weights / "accuracy.json").exists()
-    copied = [*build.SHIPPED_LOGS, *build.SHIPPED_PROCESSOR, *(f"{CLIP_DIR}/{n}" for n in build.SHIPPED_CLIP_TOKENIZER)]
-    assert all((weights / name).read_bytes() == (finished / name).read_bytes() for name in copied)
+    assert all((weights / name).read_bytes() == (finished / name).read_bytes() for name in build.shipped_verbatim())
     for checkpoint in (weights / "model.safetensors", weights / CLIP_DIR / "model.safetensors"):
         with safe_open(checkpoint, "pt") as stored:
             assert {str(stored.get_slice(key).get_dtype()) for key in stored.keys()} == {"F16"}

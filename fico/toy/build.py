@@ -94,6 +94,13 @@ def main(argv=None) -> None:
     written.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def shipped_verbatim() -> list[str]:
+    """What ``--ship`` copies byte for byte (relative paths): logs, processor and CLIP tokenizer."""
+    from .train_clip import CLIP_DIR
+
+    return [*SHIPPED_LOGS, *SHIPPED_PROCESSOR, *(f"{CLIP_DIR}/{name}" for name in SHIPPED_CLIP_TOKENIZER)]
+
+
 def ship(build: Path, weights: Path | None = None) -> None:
     """Copy a finished build into ``weights`` (default: ``fico/toy/weights``): the LLaVA model
     and its CLIP checkpoint in fp16, processor, tokenizer and the logs. Refuses an unfinished
@@ -109,7 +116,7 @@ def ship(build: Path, weights: Path | None = None) -> None:
     if not record.is_file() or "minutes" not in json.loads(record.read_text()):
         raise SystemExit(f"fico.toy.build --ship: {build} is not a finished build (no complete build.json); "
                          f"finish it with `python -m fico.toy.build --out {build}`")
-    copied = [*SHIPPED_LOGS, *SHIPPED_PROCESSOR, *(f"{CLIP_DIR}/{name}" for name in SHIPPED_CLIP_TOKENIZER)]
+    copied = shipped_verbatim()
     missing = [name for name in copied if not (build / name).is_file()]
     if missing:
         raise SystemExit(f"fico.toy.build --ship: {build} lacks {', '.join(missing)}")
