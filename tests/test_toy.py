@@ -52,6 +52,47 @@ def test_packed_questions_give_the_unpacked_logits():
             assert (single - packed[index]).abs().max() < 1e-4
 
 
+def test_renumbered_packing_gives_the_logits_of_the_pruned_prompt():
+    """With background tokens dropped, a packed question's logits are those of the prompt that
+    holds only the kept image tokens, at positions 0, 1, ...: what pruning before the LLM gives."""
+    from transformers import LlavaForConditionalGeneration
+
+    from fico.toy.train import PREFIX, encode, packed_batch
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(build_config()).eval()
+    seeds = [7, 8]
+    batch = packed_batch(seeds, renumber_share=1.0, rng=np.random.default_rng(1))
+    kept = batch["kept"]
+    labels = batch["patch_labels"]
+    assert kept.shape == labels.shape and (~kept).any(1).all()
+    assert kept[labels != 0].all()  # objects and digits always stay: every answer stays defined
+    captured = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: captured.__setitem__("features", out))
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+        packed = packed[batch["answer_rows"], batch["answer_cols"]]
+        questions = [(i, q) for i, s in enumerate(seeds) for q in example(s).questions]
+        for index, (image, q) in enumerate(questions):
+            ids = torch.tensor(PREFIX[:2])
+            tail = torch.tensor(encode(q.text) + [VOCAB.index("ASSISTANT:")])
+            embeds = torch.cat([embed(ids), captured["features"][image][kept[image]], embed(tail)])[None]
+            single = model(inputs_embeds=embeds, logits_to_keep=1).logits[0, -1]
+            assert (single - packed[index]).abs().max() < 1e-4
+
+
+def test_packing_without_renumbering_leaves_the_batch_and_the_generator_alone():
+    from fico.toy.train import packed_batch
+
+    rng = np.random.default_rng(0)
+    plain, off = packed_batch([3, 4], 2), packed_batch([3, 4], 2, renumber_share=0.0, rng=rng)
+    assert plain.keys() == off.keys() and all(torch.equal(plain[k], off[k]) for k in plain)
+    assert off["kept"].all()
+    assert rng.random() == np.random.default_rng(0).random()  # phase 2's draws stay as they were
+
+
 def test_supervised_answer_attention_equals_eager_attention():
     """The attention rows phase 2 supervises, recomputed under SDPA, are eager attention's rows."""
     from transformers import LlavaForConditionalGeneration
@@ -298,14 +339,15 @@ def test_the_build_resumes_at_its_first_unfinished_phase(tmp_path, monkeypatch):
     monkeypatch.setattr(train_clip, "main", phase("phase3"))
     with pytest.raises(KeyboardInterrupt):
         build.main(["--out", str(tmp_path)])
-    monkeypatch.setattr(train, "main", phase("phase2", "training_log.jsonl"))
+    monkeypatch.setattr(train, "main", phase("phase2", "training_log.jsonl"))  # phases 2 and 2b
     build.main(["--out", str(tmp_path)])
-    assert calls == ["phase1", "phase2", "phase2", "phase3"]
+    assert calls == ["phase1", "phase2", "phase2", "phase2", "phase3"]
     record = json.loads((tmp_path / "build.json").read_text())
-    assert [p["phase"] for p in record["phases"]] == ["phase1", "phase2", "phase3"]
+    assert [p["phase"] for p in record["phases"]] == ["phase1", "phase2", "phase2b", "phase3"]
+    assert all((tmp_path / name).is_file() for name in build.PHASE_LOGS.values())
     calls.clear()
     build.main(["--out", str(tmp_path), "--threads", "1"])  # other arguments: every phase again
-    assert calls == ["phase1", "phase2", "phase3"]
+    assert calls == ["phase1", "phase2", "phase2", "phase3"]
 
 
 @SHIPPED

@@ -1,4 +1,4 @@
-"""fico-toy's weights from scratch, in one command: the three training phases end to end.
+"""fico-toy's weights from scratch, in one command: the training phases end to end.
 
     python -m fico.toy.build --out DIR [--threads 2]
 
@@ -6,11 +6,16 @@
    (1100 steps);
 2. ``fico.toy.train``: a fresh language model on the questions, CLIP frozen but its top 8
    layers (3000 steps at most; it stops once the target holds on two checks in a row);
+2b. ``fico.toy.train --renumber-share 0.5``: 600 more steps in which half of the images lose
+   part of their background tokens and the rest are renumbered, as pruning before the LLM
+   leaves them, so that the model finds a cell by what its tokens say, not by their RoPE
+   positions (taught after phase 2: a fresh model learns the questions on intact positions);
 3. ``fico.toy.train_clip``: CLIP's own objective for [CLS] and the text tower CDPruner reads,
-   the patch states distilled from phase 2's (400 steps).
+   the patch states distilled from phase 2b's (400 steps).
 
 Every phase is bounded by steps, not minutes, and seeded, so the result does not depend on
-the machine's speed. Phases 1 and 2 write to ``DIR/phase1`` and ``DIR/phase2``; the final
+the machine's speed. Phases 1, 2 and 2b write to ``DIR/phase1``, ``DIR/phase2`` and
+``DIR/phase2b``; the final
 model, its CLIP checkpoint (``DIR/clip``) and every phase's log go to ``DIR``, with
 ``build.json`` (each phase's arguments and wall time). A run that stops (a closed session)
 resumes at the first unfinished phase when started again with the same ``--out``: a phase
@@ -35,7 +40,10 @@ import time
 from pathlib import Path
 
 #: what ``--ship`` copies beside the weights: every phase's log and the build's record
-SHIPPED_LOGS = ("vision_log.jsonl", "training_log.jsonl", "clip_log.jsonl", "build.json")
+SHIPPED_LOGS = ("vision_log.jsonl", "training_log.jsonl", "renumber_log.jsonl", "clip_log.jsonl", "build.json")
+#: each phase's log in its own folder, and the name it has beside the final model
+PHASE_LOGS = {"phase1/vision_log.jsonl": "vision_log.jsonl", "phase2/training_log.jsonl": "training_log.jsonl",
+              "phase2b/training_log.jsonl": "renumber_log.jsonl"}
 SHIPPED_PROCESSOR = ("processor_config.json", "tokenizer.json", "tokenizer_config.json")
 SHIPPED_CLIP_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 
@@ -43,6 +51,9 @@ PHASES = {
     "phase1": ["--steps", "1100", "--minutes", "100000"],
     "phase2": ["--reset-language-model", "--freeze-vision", "--train-vision-layers", "8", "--steps", "3000",
                "--minutes", "100000", "--eval-every", "200", "--eval-images", "60"],
+    # one check, at the end: the model of the last step, not the best unreduced one, is wanted
+    "phase2b": ["--freeze-vision", "--train-vision-layers", "8", "--renumber-share", "0.5", "--lr", "3e-4",
+                "--steps", "600", "--minutes", "100000", "--eval-every", "600", "--eval-images", "60"],
     "phase3": ["--steps", "400", "--minutes", "100000"],
 }
 
@@ -68,7 +79,9 @@ def main(argv=None) -> None:
     runs = [("phase1", pretrain_vision.main, PHASES["phase1"] + ["--out", str(args.out / "phase1")] + threads),
             ("phase2", train.main, PHASES["phase2"] + ["--resume", str(args.out / "phase1"),
                                                        "--out", str(args.out / "phase2")] + threads),
-            ("phase3", train_clip.main, PHASES["phase3"] + ["--resume", str(args.out / "phase2"),
+            ("phase2b", train.main, PHASES["phase2b"] + ["--resume", str(args.out / "phase2"),
+                                                         "--out", str(args.out / "phase2b")] + threads),
+            ("phase3", train_clip.main, PHASES["phase3"] + ["--resume", str(args.out / "phase2b"),
                                                             "--out", str(args.out)] + threads)]
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
     record = {"machine": machine, "phases": []}
@@ -88,8 +101,8 @@ def main(argv=None) -> None:
         record["phases"].append({"phase": name, "arguments": arguments, "machine": machine,
                                  "minutes": round((time.time() - start) / 60, 1)})
         written.write_text(json.dumps(record, indent=2) + "\n")
-    for log in ("phase1/vision_log.jsonl", "phase2/training_log.jsonl"):
-        shutil.copyfile(args.out / log, args.out / Path(log).name)
+    for log, name in PHASE_LOGS.items():
+        shutil.copyfile(args.out / log, args.out / name)
     record["minutes"] = round(sum(p["minutes"] for p in record["phases"]), 1)
     written.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -15,6 +15,12 @@ count); the question, word by word, at the answer position entering those layers
 patch content of the visual tokens entering those layers. The auxiliary heads are saved
 beside the checkpoint (``HEADS``, not part of the model) so that ``--resume`` continues them.
 
+``--renumber-share S`` (phase 2b of ``fico.toy.build``): for a share S of the images, part of
+the background image tokens is dropped and the rest renumbered contiguously (``packed_batch``),
+as a method that prunes before the language model leaves the prompt. Without it the language
+model finds a named grid cell by its tokens' RoPE positions, and every method that renumbers
+loses about half of the cell-addressed answers whatever it keeps (docs/toy.md).
+
 Every ``--eval-every`` steps the model is evaluated on fixed validation images; the best
 checkpoint is saved with ``save_pretrained`` (safetensors) together with the processor.
 Training stops at the step or time limit, or when the target (85% overall, 70% per type)
@@ -41,6 +47,7 @@ from .pretrain_vision import patch_class_weights, rms_normalised
 IMAGE = VOCAB.index("<image>")
 PREFIX = [VOCAB.index("<s>"), VOCAB.index("USER:")] + [IMAGE] * 576
 COUNT_ATTENTION_FLOOR = 0.5
+RENUMBER_MAX_DROP = 0.8  # the largest share of background image tokens --renumber-share drops
 QUESTION_SLOTS = 12  # longest question, in words
 HEADS = "training_heads.safetensors"  # the auxiliary heads, saved beside a checkpoint
 
@@ -71,8 +78,22 @@ def _cell_tokens(cells) -> torch.Tensor:
     return mask
 
 
-def packed_batch(seeds: list[int], questions_per_type: int = 1):
-    """Inputs, masks, answer positions/ids and auxiliary labels for the images ``seeds``."""
+def packed_batch(seeds: list[int], questions_per_type: int = 1, renumber_share: float = 0.0,
+                 rng: np.random.Generator | None = None, max_drop: float = RENUMBER_MAX_DROP):
+    """Inputs, masks, answer positions/ids and auxiliary labels for the images ``seeds``.
+
+    With ``renumber_share`` > 0 (and ``rng``), each image is, with that probability, shown as a
+    token-reduction method that renumbers would leave it: a share drawn uniformly from
+    ``[0, max_drop]`` of its *background* image tokens is dropped (object and digit tokens stay,
+    so every answer stays defined). A dropped token is masked out of every other row (training
+    gives it no content target), and the kept prefix tokens take the contiguous positions
+    ``0..K-1``, the questions starting at ``K``:
+
+        pos(j) = #{kept i <= j} - 1,   question positions K, K+1, ...
+
+    which are the positions the pruned prompt would have had. ``kept`` ``(B, 576)`` says which
+    image tokens are kept (all of them without the augmentation, the batch then being the same
+    as without the arguments, and ``rng`` untouched)."""
     examples = [example(s, questions_per_type) for s in seeds]
     sequences, answer_positions, answers, relevant, floors, words = [], [], [], [], [], []
     for ex in examples:
@@ -80,13 +101,19 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
         # (digit) patches of the named cells, not the background around them
         covered = torch.zeros(len(PREFIX), dtype=torch.bool)
         covered[2:] = torch.from_numpy(ex.patch_labels != 0)
-        ids, positions, ends = list(PREFIX), list(range(len(PREFIX))), []
+        kept = torch.ones(len(PREFIX), dtype=torch.bool)
+        if renumber_share > 0 and rng is not None and rng.random() < renumber_share:
+            background = torch.nonzero(~covered[2:]).flatten() + 2
+            dropped = rng.permutation(len(background))[:int(rng.uniform(0, max_drop) * len(background))]
+            kept[background[torch.from_numpy(dropped)]] = False
+        kept_count = int(kept.sum())
+        ids, positions, ends = list(PREFIX), (torch.cumsum(kept.long(), 0) - 1).tolist(), []
         segments = []
         for q in ex.questions:
             seg = encode(q.text) + [VOCAB.index("ASSISTANT:")]
             segments.append((len(ids), len(seg)))
             ids += seg
-            positions += list(range(len(PREFIX), len(PREFIX) + len(seg)))
+            positions += list(range(kept_count, kept_count + len(seg)))
             ends.append(len(ids) - 1)
             answers.append(VOCAB.index(q.answer))
             words.append(question_words(q.text))
@@ -94,21 +121,25 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
             # counting needs attention that is not fully normalised onto the counted objects
             # (their share of it against the rest is what grows with the count)
             floors.append(COUNT_ATTENTION_FLOOR if q.kind == "count" else 1.0)
-        sequences.append((ids, positions, segments))
+        sequences.append((ids, positions, segments, kept))
         answer_positions.append(ends)
-    length = max(len(ids) for ids, _, _ in sequences)
+    length = max(len(ids) for ids, *_ in sequences)
     b = len(seeds)
     input_ids = torch.full((b, length), VOCAB.index("<pad>"))
     position_ids = torch.zeros((b, length), dtype=torch.long)
     mask = torch.zeros((b, 1, length, length), dtype=torch.bool)
     prefix = len(PREFIX)
     causal = torch.ones(prefix, prefix, dtype=torch.bool).tril()
-    for i, (ids, positions, segments) in enumerate(sequences):
+    kept_tokens = torch.ones((b, prefix), dtype=torch.bool)
+    for i, (ids, positions, segments, kept) in enumerate(sequences):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         position_ids[i, :len(ids)] = torch.tensor(positions)
-        mask[i, 0, :prefix, :prefix] = causal
+        mask[i, 0, :prefix, :prefix] = causal & kept[None, :]
+        dropped = torch.nonzero(~kept).flatten()
+        mask[i, 0, dropped, dropped] = True  # a dropped token's row sees itself only (no NaN)
+        kept_tokens[i] = kept
         for start, size in segments:
-            mask[i, 0, start:start + size, :prefix] = True
+            mask[i, 0, start:start + size, :prefix] = kept
             mask[i, 0, start:start + size, start:start + size] = torch.ones(size, size, dtype=torch.bool).tril()
         for pad in range(len(ids), length):  # padding rows attend to themselves only (no NaN)
             mask[i, 0, pad, pad] = True
@@ -125,6 +156,7 @@ def packed_batch(seeds: list[int], questions_per_type: int = 1):
         "question_words": torch.stack(words),  # (questions, QUESTION_SLOTS * vocabulary) one-hot per word
         "patch_labels": torch.from_numpy(np.stack([ex.patch_labels for ex in examples])),
         "cell_rows": rows.expand(b, -1), "cell_cols": cols.expand(b, -1),
+        "kept": kept_tokens[:, 2:],  # (B, 576) which image tokens the language model sees
     }
 
 
@@ -229,6 +261,9 @@ def main(argv=None) -> None:
                              "(the patch details, e.g. digits, can still improve at a small cost)")
     parser.add_argument("--vision-lr-scale", type=float, default=0.3,
                         help="learning rate of the CLIP parameters relative to --lr")
+    parser.add_argument("--renumber-share", type=float, default=0.0,
+                        help="share of images whose prefix loses some background tokens and is renumbered "
+                             "contiguously, as methods that prune before the LLM leave it (0: off)")
     parser.add_argument("--background-weight", type=float, default=0.1,
                         help="weight of background patches in the patch losses (as phase 1)")
     parser.add_argument("--digit-weight", type=float, default=10.0, help="weight of digit patches (as phase 1)")
@@ -304,7 +339,7 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
         seeds = rng.integers(TRAIN_SEEDS.start, TRAIN_SEEDS.stop, args.batch).tolist()
-        batch = packed_batch(seeds, args.questions_per_type)
+        batch = packed_batch(seeds, args.questions_per_type, args.renumber_share, rng)
         # fp32: bf16 autocast was several times slower on this CPU (no AMX)
         mask = model_mask(model, batch["attention_mask"])
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -358,8 +393,9 @@ def main(argv=None) -> None:
             for hidden in out.hidden_states[-1 - args.supervised_layers:-1]:
                 visual = hidden[:, 2:len(PREFIX)].float()
                 visual = rms_normalised(visual)
+                labels = batch["patch_labels"].masked_fill(~batch["kept"], -100)  # dropped: no target
                 content_loss = content_loss + F.cross_entropy(
-                    token_head(visual).flatten(0, 1), batch["patch_labels"].flatten(),
+                    token_head(visual).flatten(0, 1), labels.flatten(),
                     weight=class_weights) / args.supervised_layers
         loss = (answer_loss + args.aux_weight * (patch_loss + cell_loss + token_loss)
                 + args.attention_weight * attention_loss + args.content_weight * content_loss
